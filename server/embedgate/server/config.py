@@ -1,0 +1,132 @@
+"""The YAML configuration, validated at start-up.
+
+A bad file fails start-up with a message naming the bad key (``models[1].provider``).
+With no file at all, the server serves the embedded default model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from embedgate.server.providers.local import DEFAULT_MODEL_NAME
+
+MIB = 1024 * 1024
+
+# A 64-frame video of 1 MiB frames is 64 MiB of image bytes plus a few bytes of
+# framing per frame: 72 MiB leaves room for that and the rest of the request.
+DEFAULT_MAX_REQUEST_BYTES = 72 * MIB
+# 512 vectors of 4096 float32 values are 8 MiB plus about 12 bytes of framing each:
+# 16 MiB holds them with room to spare.
+DEFAULT_MAX_RESPONSE_BYTES = 16 * MIB
+
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:/-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    # Kubernetes waits 30 s by default before SIGKILL; finish in-flight work well before.
+    shutdown_grace_s: float = Field(default=20.0, ge=0, le=600)
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=MIB, le=1024 * MIB)
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=MIB, le=1024 * MIB)
+
+
+class LocalModelConfig(_Strict):
+    name: ModelName
+    provider: Literal["local"]
+    # A sentence-transformers model directory; default: the packaged all-MiniLM-L6-v2.
+    path: str | None = None
+    max_inputs: int = Field(default=512, ge=1, le=4096)
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    # Cut texts longer than the model's window instead of rejecting them.
+    truncate: bool = False
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+ModelConfig = Annotated[LocalModelConfig, Field(discriminator="provider")]
+
+
+class Config(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def default_config() -> Config:
+    """No file: the embedded default model, under its well-known name."""
+    return Config(models=[LocalModelConfig(name=DEFAULT_MODEL_NAME, provider="local")])
+
+
+def _key_path(loc: tuple[int | str, ...], raw: Any) -> str:
+    """``('models', 0, 'local', 'max_batch')`` → ``models[0].max_batch``.
+
+    Pydantic puts the tag of a discriminated union into the location; the file has no
+    such key, so it is left out.
+    """
+    out = ""
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and node.get("provider") == part:
+            continue
+        out += f".{part}" if out else part
+        node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+def parse_config(raw: Any, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a 'models' key")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = _key_path(tuple(error["loc"]), raw)
+            message = error["msg"]
+            if error["type"] == "union_tag_invalid":
+                where += ".provider"
+                message = f"unknown provider {error['input'].get('provider')!r} (known: local)"
+            problems.append(f"{where}: {message}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+    first_use: dict[str, int] = {}
+    for position, model in enumerate(config.models):
+        if model.name in first_use:
+            raise ConfigError(
+                f"{source}: models[{position}].name: {model.name!r} is already the name of "
+                f"models[{first_use[model.name]}]"
+            )
+        first_use[model.name] = position
+    return config
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate ``path``, or return the default when ``path`` is None."""
+    if path is None:
+        return default_config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(raw, str(file))

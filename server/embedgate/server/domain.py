@@ -1,0 +1,124 @@
+"""Domain values shared by every layer: inputs, options and model capabilities.
+
+These mirror the public contract (``embedgate.v1``) without depending on it, so the
+routing and provider layers never import protobuf or grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Modality(enum.Enum):
+    """The kind of content an input carries: a closed set mirroring the proto ``oneof``."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    VIDEO = "video"
+    TEXT_IMAGE = "text_image"
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image given by URI (fetched by the vendor, never by us) or by its bytes."""
+
+    uri: str | None = None
+    data: bytes | None = None
+    mime_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    text: str
+
+    @property
+    def modality(self) -> Modality:
+        return Modality.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    image: Image
+
+    @property
+    def modality(self) -> Modality:
+        return Modality.IMAGE
+
+
+@dataclass(frozen=True, slots=True)
+class VideoInput:
+    frames: tuple[Image, ...]
+
+    @property
+    def modality(self) -> Modality:
+        return Modality.VIDEO
+
+
+@dataclass(frozen=True, slots=True)
+class TextImageInput:
+    text: str
+    image: Image
+
+    @property
+    def modality(self) -> Modality:
+        return Modality.TEXT_IMAGE
+
+
+Input = TextInput | ImageInput | VideoInput | TextImageInput
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOptions:
+    """Per-request options that apply to every input of a call."""
+
+    instruction: str = ""
+    dimensions: int | None = None
+    normalize: bool | None = None
+    request_id: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dimensions:
+    """The vector sizes a model can give.
+
+    ``allowed`` lists them when the model takes only some sizes; when it is empty,
+    any size from ``minimum`` to ``maximum`` is allowed.
+    """
+
+    default: int
+    minimum: int
+    maximum: int
+    allowed: tuple[int, ...] = ()
+
+    def accepts(self, size: int) -> bool:
+        if self.allowed:
+            return size in self.allowed
+        return self.minimum <= size <= self.maximum
+
+    def describe(self) -> str:
+        if self.allowed:
+            return "one of " + ", ".join(str(d) for d in self.allowed)
+        return f"from {self.minimum} to {self.maximum}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a served model is and accepts, as ``ListModels`` reports it."""
+
+    name: str
+    provider: str
+    modalities: frozenset[Modality]
+    max_inputs_per_call: int
+    dimensions: Dimensions
+    embeds: bool = True
+    reranks: bool = False
+    accepts_instruction: bool = False
+    normalizes_by_default: bool = True

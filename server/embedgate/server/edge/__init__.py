@@ -1,0 +1,1 @@
+"""The gRPC edge: protobuf in, protobuf out, errors mapped to status codes once."""

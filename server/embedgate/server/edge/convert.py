@@ -1,0 +1,205 @@
+"""Protobuf requests → domain values, with every structural violation reported at once.
+
+Model-specific checks (modalities, sizes, limits) belong to the routing layer; what is
+checked here holds whatever the model.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from embedgate.server.domain import (
+    EmbedOptions,
+    Image,
+    ImageInput,
+    Input,
+    TextImageInput,
+    TextInput,
+    VideoInput,
+)
+from embedgate.server.edge.images import KNOWN_FORMATS, canonical_media_type, sniff_image
+from embedgate.server.errors import Violation
+from embedgate.v1 import embedding_service_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedEmbed:
+    """An Embed request as domain values. ``inputs[i]`` is None where input ``i`` broke
+    a rule (listed in ``violations``)."""
+
+    model: str
+    inputs: list[Input | None]
+    options: EmbedOptions
+    violations: list[Violation]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRerank:
+    model: str
+    query: str | None
+    documents: list[str | None]
+    top_n: int | None
+    return_documents: bool
+    options: EmbedOptions
+    violations: list[Violation]
+
+
+def request_id_or_new(given: str) -> str:
+    return given or uuid.uuid4().hex
+
+
+def _check_model(model: str, violations: list[Violation]) -> None:
+    if not model:
+        violations.append(
+            Violation("model", "is required: a model name from ListModels", "MISSING_FIELD")
+        )
+
+
+def _parse_image(image: pb.Image, path: str, violations: list[Violation]) -> Image | None:
+    before = len(violations)
+    mime = canonical_media_type(image.mime_type) if image.HasField("mime_type") else None
+    if mime is not None and not mime.startswith("image/"):
+        violations.append(
+            Violation(
+                f"{path}.mime_type",
+                f"must be an image media type, not {image.mime_type!r}",
+                "INVALID_IMAGE",
+            )
+        )
+    which = image.WhichOneof("source")
+    if which is None:
+        violations.append(Violation(path, "has neither uri nor data: set one", "MISSING_FIELD"))
+        return None
+    if which == "uri":
+        parts = urlsplit(image.uri)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            violations.append(
+                Violation(
+                    f"{path}.uri", "must be an absolute http or https URL", "INVALID_IMAGE_URI"
+                )
+            )
+        return None if len(violations) > before else Image(uri=image.uri, mime_type=mime)
+    sniffed = sniff_image(image.data)
+    if not image.data:
+        violations.append(Violation(f"{path}.data", "is empty", "INVALID_IMAGE"))
+    elif sniffed is None:
+        violations.append(
+            Violation(
+                f"{path}.data", f"is not an image: expected {KNOWN_FORMATS} bytes", "INVALID_IMAGE"
+            )
+        )
+    elif mime is not None and mime.startswith("image/") and mime != sniffed:
+        violations.append(
+            Violation(
+                f"{path}.mime_type", f"says {mime} but the data is {sniffed}", "INVALID_IMAGE"
+            )
+        )
+    if len(violations) > before:
+        return None
+    return Image(data=image.data, mime_type=mime or sniffed)
+
+
+def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Input | None:
+    before = len(violations)
+    which = item.WhichOneof("content")
+    if which is None:
+        violations.append(
+            Violation(
+                path, "has no content: set one of text, image, video, text_image", "MISSING_FIELD"
+            )
+        )
+        return None
+    if which == "text":
+        if not item.text.strip():
+            violations.append(Violation(f"{path}.text", "is empty", "EMPTY_TEXT"))
+            return None
+        return TextInput(item.text)
+    if which == "image":
+        image = _parse_image(item.image, f"{path}.image", violations)
+        return None if image is None else ImageInput(image)
+    if which == "video":
+        if not item.video.frames:
+            violations.append(
+                Violation(
+                    f"{path}.video.frames",
+                    "is empty: a video needs at least one frame",
+                    "EMPTY_VIDEO",
+                )
+            )
+            return None
+        frames = [
+            _parse_image(frame, f"{path}.video.frames[{n}]", violations)
+            for n, frame in enumerate(item.video.frames)
+        ]
+        if len(violations) > before:
+            return None
+        return VideoInput(tuple(frame for frame in frames if frame is not None))
+    # text_image
+    pair = item.text_image
+    if not pair.text.strip():
+        violations.append(Violation(f"{path}.text_image.text", "is empty", "EMPTY_TEXT"))
+    if not pair.HasField("image"):
+        violations.append(Violation(f"{path}.text_image.image", "is required", "MISSING_FIELD"))
+        return None
+    image = _parse_image(pair.image, f"{path}.text_image.image", violations)
+    if image is None or len(violations) > before:
+        return None
+    return TextImageInput(pair.text, image)
+
+
+def _options(request: pb.EmbedRequest, violations: list[Violation]) -> EmbedOptions:
+    dimensions = request.dimensions if request.HasField("dimensions") else None
+    if dimensions == 0:
+        violations.append(
+            Violation("dimensions", "must be at least 1 when set", "UNSUPPORTED_DIMENSIONS")
+        )
+        dimensions = None
+    return EmbedOptions(
+        instruction=request.instruction,
+        dimensions=dimensions,
+        normalize=request.normalize if request.HasField("normalize") else None,
+        request_id=request_id_or_new(request.request_id),
+        user=request.user,
+    )
+
+
+def parse_embed(request: pb.EmbedRequest) -> ParsedEmbed:
+    violations: list[Violation] = []
+    _check_model(request.model, violations)
+    if not request.inputs:
+        violations.append(Violation("inputs", "is empty: give at least one input", "MISSING_FIELD"))
+    inputs = [
+        _parse_input(item, f"inputs[{i}]", violations) for i, item in enumerate(request.inputs)
+    ]
+    options = _options(request, violations)
+    return ParsedEmbed(request.model, inputs, options, violations)
+
+
+def parse_rerank(request: pb.RerankRequest) -> ParsedRerank:
+    violations: list[Violation] = []
+    _check_model(request.model, violations)
+    query: str | None = request.query
+    if not request.query.strip():
+        violations.append(Violation("query", "is empty", "EMPTY_TEXT"))
+        query = None
+    if not request.documents:
+        violations.append(
+            Violation("documents", "is empty: give at least one document", "MISSING_FIELD")
+        )
+    documents: list[str | None] = []
+    for i, doc in enumerate(request.documents):
+        if doc.strip():
+            documents.append(doc)
+        else:
+            violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT"))
+            documents.append(None)
+    top_n = request.top_n if request.HasField("top_n") else None
+    if top_n == 0:
+        violations.append(Violation("top_n", "must be at least 1 when set", "INVALID_TOP_N"))
+        top_n = None
+    options = EmbedOptions(request_id=request_id_or_new(request.request_id), user=request.user)
+    return ParsedRerank(
+        request.model, query, documents, top_n, request.return_documents, options, violations
+    )

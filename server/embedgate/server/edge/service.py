@@ -1,0 +1,247 @@
+"""The ``embedgate.v1.EmbeddingService`` servicer: protobuf ↔ domain, errors → status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import structlog
+
+from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, Usage
+from embedgate.server.edge.convert import parse_embed, parse_rerank
+from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
+from embedgate.server.errors import EmbedgateError, InternalError, InvalidRequestError
+from embedgate.server.providers.base import Provider
+from embedgate.server.routing.router import Router
+from embedgate.v1 import embedding_service_pb2 as pb
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("embedgate.access")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+REQUEST_ID_HEADER = "x-request-id"
+
+_MODALITIES = {
+    Modality.TEXT: pb.MODALITY_TEXT,
+    Modality.IMAGE: pb.MODALITY_IMAGE,
+    Modality.VIDEO: pb.MODALITY_VIDEO,
+    Modality.TEXT_IMAGE: pb.MODALITY_TEXT_IMAGE,
+}
+
+T = TypeVar("T")
+
+
+def _usage(usage: Usage | None) -> pb.Usage | None:
+    if usage is None:
+        return None
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens)
+
+
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        provider=info.provider,
+        modalities=[_MODALITIES[m] for m in Modality if m in info.modalities],
+        max_inputs_per_call=info.max_inputs_per_call,
+        default_dimensions=info.dimensions.default,
+        allowed_dimensions=list(info.dimensions.allowed),
+        min_dimensions=info.dimensions.minimum,
+        max_dimensions=info.dimensions.maximum,
+        embeds=info.embeds,
+        reranks=info.reranks,
+        accepts_instruction=info.accepts_instruction,
+    )
+
+
+class _Access:
+    """Collects the fields of one access-log line."""
+
+    def __init__(self, method: str) -> None:
+        self.fields: dict[str, object] = {"method": method}
+        self.started = time.perf_counter()
+
+    def emit(self, code: grpc.StatusCode) -> None:
+        duration_ms = round((time.perf_counter() - self.started) * 1000, 3)
+        log.info("rpc_finished", code=code.name, duration_ms=duration_ms, **self.fields)
+
+
+def _internal(exc: Exception) -> EmbedgateError:
+    # Never echo the exception text: it may hold payload or configuration.
+    log.exception("rpc_internal_error", error_type=type(exc).__name__)
+    return InternalError(f"internal error ({type(exc).__name__})")
+
+
+class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        access: _Access,
+        work: Callable[[], Awaitable[T]],
+        *,
+        finishes: bool = True,
+    ) -> T:
+        """Run ``work``; map a domain error to its status once and end the RPC with it.
+        Log the access line on failure, and on success when ``work`` finishes the RPC."""
+        failure: EmbedgateError | None = None
+        try:
+            result = await work()
+        except EmbedgateError as error:
+            failure = error
+        except asyncio.CancelledError:
+            access.emit(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            failure = _internal(exc)
+        if failure is None:
+            if finishes:
+                access.emit(grpc.StatusCode.OK)
+            return result
+        await self._abort(context, access, failure)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        access: _Access,
+        failure: EmbedgateError,
+    ) -> None:
+        status = to_rpc_status(failure)
+        access.fields["reason"] = failure.reason
+        access.emit(grpc_code(failure))
+        await context.abort(grpc_code(failure), status.message, trailing_metadata(status))
+
+    async def _send_request_id(
+        self, context: grpc.aio.ServicerContext[object, object], request_id: str
+    ) -> None:
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+
+    async def _prepare_embed(
+        self,
+        request: pb.EmbedRequest,
+        context: grpc.aio.ServicerContext[object, object],
+        access: _Access,
+    ) -> tuple[Provider, list[Input], EmbedOptions]:
+        parsed = parse_embed(request)
+        access.fields.update(
+            model=parsed.model, inputs=len(request.inputs), request_id=parsed.options.request_id
+        )
+        await self._send_request_id(context, parsed.options.request_id)
+        if not parsed.model:  # nothing to resolve: report what the edge found
+            raise InvalidRequestError(parsed.violations)
+        provider = self._router.resolve(parsed.model)
+        inputs = await self._router.validate(
+            provider, parsed.inputs, parsed.options, prior=parsed.violations
+        )
+        return provider, inputs, parsed.options
+
+    async def Embed(  # noqa: N802 - the RPC's name
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.EmbedResponse:
+        access = _Access("Embed")
+
+        async def work() -> pb.EmbedResponse:
+            provider, inputs, options = await self._prepare_embed(request, context, access)
+            result = await self._router.embed(provider, inputs, options)
+            response = pb.EmbedResponse(
+                model=result.model,
+                request_id=options.request_id,
+                usage=_usage(result.usage),
+            )
+            for index, row in enumerate(result.vectors):
+                response.embeddings.add(index=index, values=row.tolist())
+            return response
+
+        return await self._run(context, access, work)
+
+    async def StreamEmbed(  # noqa: N802 - the RPC's name
+        self, request: pb.StreamEmbedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.StreamEmbedResponse]:
+        access = _Access("StreamEmbed")
+        provider, inputs, options = await self._run(
+            context,
+            access,
+            lambda: self._prepare_embed(request.request, context, access),
+            finishes=False,
+        )
+        model = provider.info.name
+        failed = 0
+        try:
+            async for item in self._router.embed_each(provider, inputs, options):
+                message = pb.StreamEmbedResponse(
+                    index=item.index, model=model, request_id=options.request_id
+                )
+                if item.error is not None or item.vector is None:
+                    failed += 1
+                    error = item.error or InternalError("no vector was produced")
+                    message.error.CopyFrom(to_rpc_status(error, index=item.index))
+                else:
+                    message.embedding.index = item.index
+                    message.embedding.values.extend(item.vector.tolist())
+                    if item.tokens is not None:
+                        message.usage.prompt_tokens = item.tokens
+                        message.usage.total_tokens = item.tokens
+                yield message
+        except asyncio.CancelledError:
+            access.emit(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self._abort(context, access, _internal(exc))
+            return
+        access.fields["failed_inputs"] = failed
+        access.emit(grpc.StatusCode.OK)
+
+    async def Rerank(  # noqa: N802 - the RPC's name
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RerankResponse:
+        access = _Access("Rerank")
+
+        async def work() -> pb.RerankResponse:
+            parsed = parse_rerank(request)
+            access.fields.update(
+                model=parsed.model,
+                inputs=len(request.documents) + 1,
+                request_id=parsed.options.request_id,
+            )
+            await self._send_request_id(context, parsed.options.request_id)
+            if not parsed.model:  # nothing to resolve: report what the edge found
+                raise InvalidRequestError(parsed.violations)
+            provider = self._router.resolve(parsed.model)
+            result = await self._router.rerank(
+                provider,
+                parsed.query,
+                parsed.documents,
+                top_n=parsed.top_n,
+                options=parsed.options,
+                prior=parsed.violations,
+            )
+            response = pb.RerankResponse(
+                model=result.model,
+                request_id=parsed.options.request_id,
+                usage=_usage(result.usage),
+                method=pb.RERANK_METHOD_EMBEDDING_COSINE,
+            )
+            for ranked in result.ranked:
+                item = response.results.add(index=ranked.index, relevance_score=ranked.score)
+                if parsed.return_documents:
+                    item.document = request.documents[ranked.index]
+            return response
+
+        return await self._run(context, access, work)
+
+    async def ListModels(  # noqa: N802 - the RPC's name
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListModelsResponse:
+        access = _Access("ListModels")
+
+        async def work() -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(
+                models=[model_info_message(info) for info in self._router.models()]
+            )
+
+        return await self._run(context, access, work)

@@ -1,0 +1,109 @@
+"""The gateway's one error tree. The edge maps each class to a gRPC status once.
+
+::
+
+    EmbedgateError                 (reason: a stable UPPER_SNAKE string)
+    ├── InvalidRequestError        INVALID_ARGUMENT, with field violations
+    ├── ModelNotFoundError         NOT_FOUND
+    ├── ModelUnavailableError      UNAVAILABLE
+    ├── ServerShuttingDownError    UNAVAILABLE
+    ├── DeadlineExceededError      DEADLINE_EXCEEDED
+    └── InternalError              INTERNAL
+
+An error that belongs to one input carries its position (``input_index``), so the
+caller is told which input failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One thing wrong with a request: where (a field path such as
+    ``inputs[2].image.data``), what, and a stable reason."""
+
+    field: str
+    description: str
+    reason: str
+
+
+class EmbedgateError(Exception):
+    """Base of every error the gateway reports to a caller."""
+
+    reason = "INTERNAL_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        input_index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.input_index = input_index
+
+    def for_input(self, index: int) -> EmbedgateError:
+        """Say that this error happened on input ``index`` (returns ``self``)."""
+        self.input_index = index
+        self.metadata.setdefault("input_index", str(index))
+        return self
+
+    def __str__(self) -> str:
+        if self.input_index is not None and not self.message.startswith("inputs["):
+            return f"inputs[{self.input_index}]: {self.message}"
+        return self.message
+
+
+class InvalidRequestError(EmbedgateError):
+    """The request is wrong; every violation found is listed at once."""
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(
+        self,
+        violations: Sequence[Violation],
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if not violations:
+            raise ValueError("an InvalidRequestError needs at least one violation")
+        self.violations = tuple(violations)
+        reasons = {v.reason for v in self.violations}
+        first = self.violations[0]
+        summary = f"{first.field}: {first.description}"
+        if len(self.violations) > 1:
+            summary += f" (and {len(self.violations) - 1} more violation(s))"
+        super().__init__(
+            summary,
+            # One shared reason when every violation agrees, else the general one.
+            reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
+            metadata=metadata,
+        )
+
+
+class ModelNotFoundError(EmbedgateError):
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelUnavailableError(EmbedgateError):
+    reason = "MODEL_UNAVAILABLE"
+
+
+class ServerShuttingDownError(EmbedgateError):
+    reason = "SHUTTING_DOWN"
+
+
+class DeadlineExceededError(EmbedgateError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class InternalError(EmbedgateError):
+    reason = "INTERNAL_ERROR"

@@ -1,0 +1,58 @@
+"""The shape every provider has."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+
+Vectors = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedBatch:
+    """The vectors of one batch, one row per input in batch order, and the tokens each
+    input counted where the model says (``None`` where it does not)."""
+
+    vectors: Vectors
+    tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InputProblem:
+    """An input this provider cannot take, found before any model work: which input
+    (its position in the batch), what is wrong, and a stable UPPER_SNAKE reason."""
+
+    index: int
+    description: str
+    reason: str
+
+
+class Provider(Protocol):
+    """One served model.
+
+    ``embed`` is called with at most ``max_batch`` inputs that already passed the
+    edge's validation and ``check``; it returns raw vectors (the routing layer
+    applies ``dimensions`` and ``normalize``).
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+        """Per-input limits only this provider knows (such as a token count)."""
+        ...
+
+    async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch: ...

