@@ -1,0 +1,217 @@
+"""Shared fixtures: one real gateway on 127.0.0.1:0 for the whole session, serving the
+embedded local model and a deterministic in-process test model, reached over real
+grpc.aio channels."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+import pytest_asyncio
+from google.rpc import error_details_pb2, status_pb2
+
+from embedgate.server.config import ServerConfig
+from embedgate.server.domain import (
+    Dimensions,
+    EmbedOptions,
+    ImageInput,
+    Input,
+    Modality,
+    ModelInfo,
+    TextImageInput,
+    TextInput,
+    VideoInput,
+)
+from embedgate.server.edge.server import Gateway
+from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.providers.base import EmbedBatch, InputProblem
+from embedgate.server.providers.local import DEFAULT_MODEL_NAME, LocalProvider, LocalSettings
+from embedgate.server.routing.router import Router
+from embedgate.v1 import embedding_service_pb2 as pb
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+LOCAL = DEFAULT_MODEL_NAME
+MULTI = "test-multimodal"
+WIDE = "test-wide"
+
+# The smallest valid PNG: a 1x1 transparent pixel.
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def input_key(item: Input) -> bytes:
+    """The content of an input as bytes, so a vector can be traced back to it."""
+    if isinstance(item, TextInput):
+        return b"text:" + item.text.encode()
+    if isinstance(item, ImageInput):
+        return b"image:" + (item.image.uri or "").encode() + (item.image.data or b"")
+    if isinstance(item, VideoInput):
+        return b"video:" + b"|".join((f.uri or "").encode() + (f.data or b"") for f in item.frames)
+    assert isinstance(item, TextImageInput)
+    return b"text_image:" + item.text.encode() + (item.image.uri or "").encode()
+
+
+def expected_vector(item: Input, dims: int) -> npt.NDArray[np.float32]:
+    """What the test model returns for ``item``: a unit vector derived from its content."""
+    seed = int.from_bytes(hashlib.sha256(input_key(item)).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+@dataclass
+class ScriptedProvider:
+    """A deterministic model for the tests: every modality, vectors derived from the
+    content, and switchable behaviour (delays, failing inputs) to exercise the routing
+    and edge layers. It implements the provider seam; nothing is patched."""
+
+    name: str
+    dims: int = 16
+    batch: int = 4
+    max_inputs: int = 512
+    delay_s: float = 0.0
+    fail_texts: set[str] = field(default_factory=set)
+    calls: list[int] = field(default_factory=list)
+    in_flight: int = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            provider="test",
+            modalities=frozenset(Modality),
+            max_inputs_per_call=self.max_inputs,
+            dimensions=Dimensions(default=self.dims, minimum=1, maximum=self.dims),
+            reranks=False,
+            accepts_instruction=True,
+            normalizes_by_default=False,
+        )
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+        return [
+            InputProblem(i, "is the word the test model refuses", "TEST_REFUSED")
+            for i, item in enumerate(inputs)
+            if isinstance(item, TextInput) and item.text == "refuse"
+        ]
+
+    async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:
+        self.calls.append(len(inputs))
+        self.in_flight += 1
+        try:
+            # Later batches finish first, so order is the router's job, not luck's.
+            delay = self.delay_s
+            if delay:
+                await asyncio.sleep(delay / len(self.calls))
+            for item in inputs:
+                if isinstance(item, TextInput) and item.text in self.fail_texts:
+                    raise ModelUnavailableError(f"the test model failed on {item.text!r}")
+            vectors = np.stack([expected_vector(item, self.dims) for item in inputs]).astype(
+                np.float32
+            )
+            return EmbedBatch(vectors=vectors * 2.0, tokens=tuple(1 for _ in inputs))
+        finally:
+            self.in_flight -= 1
+
+
+@dataclass
+class Served:
+    gateway: Gateway
+    target: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.EmbeddingServiceAsyncStub
+    multi: ScriptedProvider
+    wide: ScriptedProvider
+
+
+def server_settings() -> ServerConfig:
+    return ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=5)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def served() -> AsyncIterator[Served]:
+    multi = ScriptedProvider(MULTI, dims=16, batch=4, fail_texts={"explode"})
+    wide = ScriptedProvider(WIDE, dims=4096, batch=64, max_inputs=512)
+    router = Router([LocalProvider(LocalSettings(name=LOCAL)), multi, wide])
+    gateway = Gateway(router, server_settings())
+    port = await gateway.start()
+    target = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", 80 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ],
+    )
+    yield Served(gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), multi, wide)
+    await channel.close()
+    await gateway.stop(grace=1)
+
+
+@pytest.fixture
+def stub(served: Served) -> pb_grpc.EmbeddingServiceAsyncStub:
+    return served.stub
+
+
+@dataclass(frozen=True)
+class RichError:
+    """A failed call's status, unpacked the way a careful caller would."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    metadata: dict[str, str]
+    violations: dict[str, str]
+    violation_reasons: dict[str, str]
+
+
+def unpack_status(status: status_pb2.Status) -> RichError:
+    info = error_details_pb2.ErrorInfo()
+    bad = error_details_pb2.BadRequest()
+    for detail in status.details:
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(bad.DESCRIPTOR):
+            detail.Unpack(bad)
+    code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+    return RichError(
+        code=code,
+        message=status.message,
+        reason=info.reason,
+        metadata=dict(info.metadata),
+        violations={v.field: v.description for v in bad.field_violations},
+        violation_reasons={v.field: v.reason for v in bad.field_violations},
+    )
+
+
+def rich_error(error: grpc.aio.AioRpcError) -> RichError:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            assert status.code == error.code().value[0]
+            return unpack_status(status)
+    raise AssertionError(f"no status details on {error.code()}: {error.details()}")
+
+
+async def embed_error(
+    stub: pb_grpc.EmbeddingServiceAsyncStub, request: pb.EmbedRequest
+) -> RichError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(request, timeout=30)
+    return rich_error(caught.value)

@@ -1,0 +1,128 @@
+"""The `embedgate` command for people: embed, rerank and models against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from conftest import LOCAL, MULTI, PNG_1X1, Served
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedgate.client.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_embed_prints_a_summary(served: Served) -> None:
+    """`embedgate embed --text` prints dimension, norm and first values per input."""
+    code, out, err = await run_cli(
+        "embed", "--target", served.target, "--model", LOCAL, "--text", "two apples"
+    )
+    assert code == 0, err
+    assert 'text "two apples": 384 dims, norm 1.0000, [' in out
+    assert f"model {LOCAL}" in out
+
+
+async def test_embed_json_prints_the_whole_response(served: Served) -> None:
+    """`--json` prints the response message as JSON, every value included."""
+    code, out, err = await run_cli(
+        "embed",
+        "--target",
+        served.target,
+        "--model",
+        LOCAL,
+        "--text",
+        "a",
+        "--text",
+        "b",
+        "--dimensions",
+        "32",
+        "--json",
+    )
+    assert code == 0, err
+    body = json.loads(out)
+    assert body["model"] == LOCAL
+    assert [len(e["values"]) for e in body["embeddings"]] == [32, 32]
+
+
+async def test_embed_images_and_video_frames(served: Served, tmp_path: Path) -> None:
+    """--image-uri, --image-file and repeated --video-frame become inputs in that order."""
+    picture = tmp_path / "dot.png"
+    picture.write_bytes(PNG_1X1)
+    code, out, err = await run_cli(
+        "embed",
+        "--target",
+        served.target,
+        "--model",
+        MULTI,
+        "--image-uri",
+        "https://example.test/cat.png",
+        "--image-file",
+        str(picture),
+        "--video-frame",
+        str(picture),
+        "--video-frame",
+        "https://example.test/f.png",
+    )
+    assert code == 0, err
+    lines = [line.strip() for line in out.splitlines() if "dims" in line]
+    assert lines[0].startswith("image https://example.test/cat.png: 16 dims")
+    assert lines[1].startswith(f"image ({len(PNG_1X1)} bytes): 16 dims")
+    assert lines[2].startswith("video (2 frames): 16 dims")
+
+
+async def test_embed_errors_print_the_field_violations(served: Served) -> None:
+    """A rejected request exits 1 and prints the code, reason and each bad field."""
+    code, _, err = await run_cli(
+        "embed", "--target", served.target, "--model", LOCAL, "--image-uri", "ftp://x/y.png"
+    )
+    assert code == 1
+    assert "INVALID_ARGUMENT" in err
+    assert "inputs[0].image.uri: must be an absolute http or https URL" in err
+
+
+async def test_models_lists_the_models(served: Served) -> None:
+    """`embedgate models` prints one line per model; --json gives the fields."""
+    code, out, err = await run_cli("models", "--target", served.target)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(f"{LOCAL}  provider=local  inputs=text  dims=384")
+    code, out, err = await run_cli("models", "--target", served.target, "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["name"] == LOCAL
+
+
+async def test_rerank_prints_documents_best_first(served: Served) -> None:
+    """`embedgate rerank` prints the documents best first."""
+    code, out, err = await run_cli(
+        "rerank",
+        "--target",
+        served.target,
+        "--query",
+        "two apples",
+        "--document",
+        "quarterly stock market report",
+        "--document",
+        "a pair of apples",
+    )
+    assert code == 0, err
+    ranked = [line for line in out.splitlines() if line.startswith("  ")]
+    assert ranked[0].endswith("[1] a pair of apples")
+
+
+async def test_unreachable_server_is_a_clear_error() -> None:
+    """A server that is not there gives UNAVAILABLE and exit 1, not a traceback."""
+    code, _, err = await run_cli("models", "--target", "127.0.0.1:1", "--timeout", "3")
+    assert code == 1
+    assert "UNAVAILABLE" in err
+    assert "Traceback" not in err

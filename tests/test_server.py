@@ -1,0 +1,219 @@
+"""Health, reflection and graceful shutdown of the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import MULTI, ScriptedProvider, Served, server_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from embedgate.server.edge.server import Gateway
+from embedgate.server.routing.router import Router
+from embedgate.v1 import embedding_service_pb2 as pb
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+SERVICE = "embedgate.v1.EmbeddingService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_health_overall_and_per_service(served: Served) -> None:
+    """Standard health checking answers SERVING for "" and for the embedding service,
+    and NOT_FOUND for a service it does not know."""
+    health = health_pb2_grpc.HealthStub(served.channel)
+    for service in ("", SERVICE):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nothing"), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_and_describes_the_service(served: Served) -> None:
+    """Server reflection lists the services and serves the contract's descriptor."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]
+    replies = [reply async for reply in stub.ServerReflectionInfo(iter(requests), timeout=10)]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = replies[1].file_descriptor_response.file_descriptor_proto
+    assert any(b"embedgate/v1/embedding_service.proto" in f for f in files)
+
+
+async def test_shutdown_drains_in_flight_calls() -> None:
+    """On stop, health turns NOT_SERVING at once, in-flight calls finish, new calls are
+    refused."""
+    slow = ScriptedProvider(MULTI, delay_s=1.0)
+    gateway = Gateway(Router([slow]), server_settings())
+    port = await gateway.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert (await watch.read()).status == SERVING
+        in_flight = asyncio.ensure_future(
+            stub.Embed(pb.EmbedRequest(model=MULTI, inputs=[pb.Input(text="slow")]), timeout=10)
+        )
+        await asyncio.sleep(0.3)
+        assert slow.in_flight == 1
+        stopping = asyncio.ensure_future(gateway.stop(grace=5))
+        started = time.perf_counter()
+        assert (await asyncio.wait_for(watch.read(), 2)).status == NOT_SERVING
+        assert time.perf_counter() - started < 0.5
+        response = await in_flight
+        assert len(response.embeddings) == 1
+        await stopping
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(
+                pb.EmbedRequest(model=MULTI, inputs=[pb.Input(text="late")]), timeout=2
+            )
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_shutdown_cancels_calls_that_outlast_the_grace_period() -> None:
+    """A call still running when the grace period ends is cancelled, not waited for."""
+    slow = ScriptedProvider(MULTI, delay_s=30.0)
+    gateway = Gateway(Router([slow]), server_settings())
+    port = await gateway.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        call = asyncio.ensure_future(
+            stub.Embed(pb.EmbedRequest(model=MULTI, inputs=[pb.Input(text="x")]), timeout=60)
+        )
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        await gateway.stop(grace=0.5)
+        assert time.perf_counter() - started < 5
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        assert slow.in_flight == 0
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+async def _wait_serving(target: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{target} did not become SERVING in {deadline_s} s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_embedgate_serve_answers_and_exits_0_on_a_signal(sig: signal.Signals) -> None:
+    """`embedgate serve` with no config serves the default model with 384-dimension
+    vectors, and on SIGTERM/SIGINT drains and exits 0."""
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedgate.client.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env={k: v for k, v in _env().items() if k != "EMBEDGATE_CONFIG"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await _wait_serving(f"127.0.0.1:{port}", 60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            response = await stub.Embed(
+                pb.EmbedRequest(model="all-minilm-l6-v2", inputs=[pb.Input(text="two apples")]),
+                timeout=30,
+            )
+            assert len(response.embeddings[0].values) == 384
+        process.send_signal(sig)
+        code = await asyncio.wait_for(process.wait(), 30)
+        _, stderr = await process.communicate()
+        assert code == 0, stderr.decode()
+        assert b"server_stopped" in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("models:\n  - name: m\n    provider: nosuch\n", "models[0].provider"),
+        ("models:\n  - name: m\n    provider: local\n    max_batch: 0\n", "models[0].max_batch"),
+        ("models:\n  - name: m\n    provider: local\n    colour: blue\n", "models[0].colour"),
+        ("server:\n  port: 99999\nmodels:\n  - name: m\n    provider: local\n", "server.port"),
+        ("models: [\n", "not valid YAML"),
+    ],
+)
+async def test_a_bad_config_file_fails_start_up_naming_the_key(
+    tmp_path: Path, content: str, named: str
+) -> None:
+    """A bad config file stops start-up with exit code 2 and a message naming the key."""
+    config = tmp_path / "embedgate.yaml"
+    config.write_text(content)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedgate.client.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        env=_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert named in stderr.decode()
+
+
+async def test_config_comes_from_the_environment_variable(tmp_path: Path) -> None:
+    """EMBEDGATE_CONFIG names the config file when --config is not given."""
+    config = tmp_path / "env.yaml"
+    config.write_text("models:\n  - name: from-env\n    provider: nosuch\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedgate.client.cli",
+        "serve",
+        "--port",
+        "0",
+        env={**_env(), "EMBEDGATE_CONFIG": str(config)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert str(config) in stderr.decode()
