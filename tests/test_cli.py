@@ -126,3 +126,13 @@ async def test_unreachable_server_is_a_clear_error() -> None:
     assert code == 1
     assert "UNAVAILABLE" in err
     assert "Traceback" not in err
+
+
+async def test_health_exits_0_when_serving(served: Served) -> None:
+    """`embedgate health` prints SERVING and exits 0 against a serving server, and exits 1
+    for a service the server does not know."""
+    code, out, err = await run_cli("health", "--target", served.target)
+    assert (code, out.strip()) == (0, "SERVING"), err
+    code, _, err = await run_cli("health", "--target", served.target, "--service", "x.v1.Nope")
+    assert code == 1
+    assert "NOT_FOUND" in err

@@ -124,6 +124,25 @@ def _models(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace, client: Client) -> int:
+    """Exit 0 when the server reports SERVING (for Docker health checks and scripts)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            print(f"embedgate: health check failed: {code.name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedgate", description="The embedgate gRPC embedding gateway."
@@ -171,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--top-n", type=int)
 
     client_command("models", "list the models the server serves")
+
+    health = client_command("health", "ask the server's health service; exit 0 when SERVING")
+    health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
 
 
@@ -187,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from embedgate.server.cli import run_serve
 
         return run_serve(args)
-    handlers = {"embed": _embed, "rerank": _rerank, "models": _models}
+    handlers = {"embed": _embed, "rerank": _rerank, "models": _models, "health": _health}
     with Client(args.target, timeout=args.timeout) as client:
         try:
             return handlers[args.command](args, client)

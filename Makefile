@@ -1,0 +1,38 @@
+# embedgate: `make run` starts the server on the embedded model; `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first, pinned, so sentence-transformers keeps this CPU build instead of pulling
+# a CUDA one. Override (e.g. TORCH_SPEC= to skip) when your index serves another.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test check generate install tools clean
+
+run: $(STAMP)
+	$(VENV)/bin/embedgate serve $(ARGS)
+
+test: check
+
+check: $(STAMP) node_modules/.bin/buf
+	PYTHON=$(PY) scripts/check
+
+generate: $(STAMP)
+	PYTHON=$(PY) scripts/generate
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(PY) -m pip install "$(TORCH_SPEC)")
+	$(PY) -m pip install -e ./clients/python -e '.[local]' -r requirements-dev.txt
+	touch $@
+
+tools: node_modules/.bin/buf
+
+node_modules/.bin/buf: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+clean:
+	rm -rf $(VENV) node_modules build
