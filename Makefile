@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.txt
 
 tools: node_modules/.bin/buf
 
+# `npm install --no-save` rather than `npm ci`: the lock pins buf, but npm ci refuses a
+# lock written without the other platforms' optional buf binaries.
 node_modules/.bin/buf: package.json package-lock.json
-	npm ci --no-audit --no-fund
+	npm install --no-audit --no-fund --no-save
 	touch $@
 
 clean:
