@@ -80,6 +80,12 @@ class ScriptedProvider:
     fail_texts: set[str] = field(default_factory=set)
     calls: list[int] = field(default_factory=list)
     in_flight: int = 0
+    started_since_delay: int = 0
+
+    def slow_down(self, delay_s: float) -> None:
+        """Make the n-th batch from now take delay_s / n seconds (0 turns it off)."""
+        self.delay_s = delay_s
+        self.started_since_delay = 0
 
     @property
     def info(self) -> ModelInfo:
@@ -114,11 +120,11 @@ class ScriptedProvider:
     async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:
         self.calls.append(len(inputs))
         self.in_flight += 1
+        self.started_since_delay += 1
         try:
             # Later batches finish first, so order is the router's job, not luck's.
-            delay = self.delay_s
-            if delay:
-                await asyncio.sleep(delay / len(self.calls))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s / self.started_since_delay)
             for item in inputs:
                 if isinstance(item, TextInput) and item.text in self.fail_texts:
                     raise ModelUnavailableError(f"the test model failed on {item.text!r}")

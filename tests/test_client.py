@@ -96,13 +96,13 @@ async def test_async_client_reranks_and_lists_models(served: Served) -> None:
 
 async def test_async_client_honours_its_deadline(served: Served) -> None:
     """A call that outlives its timeout raises DeadlineExceededError."""
-    served.multi.delay_s = 2.0
+    served.multi.slow_down(2.0)
     try:
         async with eg.AsyncClient(served.target, timeout=0.3) as client:
             with pytest.raises(eg.DeadlineExceededError):
                 await client.embed_texts(["slow"], model=MULTI)
     finally:
-        served.multi.delay_s = 0.0
+        served.multi.slow_down(0.0)
 
 
 async def test_sync_client_works_end_to_end(served: Served) -> None:

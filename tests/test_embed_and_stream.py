@@ -4,6 +4,8 @@ hold the documented payloads."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -31,13 +33,13 @@ async def test_embed_splits_batches_and_keeps_the_callers_order(served: Served) 
     """10 inputs on a 4-per-batch model go as 4+4+2 and come back in input order with the
     right vector for each input (later batches finish first)."""
     served.multi.calls.clear()
-    served.multi.delay_s = 0.2
+    served.multi.slow_down(0.2)
     try:
         response = await served.stub.Embed(
             pb.EmbedRequest(model=MULTI, inputs=texts(10)), timeout=30
         )
     finally:
-        served.multi.delay_s = 0.0
+        served.multi.slow_down(0.0)
     assert sorted(served.multi.calls) == [2, 4, 4]
     assert [e.index for e in response.embeddings] == list(range(10))
     for i, embedding in enumerate(response.embeddings):
@@ -78,12 +80,12 @@ async def test_stream_reports_every_input_once_with_its_own_vector(served: Serve
 async def test_stream_delivers_in_completion_order(served: Served) -> None:
     """Results are sent as they complete: a later, faster batch may arrive first."""
     served.multi.calls.clear()
-    served.multi.delay_s = 0.3
+    served.multi.slow_down(0.3)
     try:
         request = pb.StreamEmbedRequest(request=pb.EmbedRequest(model=MULTI, inputs=texts(8)))
         order = [m.index async for m in served.stub.StreamEmbed(request, timeout=30)]
     finally:
-        served.multi.delay_s = 0.0
+        served.multi.slow_down(0.0)
     assert sorted(order) == list(range(8))
     # Batch 1 (inputs 0-3) sleeps 0.3 s, batch 2 (4-7) 0.15 s: the second comes first.
     assert order[:4] == [4, 5, 6, 7]
@@ -174,3 +176,39 @@ async def test_list_models_describes_each_model(served: Served) -> None:
         pb.MODALITY_VIDEO,
         pb.MODALITY_TEXT_IMAGE,
     ]
+
+
+async def test_a_passed_deadline_cancels_the_model_work(served: Served) -> None:
+    """When the caller's deadline passes, the call ends DEADLINE_EXCEEDED and the model
+    work it started is cancelled, not left running."""
+    served.multi.slow_down(30.0)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await served.stub.Embed(pb.EmbedRequest(model=MULTI, inputs=texts(2)), timeout=0.5)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(50):
+            if served.multi.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert served.multi.in_flight == 0
+    finally:
+        served.multi.slow_down(0)
+
+
+async def test_a_cancelled_stream_cancels_the_model_work(served: Served) -> None:
+    """A caller that walks away from a stream cancels the batches still running."""
+    served.multi.slow_down(30.0)
+    try:
+        call = served.stub.StreamEmbed(
+            pb.StreamEmbedRequest(request=pb.EmbedRequest(model=MULTI, inputs=texts(8))), timeout=60
+        )
+        await asyncio.sleep(0.3)
+        assert served.multi.in_flight == 2
+        call.cancel()
+        for _ in range(50):
+            if served.multi.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert served.multi.in_flight == 0
+    finally:
+        served.multi.slow_down(0)

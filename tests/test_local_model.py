@@ -44,7 +44,9 @@ async def test_response_carries_model_usage_and_request_id(served: Served) -> No
     request = pb.EmbedRequest(
         model=LOCAL, inputs=[pb.Input(text="two apples")], request_id="req-42"
     )
-    response = await served.stub.Embed(request, timeout=60)
+    call = served.stub.Embed(request, timeout=60)
+    assert ("x-request-id", "req-42") in tuple(await call.initial_metadata())
+    response = await call
     assert response.model == LOCAL
     assert response.request_id == "req-42"
     # [CLS] two apples [SEP]

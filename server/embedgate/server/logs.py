@@ -15,7 +15,9 @@ from typing import Any
 import structlog
 
 # Keys whose values are never logged, and values that look like credentials.
-_SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|secret|token|password|cookie)", re.I)
+_SECRET_KEYS = re.compile(
+    r"(authorization|api[_-]?key|secret|password|cookie|credential|(^|[_-])token$)", re.I
+)
 _SECRET_VALUES = re.compile(r"(?i)\b(bearer\s+)[^\s\"',]+")
 REDACTED = "[redacted]"
 
@@ -35,7 +37,7 @@ def _scrub(value: Any) -> Any:
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        if _SECRET_KEYS.search(key) and key not in ("max_tokens",) and not key.endswith("_tokens"):
+        if _SECRET_KEYS.search(key):
             event[key] = REDACTED
         else:
             event[key] = _scrub(event[key])

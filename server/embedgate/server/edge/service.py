@@ -74,6 +74,14 @@ def _internal(exc: Exception) -> EmbedgateError:
     return InternalError(f"internal error ({type(exc).__name__})")
 
 
+def _ended_by(context: grpc.aio.ServicerContext[object, object]) -> grpc.StatusCode:
+    """Why a handler was cancelled: its deadline passed, or the caller went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, router: Router) -> None:
         self._router = router
@@ -94,7 +102,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         except EmbedgateError as error:
             failure = error
         except asyncio.CancelledError:
-            access.emit(grpc.StatusCode.CANCELLED)
+            access.emit(_ended_by(context))
             raise
         except Exception as exc:
             failure = _internal(exc)
@@ -188,7 +196,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                         message.usage.total_tokens = item.tokens
                 yield message
         except asyncio.CancelledError:
-            access.emit(grpc.StatusCode.CANCELLED)
+            access.emit(_ended_by(context))
             raise
         except Exception as exc:
             await self._abort(context, access, _internal(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -81,6 +82,11 @@ class LocalProvider:
         # One worker thread: torch parallelises inside a batch; a second thread
         # would only fight it for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
+        # Length checks tokenise on their own thread with their own tokenizer: a fast
+        # tokenizer is not safe to share with the thread encoding batches, and a long
+        # check must not hold up the event loop or wait behind a batch.
+        self._check_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-check")
+        self._check_tokenizer: Any = None
         self._batcher: asyncio.Task[None] | None = None
         self._info: ModelInfo | None = None
         self._prepare: Any = None
@@ -111,6 +117,7 @@ class LocalProvider:
             if not job.future.done():
                 job.future.set_exception(ModelUnavailableError("the server is shutting down"))
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._check_executor.shutdown(wait=True, cancel_futures=True)
 
     def _load(self) -> None:
         # Never reach for a hub: the weights are on disk or the start fails.
@@ -141,6 +148,7 @@ class LocalProvider:
             model = SentenceTransformer(modules=modules[:-1], device="cpu")
         model.eval()
         self._model = model
+        self._check_tokenizer = copy.deepcopy(model.tokenizer)
         self._max_tokens = int(model.max_seq_length)
         dimension_of = (
             getattr(model, "get_embedding_dimension", None)
@@ -174,8 +182,8 @@ class LocalProvider:
         texts = [item.text for item in inputs if isinstance(item, TextInput)]
         if not texts:
             return []
-        # A fast (Rust) tokenizer: microseconds per text, so it runs inline.
-        counts = [len(ids) for ids in self._model.tokenizer(texts, truncation=False)["input_ids"]]
+        loop = asyncio.get_running_loop()
+        counts = await loop.run_in_executor(self._check_executor, self._count_tokens, texts)
         problems = []
         for index, count in enumerate(counts):
             if count > self._max_tokens:
@@ -245,6 +253,10 @@ class LocalProvider:
                 if not job.future.done():
                     job.future.set_result((vectors[start:end], tokens[start:end]))
                 start = end
+
+    def _count_tokens(self, texts: list[str]) -> list[int]:
+        encoded = self._check_tokenizer(texts, truncation=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def _encode(self, texts: list[str]) -> tuple[Vectors, list[int]]:
         import torch
