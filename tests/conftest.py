@@ -144,6 +144,7 @@ class Served:
     stub: pb_grpc.EmbeddingServiceAsyncStub
     multi: ScriptedProvider
     wide: ScriptedProvider
+    local: LocalProvider
 
 
 def server_settings() -> ServerConfig:
@@ -154,7 +155,8 @@ def server_settings() -> ServerConfig:
 async def served() -> AsyncIterator[Served]:
     multi = ScriptedProvider(MULTI, dims=16, batch=4, fail_texts={"explode"})
     wide = ScriptedProvider(WIDE, dims=4096, batch=64, max_inputs=512)
-    router = Router([LocalProvider(LocalSettings(name=LOCAL)), multi, wide])
+    local = LocalProvider(LocalSettings(name=LOCAL))
+    router = Router([local, multi, wide])
     gateway = Gateway(router, server_settings())
     port = await gateway.start()
     target = f"127.0.0.1:{port}"
@@ -165,7 +167,9 @@ async def served() -> AsyncIterator[Served]:
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ],
     )
-    yield Served(gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), multi, wide)
+    yield Served(
+        gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), multi, wide, local
+    )
     await channel.close()
     await gateway.stop(grace=1)
 

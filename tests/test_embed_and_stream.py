@@ -13,6 +13,7 @@ from conftest import (
     LOCAL,
     MULTI,
     PNG_1X1,
+    ScriptedProvider,
     WIDE,
     Served,
     embed_error,
@@ -23,6 +24,15 @@ from conftest import (
 from embedgate.server.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 from embedgate.server.domain import TextInput
 from embedgate.v1 import embedding_service_pb2 as pb
+
+
+async def settled(provider: ScriptedProvider, within_s: float = 2.5) -> bool:
+    """Whether the provider has no batch running, waiting up to ``within_s``."""
+    for _ in range(int(within_s / 0.05)):
+        if provider.in_flight == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return provider.in_flight == 0
 
 
 def texts(n: int, prefix: str = "item") -> list[pb.Input]:
@@ -186,11 +196,7 @@ async def test_a_passed_deadline_cancels_the_model_work(served: Served) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await served.stub.Embed(pb.EmbedRequest(model=MULTI, inputs=texts(2)), timeout=0.5)
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        for _ in range(50):
-            if served.multi.in_flight == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert served.multi.in_flight == 0
+        assert await settled(served.multi)
     finally:
         served.multi.slow_down(0)
 
@@ -205,10 +211,6 @@ async def test_a_cancelled_stream_cancels_the_model_work(served: Served) -> None
         await asyncio.sleep(0.3)
         assert served.multi.in_flight == 2
         call.cancel()
-        for _ in range(50):
-            if served.multi.in_flight == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert served.multi.in_flight == 0
+        assert await settled(served.multi)
     finally:
         served.multi.slow_down(0)

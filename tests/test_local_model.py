@@ -83,9 +83,15 @@ async def test_concurrent_calls_are_batched_and_get_their_own_vectors(served: Se
     """Concurrent calls each get exactly the vectors they would get alone."""
     texts = [f"sentence number {i} about fruit" for i in range(24)]
     alone = await embed_texts(served, texts)
+    served.local.recent_batch_sizes.clear()
     together = await asyncio.gather(*(embed_texts(served, [t]) for t in texts))
     for i, vectors in enumerate(together):
         np.testing.assert_allclose(vectors[0], alone[i], atol=1e-5)
+    # 24 one-text calls at once were merged: fewer forward passes than calls.
+    passes = list(served.local.recent_batch_sizes)
+    assert sum(passes) == 24
+    assert len(passes) < 24
+    assert max(passes) > 1
 
 
 async def test_health_answers_while_the_model_computes(served: Served) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Unpack
 
 import grpc
 
@@ -11,8 +12,10 @@ from embedgate.client._errors import error_from_rpc
 from embedgate.client._inputs import InputLike
 from embedgate.client._types import (
     CHANNEL_OPTIONS,
+    EmbedOptions,
     EmbedResult,
     ModelInfo,
+    RerankOptions,
     RerankResult,
     StreamItem,
     embed_request,
@@ -69,22 +72,12 @@ class Client:
         inputs: Iterable[InputLike],
         *,
         model: str,
-        instruction: str = "",
-        dimensions: int | None = None,
-        normalize: bool | None = None,
-        request_id: str = "",
-        user: str = "",
         timeout: float | None = None,
+        **options: Unpack[EmbedOptions],
     ) -> EmbedResult:
-        request = embed_request(
-            inputs,
-            model=model,
-            instruction=instruction,
-            dimensions=dimensions,
-            normalize=normalize,
-            request_id=request_id,
-            user=user,
-        )
+        """One vector per input, in order. ``options``: instruction, dimensions,
+        normalize, request_id, user."""
+        request = embed_request(inputs, model=model, **options)
         return embed_result(self.embed_message(request, timeout=timeout))
 
     def embed_message(
@@ -118,26 +111,12 @@ class Client:
         inputs: Iterable[InputLike],
         *,
         model: str,
-        instruction: str = "",
-        dimensions: int | None = None,
-        normalize: bool | None = None,
-        request_id: str = "",
-        user: str = "",
         timeout: float | None = None,
+        **options: Unpack[EmbedOptions],
     ) -> Iterator[StreamItem]:
         """Each input's outcome as soon as it is ready, in any order. A failed input
         comes as an item with ``error`` set; a failure of the whole call raises."""
-        request = pb.StreamEmbedRequest(
-            request=embed_request(
-                inputs,
-                model=model,
-                instruction=instruction,
-                dimensions=dimensions,
-                normalize=normalize,
-                request_id=request_id,
-                user=user,
-            )
-        )
+        request = pb.StreamEmbedRequest(request=embed_request(inputs, model=model, **options))
         call = self._stub.StreamEmbed(
             request, timeout=timeout or self._timeout, metadata=self._metadata
         )
@@ -155,21 +134,11 @@ class Client:
         documents: Sequence[str],
         *,
         model: str,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        request_id: str = "",
-        user: str = "",
         timeout: float | None = None,
+        **options: Unpack[RerankOptions],
     ) -> RerankResult:
-        request = rerank_request(
-            query,
-            documents,
-            model=model,
-            top_n=top_n,
-            return_documents=return_documents,
-            request_id=request_id,
-            user=user,
-        )
+        """Documents best first. ``options``: top_n, return_documents, request_id, user."""
+        request = rerank_request(query, documents, model=model, **options)
         try:
             response = self._stub.Rerank(
                 request, timeout=timeout or self._timeout, metadata=self._metadata

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from embedgate.client._errors import EmbedgateError, error_from_status
 from embedgate.client._inputs import InputLike, to_input
@@ -78,48 +79,56 @@ class ModelInfo:
     accepts_instruction: bool
 
 
+class EmbedOptions(TypedDict, total=False):
+    """Optional fields of an embed request (see ``EmbedRequest`` in the contract)."""
+
+    instruction: str
+    dimensions: int | None
+    normalize: bool | None
+    request_id: str
+    user: str
+
+
+class RerankOptions(TypedDict, total=False):
+    """Optional fields of a rerank request (see ``RerankRequest`` in the contract)."""
+
+    top_n: int | None
+    return_documents: bool
+    request_id: str
+    user: str
+
+
 def embed_request(
-    inputs: Iterable[InputLike],
-    *,
-    model: str,
-    instruction: str = "",
-    dimensions: int | None = None,
-    normalize: bool | None = None,
-    request_id: str = "",
-    user: str = "",
+    inputs: Iterable[InputLike], *, model: str, **options: Unpack[EmbedOptions]
 ) -> pb.EmbedRequest:
     request = pb.EmbedRequest(
         model=model,
         inputs=[to_input(item) for item in inputs],
-        instruction=instruction,
-        request_id=request_id,
-        user=user,
+        instruction=options.get("instruction", ""),
+        request_id=options.get("request_id", ""),
+        user=options.get("user", ""),
     )
+    dimensions = options.get("dimensions")
     if dimensions is not None:
         request.dimensions = dimensions
+    normalize = options.get("normalize")
     if normalize is not None:
         request.normalize = normalize
     return request
 
 
 def rerank_request(
-    query: str,
-    documents: Sequence[str],
-    *,
-    model: str,
-    top_n: int | None = None,
-    return_documents: bool = False,
-    request_id: str = "",
-    user: str = "",
+    query: str, documents: Sequence[str], *, model: str, **options: Unpack[RerankOptions]
 ) -> pb.RerankRequest:
     request = pb.RerankRequest(
         model=model,
         query=query,
         documents=list(documents),
-        return_documents=return_documents,
-        request_id=request_id,
-        user=user,
+        return_documents=options.get("return_documents", False),
+        request_id=options.get("request_id", ""),
+        user=options.get("user", ""),
     )
+    top_n = options.get("top_n")
     if top_n is not None:
         request.top_n = top_n
     return request

@@ -90,6 +90,8 @@ class LocalProvider:
         self._batcher: asyncio.Task[None] | None = None
         self._info: ModelInfo | None = None
         self._prepare: Any = None
+        # Sizes of the most recent forward passes: how well concurrent calls merge.
+        self.recent_batch_sizes: deque[int] = deque(maxlen=1024)
 
     @property
     def info(self) -> ModelInfo:
@@ -232,6 +234,7 @@ class LocalProvider:
             if not jobs:
                 continue
             texts = [text for job in jobs for text in job.texts]
+            self.recent_batch_sizes.append(len(texts))
             try:
                 vectors, tokens = await loop.run_in_executor(self._executor, self._encode, texts)
             except asyncio.CancelledError:
