@@ -6,7 +6,6 @@
     ├── InvalidRequestError        INVALID_ARGUMENT, with field violations
     ├── ModelNotFoundError         NOT_FOUND
     ├── ModelUnavailableError      UNAVAILABLE
-    ├── ServerShuttingDownError    UNAVAILABLE
     ├── DeadlineExceededError      DEADLINE_EXCEEDED
     └── InternalError              INTERNAL
 
@@ -95,10 +94,6 @@ class ModelNotFoundError(EmbedgateError):
 
 class ModelUnavailableError(EmbedgateError):
     reason = "MODEL_UNAVAILABLE"
-
-
-class ServerShuttingDownError(EmbedgateError):
-    reason = "SHUTTING_DOWN"
 
 
 class DeadlineExceededError(EmbedgateError):

@@ -13,7 +13,6 @@ from embedgate.server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
-    ServerShuttingDownError,
 )
 
 ERROR_DOMAIN = "embedgate"
@@ -23,7 +22,6 @@ _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
-    ServerShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     InternalError: grpc.StatusCode.INTERNAL,
     EmbedgateError: grpc.StatusCode.INTERNAL,
