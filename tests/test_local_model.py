@@ -11,6 +11,7 @@ import pytest
 from conftest import LOCAL, Served
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedgate.server.domain import EmbedOptions, Image, ImageInput, Input, TextInput
 from embedgate.v1 import embedding_service_pb2 as pb
 
 
@@ -139,3 +140,15 @@ async def test_rerank_orders_documents_by_cosine_similarity(served: Served) -> N
     )
     assert len(bare.results) == 3
     assert not any(r.HasField("document") for r in bare.results)
+
+
+async def test_length_problems_name_the_position_in_the_batch(served: Served) -> None:
+    """The local model's length check reports each too-long text at its position in the
+    batch it was given, whatever else the batch holds."""
+    batch: list[Input] = [
+        ImageInput(Image(uri="https://example.test/a.png")),
+        TextInput("short"),
+        TextInput("apple " * 400),
+    ]
+    problems = await served.local.check(batch, EmbedOptions())
+    assert [(p.index, p.reason) for p in problems] == [(2, "INPUT_TOO_LONG")]

@@ -181,13 +181,16 @@ class LocalProvider:
     async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
         if self._settings.truncate:
             return []
-        texts = [item.text for item in inputs if isinstance(item, TextInput)]
-        if not texts:
+        # Keep each text's position in the batch: InputProblem.index is that position.
+        texts_at = [(i, item.text) for i, item in enumerate(inputs) if isinstance(item, TextInput)]
+        if not texts_at:
             return []
+        positions = [i for i, _ in texts_at]
+        texts = [text for _, text in texts_at]
         loop = asyncio.get_running_loop()
         counts = await loop.run_in_executor(self._check_executor, self._count_tokens, texts)
         problems = []
-        for index, count in enumerate(counts):
+        for index, count in zip(positions, counts, strict=True):
             if count > self._max_tokens:
                 problems.append(
                     InputProblem(
