@@ -9,14 +9,14 @@ import structlog
 
 from embedgate.server.config import Config
 from embedgate.server.edge.server import Gateway
-from embedgate.server.providers.registry import build_provider
+from embedgate.server.providers.registry import build_providers
 from embedgate.server.routing.router import Router
 
 log = structlog.get_logger(__name__)
 
 
 def build_gateway(config: Config) -> Gateway:
-    router = Router([build_provider(model) for model in config.models])
+    router = Router(build_providers(config.models))
     return Gateway(router, config.server)
 
 

@@ -63,6 +63,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # found while building the models (e.g. a key that is missing)
+        print(f"embedgate: bad configuration: {exc}", file=sys.stderr)
+        return 2
     except EmbedgateError as exc:
         print(f"embedgate: cannot start: {exc}", file=sys.stderr)
         return 1

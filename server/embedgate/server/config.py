@@ -7,10 +7,10 @@ With no file at all, the server serves the embedded default model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedgate.server.providers.local import DEFAULT_MODEL_NAME
 
@@ -37,6 +37,8 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(default=20.0, ge=0, le=600)
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=MIB, le=1024 * MIB)
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=MIB, le=1024 * MIB)
+    # The deadline of a call that sets none: no vendor call outlives it.
+    default_deadline_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class LocalModelConfig(_Strict):
@@ -51,7 +53,105 @@ class LocalModelConfig(_Strict):
     threads: int | None = Field(default=None, ge=1, le=256)
 
 
-ModelConfig = Annotated[LocalModelConfig, Field(discriminator="provider")]
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
+Modality = Literal["text", "image", "video", "text_image"]
+
+
+class _VendorModelConfig(_Strict):
+    """What every vendor-served model has (see the README's configuration reference)."""
+
+    name: ModelName
+    # OpenAI-SDK style: the dialect appends /embeddings or /rerank.
+    base_url: HttpUrl | None = None
+    vendor_model: str = Field(min_length=1, max_length=256)
+    # Where the key is read from, once, at start-up.
+    api_key_env: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_file: str | None = Field(default=None, min_length=1)
+    # Inputs per vendor request (at most what the vendor documents) and per RPC.
+    max_batch: int | None = Field(default=None, ge=1, le=4096)
+    max_inputs: int = Field(default=256, ge=1, le=4096)
+    # Vendor requests in flight at once for this model.
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    # One vendor attempt's limit; retries of 408/429/5xx/connection errors with backoff.
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
+    retry_backoff_max_s: float = Field(default=8.0, ge=0, le=600)
+    # The size of the vectors when a call asks for none (required where unknown).
+    dimensions: int | None = Field(default=None, ge=1, le=65536)
+    # The model is Matryoshka-trained: other sizes are served by a local cut.
+    matryoshka: bool = False
+    # Unit vectors unless a call says otherwise.
+    normalize: bool = True
+
+    # Vendors whose documents say every request carries a key.
+    key_required: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        if self.key_required and not (self.api_key_env or self.api_key_file):
+            raise ValueError(
+                f"api_key_env or api_key_file is required: {getattr(self, 'provider', '')} "
+                "authenticates every request with a key"
+            )
+        return self
+
+
+class RzenEmbedModelConfig(_VendorModelConfig):
+    provider: Literal["rzenembed"]
+    vendor_model: str = Field(default="RzenEmbed", min_length=1, max_length=256)
+    # Sent when a call gives none (the vendor's own default otherwise).
+    instruction: str | None = Field(default=None, min_length=1, max_length=4096)
+    modalities: list[Modality] | None = Field(default=None, min_length=1)
+
+
+class CTyunModelConfig(_VendorModelConfig):
+    provider: Literal["ctyun"]
+    accepts_dimensions: bool | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+class SCNetModelConfig(_VendorModelConfig):
+    provider: Literal["scnet"]
+    vendor_model: str = Field(default="Qwen3-Embedding-8B", min_length=1, max_length=256)
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+class QianfanModelConfig(_VendorModelConfig):
+    provider: Literal["qianfan"]
+
+
+class AggregatorModelConfig(_VendorModelConfig):
+    provider: Literal["aggregator"]
+    base_url: HttpUrl  # the relay has no well-known address
+    task: Literal["embed", "rerank"] = "embed"
+    modalities: list[Literal["text", "image", "text_image"]] | None = Field(
+        default=None, min_length=1
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    key_required: ClassVar[bool] = False
+
+
+class OpenAIModelConfig(_VendorModelConfig):
+    provider: Literal["openai"]
+    accepts_dimensions: bool | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    # Self-hosted OpenAI-compatible servers often take no key.
+    key_required: ClassVar[bool] = False
+
+
+VendorModelConfig = (
+    RzenEmbedModelConfig
+    | CTyunModelConfig
+    | SCNetModelConfig
+    | QianfanModelConfig
+    | AggregatorModelConfig
+    | OpenAIModelConfig
+)
+ModelConfig = Annotated[LocalModelConfig | VendorModelConfig, Field(discriminator="provider")]
+PROVIDERS = ("local", "rzenembed", "ctyun", "scnet", "qianfan", "aggregator", "openai")
 
 
 class Config(_Strict):
@@ -99,10 +199,13 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         problems = []
         for error in exc.errors():
             where = _key_path(tuple(error["loc"]), raw)
-            message = error["msg"]
+            message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "union_tag_invalid":
                 where += ".provider"
-                message = f"unknown provider {error['input'].get('provider')!r} (known: local)"
+                message = (
+                    f"unknown provider {error['input'].get('provider')!r} "
+                    f"(known: {', '.join(PROVIDERS)})"
+                )
             problems.append(f"{where}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
     first_use: dict[str, int] = {}

@@ -120,5 +120,7 @@ class ModelInfo:
     dimensions: Dimensions
     embeds: bool = True
     reranks: bool = False
+    # Reranks with its vendor's own reranker, not by comparing embeddings.
+    native_rerank: bool = False
     accepts_instruction: bool = False
     normalizes_by_default: bool = True

@@ -7,7 +7,17 @@
     ├── ModelNotFoundError         NOT_FOUND
     ├── ModelUnavailableError      UNAVAILABLE
     ├── DeadlineExceededError      DEADLINE_EXCEEDED
-    └── InternalError              INTERNAL
+    ├── InternalError              INTERNAL
+    └── VendorError                a vendor call failed for good (vendor, HTTP status, the
+        │                          vendor's own code, message and request id in metadata)
+        ├── VendorRejectedError    INVALID_ARGUMENT   the vendor said 400/413/422
+        ├── VendorNotFoundError    NOT_FOUND          404: the vendor has no such model/path
+        ├── VendorAuthError        FAILED_PRECONDITION  401/403: the gateway's key, not the
+        │                                              caller's, so never UNAUTHENTICATED
+        ├── VendorRateLimitedError RESOURCE_EXHAUSTED 429, with the wait the vendor asked for
+        ├── VendorUnavailableError UNAVAILABLE        5xx, 408, connection errors, timeouts
+        ├── VendorBadReplyError    UNAVAILABLE        a reply that breaks the dialect
+        └── VendorFailedError      UNKNOWN            any other status
 
 An error that belongs to one input carries its position (``input_index``), so the
 caller is told which input failed.
@@ -102,3 +112,53 @@ class DeadlineExceededError(EmbedgateError):
 
 class InternalError(EmbedgateError):
     reason = "INTERNAL_ERROR"
+
+
+class VendorError(EmbedgateError):
+    """A vendor call failed for good (after any retries).
+
+    ``metadata`` carries what the vendor said: ``vendor``, ``http_status``,
+    ``vendor_code``, ``vendor_message``, ``vendor_request_id`` (where known). Never a
+    key, never a payload.
+    """
+
+    reason = "VENDOR_FAILED"
+
+
+class VendorRejectedError(VendorError):
+    reason = "VENDOR_REJECTED_REQUEST"
+
+
+class VendorNotFoundError(VendorError):
+    reason = "VENDOR_NOT_FOUND"
+
+
+class VendorAuthError(VendorError):
+    reason = "VENDOR_AUTH_FAILED"
+
+
+class VendorRateLimitedError(VendorError):
+    reason = "VENDOR_RATE_LIMITED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        # How long the vendor asked us to wait (its Retry-After), told to the caller.
+        self.retry_after_s = retry_after_s
+
+
+class VendorUnavailableError(VendorError):
+    reason = "VENDOR_UNAVAILABLE"
+
+
+class VendorBadReplyError(VendorError):
+    reason = "VENDOR_BAD_REPLY"
+
+
+class VendorFailedError(VendorError):
+    reason = "VENDOR_FAILED"

@@ -49,7 +49,10 @@ class Gateway:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(self._router), server)
+        pb_grpc.add_EmbeddingServiceServicer_to_server(
+            EmbeddingService(self._router, default_deadline_s=self._settings.default_deadline_s),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -10,6 +10,7 @@ from typing import TypeVar
 import grpc
 import structlog
 
+from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, Usage
 from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
@@ -82,9 +83,22 @@ def _ended_by(context: grpc.aio.ServicerContext[object, object]) -> grpc.StatusC
     return grpc.StatusCode.CANCELLED
 
 
+_RERANK_METHODS = {
+    "vendor": pb.RERANK_METHOD_VENDOR,
+    "embedding_cosine": pb.RERANK_METHOD_EMBEDDING_COSINE,
+}
+
+
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, *, default_deadline_s: float = 60.0) -> None:
         self._router = router
+        self._default_deadline_s = default_deadline_s
+
+    def _budget(self, context: grpc.aio.ServicerContext[object, object]) -> float:
+        """Seconds this RPC may take: the caller's deadline, or the configured default
+        for a call that set none. Every vendor call made for the RPC ends by then."""
+        remaining = context.time_remaining()
+        return self._default_deadline_s if remaining is None else remaining
 
     async def _run(
         self,
@@ -98,7 +112,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         Log the access line on failure, and on success when ``work`` finishes the RPC."""
         failure: EmbedgateError | None = None
         try:
-            result = await work()
+            with deadline_scope(self._budget(context)):
+                result = await work()
         except EmbedgateError as error:
             failure = error
         except asyncio.CancelledError:
@@ -180,21 +195,11 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         model = provider.info.name
         failed = 0
         try:
-            async for item in self._router.embed_each(provider, inputs, options):
-                message = pb.StreamEmbedResponse(
-                    index=item.index, model=model, request_id=options.request_id
-                )
-                if item.error is not None or item.vector is None:
-                    failed += 1
-                    error = item.error or InternalError("no vector was produced")
-                    message.error.CopyFrom(to_rpc_status(error, index=item.index))
-                else:
-                    message.embedding.index = item.index
-                    message.embedding.values.extend(item.vector.tolist())
-                    if item.tokens is not None:
-                        message.usage.prompt_tokens = item.tokens
-                        message.usage.total_tokens = item.tokens
-                yield message
+            with deadline_scope(self._budget(context)):
+                async for message in self._stream(provider, inputs, options, model):
+                    if message.HasField("error"):
+                        failed += 1
+                    yield message
         except asyncio.CancelledError:
             access.emit(_ended_by(context))
             raise
@@ -203,6 +208,24 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             return
         access.fields["failed_inputs"] = failed
         access.emit(grpc.StatusCode.OK)
+
+    async def _stream(
+        self, provider: Provider, inputs: list[Input], options: EmbedOptions, model: str
+    ) -> AsyncIterator[pb.StreamEmbedResponse]:
+        async for item in self._router.embed_each(provider, inputs, options):
+            message = pb.StreamEmbedResponse(
+                index=item.index, model=model, request_id=options.request_id
+            )
+            if item.error is not None or item.vector is None:
+                error = item.error or InternalError("no vector was produced")
+                message.error.CopyFrom(to_rpc_status(error, index=item.index))
+            else:
+                message.embedding.index = item.index
+                message.embedding.values.extend(item.vector.tolist())
+                if item.tokens is not None:
+                    message.usage.prompt_tokens = item.tokens
+                    message.usage.total_tokens = item.tokens
+            yield message
 
     async def Rerank(  # noqa: N802 - the RPC's name
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[object, object]
@@ -232,7 +255,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 model=result.model,
                 request_id=parsed.options.request_id,
                 usage=_usage(result.usage),
-                method=pb.RERANK_METHOD_EMBEDDING_COSINE,
+                method=_RERANK_METHODS[result.method],
             )
             for ranked in result.ranked:
                 item = response.results.add(index=ranked.index, relevance_score=ranked.score)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from embedgate.server.errors import (
@@ -13,6 +15,14 @@ from embedgate.server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
+    VendorAuthError,
+    VendorBadReplyError,
+    VendorError,
+    VendorFailedError,
+    VendorNotFoundError,
+    VendorRateLimitedError,
+    VendorRejectedError,
+    VendorUnavailableError,
 )
 
 ERROR_DOMAIN = "embedgate"
@@ -24,6 +34,16 @@ _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     InternalError: grpc.StatusCode.INTERNAL,
+    VendorRejectedError: grpc.StatusCode.INVALID_ARGUMENT,
+    VendorNotFoundError: grpc.StatusCode.NOT_FOUND,
+    # The gateway's own vendor key was refused: the caller can do nothing about it, and
+    # UNAUTHENTICATED would wrongly point at the caller's credentials.
+    VendorAuthError: grpc.StatusCode.FAILED_PRECONDITION,
+    VendorRateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    VendorUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    VendorBadReplyError: grpc.StatusCode.UNAVAILABLE,
+    VendorFailedError: grpc.StatusCode.UNKNOWN,
+    VendorError: grpc.StatusCode.UNKNOWN,
     EmbedgateError: grpc.StatusCode.INTERNAL,
 }
 
@@ -59,6 +79,10 @@ def to_rpc_status(error: EmbedgateError, *, index: int | None = None) -> status_
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
+    if isinstance(error, VendorRateLimitedError) and error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=error.retry_after_s))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, InvalidRequestError):
         details.append(
             _pack(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,14 @@ class EmbedBatch:
 
     vectors: Vectors
     tokens: tuple[int, ...] | None = None
+    # Tokens for the whole batch, where a vendor counts only those.
+    total_tokens: int | None = None
+
+    @property
+    def token_total(self) -> int | None:
+        if self.total_tokens is not None:
+            return self.total_tokens
+        return sum(self.tokens) if self.tokens is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +39,8 @@ class InputProblem:
     index: int
     description: str
     reason: str
+    # The part of the input at fault (``frames`` of a video), when not its content.
+    part: str | None = None
 
 
 class Provider(Protocol):
@@ -56,3 +66,27 @@ class Provider(Protocol):
         ...
 
     async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    index: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """Documents ranked by a vendor's reranker, in the vendor's order."""
+
+    results: tuple[Ranked, ...]
+    total_tokens: int | None = None
+    request_id: str | None = None
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A provider whose vendor ranks documents itself (a rerank endpoint)."""
+
+    async def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
+    ) -> Ranking: ...

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -24,7 +26,7 @@ from embedgate.server.errors import (
     ModelNotFoundError,
     Violation,
 )
-from embedgate.server.providers.base import Provider, Vectors
+from embedgate.server.providers.base import Provider, Ranked, Reranker, Vectors
 from embedgate.server.routing.vectors import shape_vectors
 
 # Where a violation about input ``index`` points: its content (``inputs[2].image``)
@@ -68,6 +70,8 @@ class RerankResult:
     model: str
     ranked: tuple[RankedDocument, ...]
     usage: Usage | None
+    # How the scores were made: the vendor's reranker, or embedding cosine similarity.
+    method: Literal["vendor", "embedding_cosine"] = "embedding_cosine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,7 @@ class _Chunk:
     start: int
     vectors: Vectors
     tokens: tuple[int, ...] | None
+    total_tokens: int | None
 
 
 class Router:
@@ -118,6 +123,7 @@ class Router:
         path_of: PathOf = embed_input_path,
         count: tuple[str, int] | None = None,
         prior: Sequence[Violation] = (),
+        embedding: bool = True,
     ) -> list[Input]:
         """Check everything the model decides, before any model work, and raise one
         ``InvalidRequestError`` listing every violation, ``prior`` ones (found by the
@@ -133,6 +139,16 @@ class Router:
                     f"has {how_many} items; model {info.name} takes at most "
                     f"{info.max_inputs_per_call} per call",
                     "TOO_MANY_INPUTS",
+                )
+            )
+        if embedding and not info.embeds:
+            others = [m.name for m in self.models() if m.embeds]
+            violations.append(
+                Violation(
+                    "model",
+                    f"model {info.name} ranks documents but does not embed (models that "
+                    f"embed: {', '.join(others) or 'none'})",
+                    "EMBED_NOT_SUPPORTED",
                 )
             )
         if options.dimensions is not None and not info.dimensions.accepts(options.dimensions):
@@ -181,9 +197,12 @@ class Router:
                 index = accepted[problem.index]
                 item = inputs[index]
                 assert item is not None
-                violations.append(
-                    Violation(path_of(index, item, True), problem.description, problem.reason)
+                path = (
+                    f"{path_of(index, item, False)}.{problem.part}"
+                    if problem.part
+                    else path_of(index, item, True)
                 )
+                violations.append(Violation(path, problem.description, problem.reason))
         if violations:
             violations.sort(key=_violation_order)
             raise InvalidRequestError(violations, metadata={"model": info.name})
@@ -203,12 +222,11 @@ class Router:
         vectors = np.concatenate([chunk.vectors for chunk in chunks], axis=0)
         if vectors.shape[0] != len(inputs):
             raise InternalError(f"expected {len(inputs)} vectors, got {vectors.shape[0]}")
-        token_counts = [chunk.tokens for chunk in chunks]
-        usage = None
-        if all(counts is not None for counts in token_counts):
-            total = sum(sum(counts) for counts in token_counts if counts is not None)
-            usage = Usage(prompt_tokens=total, total_tokens=total)
-        return EmbedResult(model=provider.info.name, vectors=vectors, usage=usage)
+        return EmbedResult(
+            model=provider.info.name,
+            vectors=vectors,
+            usage=_usage([chunk.total_tokens for chunk in chunks]),
+        )
 
     async def embed_each(
         self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
@@ -278,7 +296,13 @@ class Router:
             path_of=path_of,
             count=("documents", len(documents)),
             prior=violations,
+            embedding=not info.native_rerank,
         )
+        if info.native_rerank and isinstance(provider, Reranker):
+            texts_ok = [item.text for item in valid if isinstance(item, TextInput)]
+            return await self._rerank_natively(
+                provider, provider, texts_ok[0], texts_ok[1:], top_n, options
+            )
         result = await self.embed(provider, valid, scoring)
         scores = result.vectors[1:] @ result.vectors[0]
         order = np.argsort(-scores, kind="stable")
@@ -287,6 +311,62 @@ class Router:
         ranked = tuple(RankedDocument(index=int(i), score=float(scores[i])) for i in order)
         return RerankResult(model=info.name, ranked=ranked, usage=result.usage)
 
+    async def _rerank_natively(
+        self,
+        provider: Provider,
+        reranker: Reranker,
+        query: str,
+        documents: Sequence[str],
+        top_n: int | None,
+        options: EmbedOptions,
+    ) -> RerankResult:
+        """Through the vendor's reranker, split to its per-request limit. Scores are per
+        document, so split replies merge by score; ``top_n`` is applied here whatever
+        the vendor did with it."""
+        size = max(1, provider.max_batch)
+        starts = range(0, len(documents), size)
+        single = len(starts) == 1
+        tasks = [
+            asyncio.create_task(
+                reranker.rerank(
+                    query,
+                    documents[start : start + size],
+                    top_n if single else None,
+                    self._chunk_options(options, start, single),
+                )
+            )
+            for start in starts
+        ]
+        try:
+            rankings = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        merged = [
+            Ranked(index=start + item.index, score=item.score)
+            for start, ranking in zip(starts, rankings, strict=True)
+            for item in ranking.results
+        ]
+        # Highest score first; ties keep the documents' order.
+        merged.sort(key=lambda item: (-item.score, item.index))
+        if top_n is not None:
+            merged = merged[:top_n]
+        return RerankResult(
+            model=provider.info.name,
+            ranked=tuple(RankedDocument(index=item.index, score=item.score) for item in merged),
+            usage=_usage([ranking.total_tokens for ranking in rankings]),
+            method="vendor",
+        )
+
+    @staticmethod
+    def _chunk_options(options: EmbedOptions, start: int, single: bool) -> EmbedOptions:
+        """Each vendor request of a split call gets its own request id (the caller's,
+        suffixed with the chunk's first input), so a vendor that treats ids as unique
+        never sees one twice."""
+        if single or not options.request_id:
+            return options
+        return dataclasses.replace(options, request_id=f"{options.request_id}-{start}")
+
     def _starts(self, provider: Provider, inputs: Sequence[Input]) -> range:
         return range(0, len(inputs), max(1, provider.max_batch))
 
@@ -294,11 +374,18 @@ class Router:
         self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
     ) -> list[asyncio.Task[_Chunk]]:
         size = max(1, provider.max_batch)
+        starts = self._starts(provider, inputs)
+        single = len(starts) == 1
         return [
             asyncio.create_task(
-                self._run_chunk(provider, start, inputs[start : start + size], options)
+                self._run_chunk(
+                    provider,
+                    start,
+                    inputs[start : start + size],
+                    self._chunk_options(options, start, single),
+                )
             )
-            for start in self._starts(provider, inputs)
+            for start in starts
         ]
 
     async def _run_chunk(
@@ -326,7 +413,17 @@ class Router:
             )
         except EmbedgateError as error:
             raise error.for_input(start) from None
-        return _Chunk(start=start, vectors=vectors, tokens=batch.tokens)
+        return _Chunk(
+            start=start, vectors=vectors, tokens=batch.tokens, total_tokens=batch.token_total
+        )
+
+
+def _usage(totals: Sequence[int | None]) -> Usage | None:
+    """Tokens of the whole call, when every vendor request counted them."""
+    if not totals or any(total is None for total in totals):
+        return None
+    total = sum(t for t in totals if t is not None)
+    return Usage(prompt_tokens=total, total_tokens=total)
 
 
 def _as_error(error: BaseException) -> EmbedgateError:

@@ -1,0 +1,39 @@
+"""The caller's deadline, carried from the edge down to every vendor call.
+
+The edge opens a scope per RPC with the time the caller gave (or the configured
+default); tasks the router spawns copy the context, so the HTTP driver finds the same
+deadline without it being threaded through every signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# An absolute time on the running loop's clock (``loop.time()``); None: no deadline.
+_DEADLINE: ContextVar[float | None] = ContextVar("embedgate_deadline", default=None)
+
+
+@contextmanager
+def deadline_scope(seconds: float) -> Iterator[float]:
+    """Work inside this block must end within ``seconds`` from now."""
+    at = asyncio.get_running_loop().time() + max(0.0, seconds)
+    token = _DEADLINE.set(at)
+    try:
+        yield at
+    finally:
+        _DEADLINE.reset(token)
+
+
+def current_deadline() -> float | None:
+    return _DEADLINE.get()
+
+
+def time_left() -> float | None:
+    """Seconds until the current deadline (negative once past), or None without one."""
+    at = _DEADLINE.get()
+    if at is None:
+        return None
+    return at - asyncio.get_running_loop().time()

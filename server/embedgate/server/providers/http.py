@@ -1,0 +1,265 @@
+"""The one HTTP driver every vendor dialect is sent through.
+
+One ``httpx.AsyncClient`` (one connection pool) for the whole process. The driver knows
+HTTP, not vendors: it sends a JSON body, retries what HTTP says may be retried (408,
+429, 5xx, connection errors, attempts that took too long) with exponential backoff and
+full jitter, honours ``Retry-After``, and never waits or sends past the caller's
+deadline. What a reply means is the dialect's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+    stop_any,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from embedgate.server.deadlines import current_deadline
+from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
+
+log = structlog.get_logger("embedgate.vendor")
+
+# A vendor reply bigger than this is refused rather than buffered: 512 vectors of 4096
+# floats as JSON text are about 45 MiB.
+MAX_REPLY_BYTES = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How one model's vendor calls are retried and timed."""
+
+    max_retries: int = 2
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 8.0
+    # One attempt's limit, however much of the caller's deadline is left.
+    attempt_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    """The last HTTP reply of a call (after any retries)."""
+
+    status: int
+    content: bytes
+    headers: httpx.Headers
+    attempts: int
+
+    @property
+    def retry_after_s(self) -> float | None:
+        return parse_retry_after(self.headers.get("retry-after"))
+
+
+class TransportFailure(Exception):  # noqa: N818 - a condition, reported through VendorError
+    """No HTTP reply at all: the connection failed, was reset, or an attempt ran out of
+    time. Retried; raised once the retries are spent."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+        self.attempts = 1
+
+
+def retryable_status(status: int) -> bool:
+    """408 and 429 ask to come back later; 5xx may be transient. Other 4xx never are."""
+    return status in (408, 429) or status >= 500
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _describe(error: httpx.TransportError) -> str:
+    # The class name says what happened (ConnectError, ReadError, RemoteProtocolError);
+    # the message may carry addresses, which is fine, but never headers.
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
+
+
+class HttpDriver:
+    """Owns the shared ``httpx.AsyncClient``; opened by the first provider that starts,
+    closed when the last one closes."""
+
+    def __init__(self, *, max_connections: int = 256, trust_env: bool = True) -> None:
+        self._max_connections = max_connections
+        self._trust_env = trust_env
+        self._client: httpx.AsyncClient | None = None
+        self._users = 0
+
+    async def start(self) -> None:
+        self._users += 1
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                # Time is governed by asyncio timeouts (attempt limit, caller deadline),
+                # which also bound a reply that trickles in one byte at a time.
+                timeout=httpx.Timeout(None),
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_connections,
+                ),
+                trust_env=self._trust_env,
+                follow_redirects=False,
+            )
+
+    async def close(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        policy: RetryPolicy,
+        limit: asyncio.Semaphore,
+        vendor: str,
+    ) -> HttpReply:
+        """POST ``body`` until a final reply: one that is not retryable, or the last one
+        when retries are spent or the next wait would pass the deadline. Raises
+        ``TransportFailure`` when no reply came at all, ``DeadlineExceededError`` when
+        the caller's deadline passed."""
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        backoff = wait_random_exponential(
+            multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+        )
+
+        def wait(state: RetryCallState) -> float:
+            outcome = state.outcome
+            if outcome is not None and not outcome.failed:
+                asked = outcome.result().retry_after_s
+                if asked is not None:
+                    return float(asked)
+            return float(backoff(state))
+
+        def give_up(state: RetryCallState) -> HttpReply:
+            assert state.outcome is not None
+            result: HttpReply = state.outcome.result()  # raises the last exception, if any
+            return result
+
+        def before_sleep(state: RetryCallState) -> None:
+            outcome = state.outcome
+            assert outcome is not None
+            failure = outcome.exception()
+            log.warning(
+                "vendor_retry",
+                vendor=vendor,
+                attempt=state.attempt_number,
+                wait_s=round(state.upcoming_sleep, 3),
+                http_status=None if failure is not None else outcome.result().status,
+                error=str(failure) if isinstance(failure, TransportFailure) else None,
+            )
+
+        retrying = AsyncRetrying(
+            retry=(
+                retry_if_result(lambda reply: retryable_status(reply.status))
+                | retry_if_exception_type(TransportFailure)
+            ),
+            wait=wait,
+            stop=stop_any(stop_after_attempt(policy.max_retries + 1), _StopAtDeadline(deadline)),
+            retry_error_callback=give_up,
+            before_sleep=before_sleep,
+        )
+        attempts = 0
+
+        async def attempt() -> HttpReply:
+            nonlocal attempts
+            attempts += 1
+            async with limit:
+                bound = policy.attempt_timeout_s
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise _deadline_passed(vendor)
+                    bound = min(bound, left)
+                try:
+                    async with asyncio.timeout(bound):
+                        status, content, reply_headers = await self._send(url, body, headers)
+                except TimeoutError:
+                    if deadline is not None and loop.time() >= deadline - 0.001:
+                        raise _deadline_passed(vendor) from None
+                    raise TransportFailure(
+                        f"no complete reply within {policy.attempt_timeout_s:g} s"
+                    ) from None
+                except httpx.TransportError as error:
+                    raise TransportFailure(_describe(error)) from None
+            return HttpReply(status, content, reply_headers, attempts)
+
+        try:
+            reply: HttpReply = await retrying(attempt)
+        except TransportFailure as failure:
+            failure.attempts = attempts
+            raise
+        return reply
+
+    async def _send(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, httpx.Headers]:
+        client = self._client
+        if client is None:
+            raise RuntimeError("the HTTP driver is not started")
+        async with client.stream("POST", url, content=body, headers=headers) as response:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise VendorBadReplyError(
+                        f"the reply is larger than {MAX_REPLY_BYTES // (1024 * 1024)} MiB"
+                    )
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks), response.headers
+
+
+class _StopAtDeadline(stop_base):
+    """Stop when the next wait would end past the caller's deadline: waiting only to
+    fail later helps no one, and the caller is told the vendor's answer now."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if self._deadline is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        return now + retry_state.upcoming_sleep >= self._deadline
+
+
+def _deadline_passed(vendor: str) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"the deadline passed while waiting for {vendor}", metadata={"vendor": vendor}
+    )

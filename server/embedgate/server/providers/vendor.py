@@ -1,0 +1,294 @@
+"""A model served by a vendor's HTTP API: a dialect (pure translation) driven through
+the shared HTTP driver, with the vendor's failures turned into the gateway's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import structlog
+
+from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+from embedgate.server.errors import (
+    VendorAuthError,
+    VendorBadReplyError,
+    VendorError,
+    VendorFailedError,
+    VendorNotFoundError,
+    VendorRateLimitedError,
+    VendorRejectedError,
+    VendorUnavailableError,
+)
+from embedgate.server.providers.base import EmbedBatch, InputProblem, Ranking
+from embedgate.server.providers.dialect import (
+    BadReply,
+    Dialect,
+    ErrorInReply,
+    VendorFault,
+    WireOptions,
+    decode_json,
+    dumps,
+)
+from embedgate.server.providers.http import HttpDriver, HttpReply, RetryPolicy, TransportFailure
+
+log = structlog.get_logger("embedgate.vendor")
+
+USER_AGENT = "embedgate/0.1"
+# Vendor messages are quoted to callers and logs, cut to a readable length.
+MAX_QUOTED_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class VendorSettings:
+    name: str
+    base_url: str
+    # Read once at start-up; never logged, never repr'd, never put in an error.
+    api_key: str | None = field(repr=False)
+    max_inputs: int = 256
+    max_concurrency: int = 16
+    normalize: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class VendorProvider:
+    """Implements the provider seam for every vendor dialect."""
+
+    def __init__(self, settings: VendorSettings, dialect: Dialect, driver: HttpDriver) -> None:
+        self._settings = settings
+        self._dialect = dialect
+        self._driver = driver
+        self._limit = asyncio.Semaphore(settings.max_concurrency)
+        caps = dialect.capabilities
+        self._info = ModelInfo(
+            name=settings.name,
+            provider=dialect.vendor,
+            modalities=caps.modalities,
+            max_inputs_per_call=settings.max_inputs,
+            dimensions=caps.dimensions,
+            embeds=caps.embeds,
+            # Embedding models rerank by cosine similarity; rerank models natively.
+            reranks=True,
+            native_rerank=caps.reranks,
+            accepts_instruction=caps.accepts_instruction,
+            normalizes_by_default=settings.normalize,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def max_batch(self) -> int:
+        return self._dialect.capabilities.max_batch
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
+
+    async def start(self) -> None:
+        await self._driver.start()
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+        return self._dialect.check(inputs, options)
+
+    def sizes(self, asked: int | None) -> tuple[int | None, int]:
+        """The size to ask the vendor for (None: send none) and the size its vectors
+        will have. A Matryoshka model asked for a size the vendor doesn't give gets the
+        next larger one, cut by the routing layer."""
+        caps = self._dialect.capabilities
+        native = caps.native
+        wanted = native.default if asked is None else asked
+        if not native.accepts(wanted):
+            wanted = min(
+                (size for size in native.allowed if size >= wanted), default=native.maximum
+            )
+        return (wanted if caps.sends_dimensions else None), wanted
+
+    async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:
+        send, expect = self.sizes(options.dimensions)
+        normalize = options.normalize if options.normalize is not None else self._settings.normalize
+        wire = WireOptions(
+            dimensions=send,
+            instruction=options.instruction,
+            request_id=options.request_id,
+            user=options.user,
+            normalize=normalize,
+        )
+        body = self._dialect.embed_body(inputs, wire)
+        payload = await self._call(self._dialect.embed_path, body, options.request_id, len(inputs))
+        try:
+            parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
+        except (BadReply, ErrorInReply) as problem:
+            self._reply_failed(problem, payload)
+        tokens = parsed.prompt_tokens
+        return EmbedBatch(
+            vectors=parsed.vectors,
+            tokens=(tokens,) if tokens is not None and len(inputs) == 1 else None,
+            total_tokens=tokens,
+        )
+
+    async def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
+    ) -> Ranking:
+        body = self._dialect.rerank_body(query, documents, top_n)
+        payload = await self._call(
+            self._dialect.rerank_path, body, options.request_id, len(documents)
+        )
+        try:
+            return self._dialect.parse_ranking(payload, len(documents), top_n)
+        except (BadReply, ErrorInReply) as problem:
+            self._reply_failed(problem, payload)
+
+    # -- the call and its failures ---------------------------------------------
+
+    def _headers(self, request_id: str) -> dict[str, str]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "user-agent": USER_AGENT,
+        }
+        headers.update(self._dialect.extra_headers)
+        if request_id:
+            headers["x-request-id"] = request_id
+        if self._settings.api_key:
+            headers["authorization"] = f"Bearer {self._settings.api_key}"
+        return headers
+
+    async def _call(self, path: str, body: Mapping[str, Any], request_id: str, items: int) -> Any:
+        url = self._settings.base_url.rstrip("/") + path
+        started = time.perf_counter()
+        title = self._dialect.title
+        try:
+            reply = await self._driver.post(
+                url,
+                dumps(body),
+                self._headers(request_id),
+                policy=self._settings.retry,
+                limit=self._limit,
+                vendor=title,
+            )
+        except TransportFailure as failure:
+            log.warning(
+                "vendor_call_failed",
+                vendor=self._dialect.vendor,
+                model=self._settings.name,
+                attempts=failure.attempts,
+                error=failure.description,
+            )
+            raise VendorUnavailableError(
+                f"could not reach {title} for model {self._settings.name} after "
+                f"{failure.attempts} attempt(s): {failure.description}",
+                metadata={"vendor": self._dialect.vendor, "attempts": str(failure.attempts)},
+            ) from None
+        log.debug(
+            "vendor_call",
+            vendor=self._dialect.vendor,
+            model=self._settings.name,
+            http_status=reply.status,
+            attempts=reply.attempts,
+            inputs=items,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        if reply.status != 200:
+            self._http_failed(reply)
+        try:
+            return decode_json(reply.content)
+        except BadReply as problem:
+            self._reply_failed(problem, None)
+
+    def _quote(self, text: str | None) -> str | None:
+        """A vendor's words, shortened, with the key taken out should it echo it."""
+        if not text:
+            return None
+        key = self._settings.api_key
+        if key:
+            text = text.replace(key, "[redacted]")
+        if len(text) > MAX_QUOTED_CHARS:
+            text = text[:MAX_QUOTED_CHARS] + "…"
+        return text
+
+    def _metadata(self, fault: VendorFault, status: int) -> dict[str, str]:
+        details = {
+            "vendor": self._dialect.vendor,
+            "http_status": str(status),
+            "vendor_code": self._quote(fault.code),
+            "vendor_message": self._quote(fault.message),
+            "vendor_type": self._quote(fault.type),
+            "vendor_request_id": self._quote(fault.request_id),
+        }
+        return {key: value for key, value in details.items() if value}
+
+    def _http_failed(self, reply: HttpReply) -> NoReturn:
+        try:
+            fault = self._dialect.parse_error(decode_json(reply.content))
+        except BadReply:
+            fault = VendorFault()
+        status = reply.status
+        metadata = self._metadata(fault, status)
+        if reply.attempts > 1:
+            metadata["attempts"] = str(reply.attempts)
+        said = f": {metadata['vendor_message']}" if "vendor_message" in metadata else ""
+        where = f"{self._dialect.title} (model {self._settings.name}) answered HTTP {status}"
+        log.warning(
+            "vendor_call_failed",
+            vendor=self._dialect.vendor,
+            model=self._settings.name,
+            **metadata,
+        )
+        error: VendorError
+        if status in (400, 413, 422):
+            error = VendorRejectedError(f"{where}, rejecting the request{said}", metadata=metadata)
+        elif status in (401, 403):
+            error = VendorAuthError(
+                f"{where}: the gateway's credentials for this vendor were refused; "
+                f"the gateway's operator must fix its key{said}",
+                metadata=metadata,
+            )
+        elif status == 404:
+            error = VendorNotFoundError(f"{where}: not found{said}", metadata=metadata)
+        elif status == 429:
+            retry_after = reply.retry_after_s
+            if retry_after is not None:
+                metadata["retry_after_s"] = f"{retry_after:g}"
+            error = VendorRateLimitedError(
+                f"{where}: rate limited{said}", retry_after_s=retry_after, metadata=metadata
+            )
+        elif status == 408 or status >= 500:
+            error = VendorUnavailableError(f"{where}{said}", metadata=metadata)
+        else:
+            error = VendorFailedError(f"{where}{said}", metadata=metadata)
+        raise error
+
+    def _reply_failed(self, problem: BadReply | ErrorInReply, payload: Any) -> NoReturn:
+        title = self._dialect.title
+        if isinstance(problem, ErrorInReply):
+            metadata = self._metadata(problem.fault, 200)
+            said = metadata.get("vendor_message", "no message")
+            log.warning(
+                "vendor_call_failed",
+                vendor=self._dialect.vendor,
+                model=self._settings.name,
+                **metadata,
+            )
+            raise VendorFailedError(
+                f"{title} (model {self._settings.name}) reported an error in a 200 reply: {said}",
+                reason="VENDOR_ERROR_IN_REPLY",
+                metadata=metadata,
+            )
+        metadata = {"vendor": self._dialect.vendor, "http_status": "200"}
+        log.warning(
+            "vendor_bad_reply",
+            vendor=self._dialect.vendor,
+            model=self._settings.name,
+            problem=str(problem),
+        )
+        raise VendorBadReplyError(
+            f"{title} (model {self._settings.name}) sent an unusable reply: {problem}",
+            metadata=metadata,
+        )
