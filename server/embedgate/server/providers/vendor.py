@@ -235,12 +235,7 @@ class VendorProvider:
             metadata["attempts"] = str(reply.attempts)
         said = f": {metadata['vendor_message']}" if "vendor_message" in metadata else ""
         where = f"{self._dialect.title} (model {self._settings.name}) answered HTTP {status}"
-        log.warning(
-            "vendor_call_failed",
-            vendor=self._dialect.vendor,
-            model=self._settings.name,
-            **metadata,
-        )
+        log.warning("vendor_call_failed", model=self._settings.name, **metadata)
         error: VendorError
         if status in (400, 413, 422):
             error = VendorRejectedError(f"{where}, rejecting the request{said}", metadata=metadata)
@@ -270,12 +265,7 @@ class VendorProvider:
         if isinstance(problem, ErrorInReply):
             metadata = self._metadata(problem.fault, 200)
             said = metadata.get("vendor_message", "no message")
-            log.warning(
-                "vendor_call_failed",
-                vendor=self._dialect.vendor,
-                model=self._settings.name,
-                **metadata,
-            )
+            log.warning("vendor_call_failed", model=self._settings.name, **metadata)
             raise VendorFailedError(
                 f"{title} (model {self._settings.name}) reported an error in a 200 reply: {said}",
                 reason="VENDOR_ERROR_IN_REPLY",
