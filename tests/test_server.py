@@ -173,6 +173,19 @@ async def test_embedgate_serve_answers_and_exits_0_on_a_signal(sig: signal.Signa
         ("models:\n  - name: m\n    provider: local\n    colour: blue\n", "models[0].colour"),
         ("server:\n  port: 99999\nmodels:\n  - name: m\n    provider: local\n", "server.port"),
         ("models: [\n", "not valid YAML"),
+        (
+            "models:\n  - name: r\n    provider: rzenembed\n    api_key_env: EMBEDGATE_NO_SUCH\n",
+            "models[0].api_key_env: environment variable EMBEDGATE_NO_SUCH is not set",
+        ),
+        (
+            "models:\n  - name: r\n    provider: rzenembed\n    api_key_file: /nonexistent/k\n",
+            "models[0].api_key_file: cannot read /nonexistent/k",
+        ),
+        (
+            "models:\n  - name: o\n    provider: openai\n    vendor_model: my-embedder\n",
+            "models[0].dimensions: is required",
+        ),
+        ("models:\n  - name: s\n    provider: scnet\n", "api_key_env or api_key_file is required"),
     ],
 )
 async def test_a_bad_config_file_fails_start_up_naming_the_key(
@@ -217,3 +230,30 @@ async def test_config_comes_from_the_environment_variable(tmp_path: Path) -> Non
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert str(config) in stderr.decode()
+
+
+async def test_a_start_up_failure_never_prints_the_key(tmp_path: Path) -> None:
+    """A model that cannot start is reported without the key it was given."""
+    canary = "sk-canary-startup-91d2"
+    config = tmp_path / "embedgate.yaml"
+    config.write_text(
+        "models:\n  - name: r\n    provider: rzenembed\n    api_key_env: RZEN_KEY\n"
+        "    dimensions: 1000\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedgate.client.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        env={**_env(), "RZEN_KEY": canary},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "models[0].dimensions" in stderr.decode()
+    assert canary not in stdout.decode() + stderr.decode()

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pytest
 import pytest_asyncio
 import structlog
+import yaml
 from conftest import PNG_1X1, RichError, rich_error, unpack_status
 from google.rpc import error_details_pb2, status_pb2
 from vendors import FakeVendor, Fault, fake_vector, item_key, rerank_score
@@ -594,6 +595,10 @@ async def test_transient_failures_are_retried(world: VendorWorld, model: str) ->
     np.testing.assert_allclose(rows(response), expected(text_keys(["retry me"]), dims), atol=1e-6)
     assert len(fake.received) == 3
     fake.reset()
+    fake.plan(Fault.status(408), Fault.status(502))
+    await embed(world, model, texts("retry me"))
+    assert len(fake.received) == 3
+    fake.reset()
     fake.always(Fault.status(500))
     error = await embed_fails(world, model, texts("retry me"))
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "VENDOR_UNAVAILABLE")
@@ -785,13 +790,17 @@ async def test_a_failed_sub_request_fails_embed_and_only_its_inputs_in_a_stream(
     world: VendorWorld,
 ) -> None:
     """Twelve texts to SCNet are three requests. When one fails for good, Embed fails
-    (nothing partial); StreamEmbed reports the error on that request's five inputs and
-    vectors for the others."""
+    at once (nothing partial) and its still-running siblings are cancelled; StreamEmbed
+    reports the error on that request's inputs only, and vectors for the others."""
     fake = world.fakes["scnet"]
     values = [f"part {i}" for i in range(12)]
-    fake.plan(None, Fault.status(400))
+    fake.plan(Fault.status(400))
+    fake.always(Fault.hang())
+    started = time.perf_counter()
     error = await embed_fails(world, "scnet", texts(*values))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert time.perf_counter() - started < 2
+    await _eventually(lambda: fake.disconnects == 2)  # the siblings were cancelled
     fake.reset()
     fake.plan(None, Fault.status(400))
     request = pb.StreamEmbedRequest(request=pb.EmbedRequest(model="scnet", inputs=texts(*values)))
@@ -854,3 +863,64 @@ async def _eventually(condition: Any, within_s: float = 3.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     raise AssertionError("the condition did not hold in time")
+
+
+# -- the README's configuration ------------------------------------------------------
+
+
+def readme_vendor_config() -> dict[str, Any]:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    after = text.split("<!-- vendor-config:", 1)[1]
+    block = after.split("```yaml\n", 1)[1].split("```", 1)[0]
+    loaded: dict[str, Any] = yaml.safe_load(block)
+    return loaded
+
+
+async def test_the_readme_configuration_serves_every_vendor(
+    world: VendorWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's vendor example, pointed at the loopback fakes, serves Embed and
+    StreamEmbed on every model and Rerank on the reranker."""
+    raw = readme_vendor_config()
+    secret = tmp_path / "key"
+    secret.write_text(CANARY + "\n")
+    for entry in raw["models"]:
+        entry["base_url"] = world.fakes[entry["provider"]].base_url
+        if "api_key_env" in entry:
+            monkeypatch.setenv(entry["api_key_env"], CANARY)
+        else:
+            entry["api_key_file"] = str(secret)
+    raw["server"] = {"host": "127.0.0.1", "port": 0}
+    config = parse_config(raw, "README.md")
+    assert {m.provider for m in config.models} == set(world.fakes)
+    gateway = Gateway(Router(build_providers(config.models)), config.server)
+    port = await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            listed = (await stub.ListModels(pb.ListModelsRequest())).models
+            for info in listed:
+                if not info.embeds:
+                    ranked = await stub.Rerank(
+                        pb.RerankRequest(model=info.name, query="q", documents=["a", "b"]),
+                        timeout=10,
+                    )
+                    assert ranked.method == pb.RERANK_METHOD_VENDOR
+                    assert len(ranked.results) == 2
+                    continue
+                inputs = texts("readme one", "readme two")
+                if pb.MODALITY_IMAGE in info.modalities:
+                    inputs.append(pb.Input(image=pb.Image(data=PNG_1X1)))
+                response = await stub.Embed(
+                    pb.EmbedRequest(model=info.name, inputs=inputs), timeout=10
+                )
+                assert len(response.embeddings) == len(inputs)
+                assert len(response.embeddings[0].values) == info.default_dimensions
+                stream = stub.StreamEmbed(
+                    pb.StreamEmbedRequest(request=pb.EmbedRequest(model=info.name, inputs=inputs)),
+                    timeout=10,
+                )
+                indices = sorted([message.index async for message in stream])
+                assert indices == list(range(len(inputs)))
+    finally:
+        await gateway.stop(grace=0)
