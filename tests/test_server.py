@@ -194,42 +194,18 @@ async def test_a_bad_config_file_fails_start_up_naming_the_key(
     """A bad config file stops start-up with exit code 2 and a message naming the key."""
     config = tmp_path / "embedgate.yaml"
     config.write_text(content)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "embedgate.client.cli",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        "0",
-        env=_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2
-    assert named in stderr.decode()
+    code, output = await _serve_until_exit(["--config", str(config)], _env())
+    assert code == 2
+    assert named in output
 
 
 async def test_config_comes_from_the_environment_variable(tmp_path: Path) -> None:
     """EMBEDGATE_CONFIG names the config file when --config is not given."""
     config = tmp_path / "env.yaml"
     config.write_text("models:\n  - name: from-env\n    provider: nosuch\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "embedgate.client.cli",
-        "serve",
-        "--port",
-        "0",
-        env={**_env(), "EMBEDGATE_CONFIG": str(config)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2
-    assert str(config) in stderr.decode()
+    code, output = await _serve_until_exit([], {**_env(), "EMBEDGATE_CONFIG": str(config)})
+    assert code == 2
+    assert str(config) in output
 
 
 async def test_a_start_up_failure_never_prints_the_key(tmp_path: Path) -> None:
@@ -240,20 +216,27 @@ async def test_a_start_up_failure_never_prints_the_key(tmp_path: Path) -> None:
         "models:\n  - name: r\n    provider: rzenembed\n    api_key_env: RZEN_KEY\n"
         "    dimensions: 1000\n"
     )
+    code, output = await _serve_until_exit(
+        ["--config", str(config)], {**_env(), "RZEN_KEY": canary}
+    )
+    assert code == 2
+    assert "models[0].dimensions" in output
+    assert canary not in output
+
+
+async def _serve_until_exit(args: list[str], env: dict[str, str]) -> tuple[int | None, str]:
+    """Run `embedgate serve ARGS --port 0` to its exit: its code and all it printed."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "embedgate.client.cli",
         "serve",
-        "--config",
-        str(config),
+        *args,
         "--port",
         "0",
-        env={**_env(), "RZEN_KEY": canary},
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2
-    assert "models[0].dimensions" in stderr.decode()
-    assert canary not in stdout.decode() + stderr.decode()
+    return process.returncode, stdout.decode() + stderr.decode()
