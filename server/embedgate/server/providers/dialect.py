@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +27,7 @@ from embedgate.server.domain import (
     Modality,
     TextImageInput,
     TextInput,
+    VideoInput,
 )
 from embedgate.server.providers.base import InputProblem, Ranking, Vectors
 
@@ -129,9 +130,8 @@ class Limits:
     """Per-input limits a dialect checks before sending."""
 
     max_chars: int | None = None
-    min_frames: int | None = None
+    min_frames: int = 1
     max_frames: int | None = None
-    extra: Mapping[str, int] = field(default_factory=dict)
 
 
 class Dialect:
@@ -177,6 +177,18 @@ class Dialect:
                         "INPUT_TOO_LONG",
                     )
                 )
+            if isinstance(item, VideoInput) and limits.max_frames is not None:
+                frames = len(item.frames)
+                if not limits.min_frames <= frames <= limits.max_frames:
+                    problems.append(
+                        InputProblem(
+                            index,
+                            f"has {frames} frames; {self.title} takes {limits.min_frames} to "
+                            f"{limits.max_frames} frames per video",
+                            "FRAME_COUNT_OUT_OF_RANGE",
+                            part="frames",
+                        )
+                    )
         return problems
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:

@@ -16,15 +16,12 @@ from typing import Any, ClassVar
 
 from embedgate.server.domain import (
     Dimensions,
-    EmbedOptions,
     ImageInput,
     Input,
     Modality,
     TextImageInput,
     TextInput,
-    VideoInput,
 )
-from embedgate.server.providers.base import InputProblem
 from embedgate.server.providers.dialect import (
     Capabilities,
     Dialect,
@@ -69,21 +66,6 @@ class RzenEmbed(Dialect):
 
     def input_limits(self, model: VendorModel) -> Limits:
         return Limits(min_frames=MIN_FRAMES, max_frames=MAX_FRAMES)
-
-    def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
-        problems = super().check(inputs, options)
-        for index, item in enumerate(inputs):
-            if isinstance(item, VideoInput) and not MIN_FRAMES <= len(item.frames) <= MAX_FRAMES:
-                problems.append(
-                    InputProblem(
-                        index,
-                        f"has {len(item.frames)} frames; RzenEmbed takes {MIN_FRAMES} to "
-                        f"{MAX_FRAMES} frames per video",
-                        "FRAME_COUNT_OUT_OF_RANGE",
-                        part="frames",
-                    )
-                )
-        return problems
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
         (item,) = inputs  # one embedding per request

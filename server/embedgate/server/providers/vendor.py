@@ -84,10 +84,6 @@ class VendorProvider:
     def max_batch(self) -> int:
         return self._dialect.capabilities.max_batch
 
-    @property
-    def dialect(self) -> Dialect:
-        return self._dialect
-
     async def start(self) -> None:
         await self._driver.start()
 

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from embedgate.server.errors import (
 )
 from embedgate.server.providers.base import Provider, Ranked, Reranker, Vectors
 from embedgate.server.routing.vectors import shape_vectors
+
+T = TypeVar("T")
 
 # Where a violation about input ``index`` points: its content (``inputs[2].image``)
 # or its text (``inputs[2].text_image.text``).
@@ -213,12 +215,7 @@ class Router:
     ) -> EmbedResult:
         """All or nothing: the first failure cancels the rest and is raised, naming the
         input it belongs to."""
-        tasks = self._spawn(provider, inputs, options)
-        try:
-            chunks = await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
+        chunks = await _all_or_nothing(self._spawn(provider, inputs, options))
         vectors = np.concatenate([chunk.vectors for chunk in chunks], axis=0)
         if vectors.shape[0] != len(inputs):
             raise InternalError(f"expected {len(inputs)} vectors, got {vectors.shape[0]}")
@@ -326,22 +323,19 @@ class Router:
         size = max(1, provider.max_batch)
         starts = range(0, len(documents), size)
         single = len(starts) == 1
-        tasks = [
-            asyncio.create_task(
-                reranker.rerank(
-                    query,
-                    documents[start : start + size],
-                    top_n if single else None,
-                    self._chunk_options(options, start, single),
+        rankings = await _all_or_nothing(
+            [
+                asyncio.create_task(
+                    reranker.rerank(
+                        query,
+                        documents[start : start + size],
+                        top_n if single else None,
+                        self._chunk_options(options, start, single),
+                    )
                 )
-            )
-            for start in starts
-        ]
-        try:
-            rankings = await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
+                for start in starts
+            ]
+        )
         merged = [
             Ranked(index=start + item.index, score=item.score)
             for start, ranking in zip(starts, rankings, strict=True)
@@ -416,6 +410,15 @@ class Router:
         return _Chunk(
             start=start, vectors=vectors, tokens=batch.tokens, total_tokens=batch.token_total
         )
+
+
+async def _all_or_nothing(tasks: Sequence[asyncio.Task[T]]) -> list[T]:
+    """Wait for every task; the first failure cancels the others and is raised."""
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _usage(totals: Sequence[int | None]) -> Usage | None:
