@@ -36,6 +36,9 @@ from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
+# The gateway in front of the vendor fakes (fixture `world`).
+pytest_plugins = ["vendor_world"]
+
 LOCAL = DEFAULT_MODEL_NAME
 MULTI = "test-multimodal"
 WIDE = "test-wide"

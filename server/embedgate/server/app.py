@@ -16,7 +16,10 @@ log = structlog.get_logger(__name__)
 
 
 def build_gateway(config: Config) -> Gateway:
-    router = Router(build_providers(config.models))
+    router = Router(
+        build_providers(config.models),
+        coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
+    )
     return Gateway(router, config.server)
 
 

@@ -51,6 +51,8 @@ class LocalModelConfig(_Strict):
     # Cut texts longer than the model's window instead of rejecting them.
     truncate: bool = False
     threads: int | None = Field(default=None, ge=1, le=256)
+    # The model merges calls that arrive while it computes; a wait adds to that.
+    coalesce_wait_ms: float = Field(default=0.0, ge=0, le=1000)
 
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
@@ -72,6 +74,8 @@ class _VendorModelConfig(_Strict):
     max_inputs: int = Field(default=256, ge=1, le=4096)
     # Vendor requests in flight at once for this model.
     max_concurrency: int = Field(default=16, ge=1, le=1024)
+    # How long a vendor batch waits for concurrent calls to join it (0: never merge).
+    coalesce_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # One vendor attempt's limit; retries of 408/429/5xx/connection errors with backoff.
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     max_retries: int = Field(default=2, ge=0, le=10)

@@ -27,6 +27,17 @@ def deadline_scope(seconds: float) -> Iterator[float]:
         _DEADLINE.reset(token)
 
 
+@contextmanager
+def deadline_at(at: float | None) -> Iterator[None]:
+    """Work inside this block must end by ``at`` (a ``loop.time()``; None: no limit).
+    Used where work shared by several callers runs until the latest of them."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def current_deadline() -> float | None:
     return _DEADLINE.get()
 

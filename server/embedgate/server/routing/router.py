@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import numpy as np
 
+from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import (
     EmbedOptions,
     Input,
@@ -20,6 +22,7 @@ from embedgate.server.domain import (
     Usage,
 )
 from embedgate.server.errors import (
+    DeadlineExceededError,
     EmbedgateError,
     InternalError,
     InvalidRequestError,
@@ -27,7 +30,7 @@ from embedgate.server.errors import (
     Violation,
 )
 from embedgate.server.providers.base import Provider, Ranked, Reranker, Vectors
-from embedgate.server.routing.vectors import shape_vectors
+from embedgate.server.routing.coalesce import Coalescer, ItemVector
 
 T = TypeVar("T")
 
@@ -76,26 +79,30 @@ class RerankResult:
     method: Literal["vendor", "embedding_cosine"] = "embedding_cosine"
 
 
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    start: int
-    vectors: Vectors
-    tokens: tuple[int, ...] | None
-    total_tokens: int | None
-
-
 class Router:
     """Serves every configured model through its provider."""
 
-    def __init__(self, providers: Sequence[Provider]) -> None:
+    def __init__(
+        self, providers: Sequence[Provider], *, coalesce_wait_s: Mapping[str, float] | None = None
+    ) -> None:
+        """``coalesce_wait_s``: per model name, how long a batch waits for other calls to
+        join it (absent or 0: calls are not merged)."""
         self._providers = list(providers)
+        self._waits = dict(coalesce_wait_s or {})
         self._by_name: dict[str, Provider] = {}
+        self._queues: dict[str, Coalescer] = {}
 
     async def start(self) -> None:
         await asyncio.gather(*(provider.start() for provider in self._providers))
         self._by_name = {provider.info.name: provider for provider in self._providers}
+        self._queues = {
+            name: Coalescer(provider, wait_s=self._waits.get(name, 0.0))
+            for name, provider in self._by_name.items()
+        }
 
     async def close(self) -> None:
+        for queue in self._queues.values():
+            await queue.close()
         await asyncio.gather(
             *(provider.close() for provider in self._providers), return_exceptions=True
         )
@@ -213,16 +220,19 @@ class Router:
     async def embed(
         self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
     ) -> EmbedResult:
-        """All or nothing: the first failure cancels the rest and is raised, naming the
-        input it belongs to."""
-        chunks = await _all_or_nothing(self._spawn(provider, inputs, options))
-        vectors = np.concatenate([chunk.vectors for chunk in chunks], axis=0)
-        if vectors.shape[0] != len(inputs):
-            raise InternalError(f"expected {len(inputs)} vectors, got {vectors.shape[0]}")
+        """All or nothing: the first failure is raised, naming the input it belongs to,
+        and the call's other inputs are withdrawn."""
+        futures = self._queues[provider.info.name].submit(inputs, options)
+        try:
+            async with _until_deadline(provider):
+                items = await asyncio.gather(*futures)
+        finally:
+            for future in futures:
+                future.cancel()
         return EmbedResult(
             model=provider.info.name,
-            vectors=vectors,
-            usage=_usage([chunk.total_tokens for chunk in chunks]),
+            vectors=np.stack([item.vector for item in items]),
+            usage=_usage(items),
         )
 
     async def embed_each(
@@ -230,30 +240,24 @@ class Router:
     ) -> AsyncIterator[ItemResult]:
         """Yield each input's outcome as soon as its batch is done, in any order. A
         failed batch yields an error for each of its inputs; the others go on."""
-        tasks = self._spawn(provider, inputs, options)
-        starts = {
-            task: start for task, start in zip(tasks, self._starts(provider, inputs), strict=True)
-        }
-        pending: set[asyncio.Task[_Chunk]] = set(tasks)
+        futures = self._queues[provider.info.name].submit(inputs, options)
+        index_of = {future: index for index, future in enumerate(futures)}
+        pending: set[asyncio.Future[ItemVector]] = set(futures)
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    start = starts[task]
-                    error = task.exception()
-                    if error is not None:
-                        size = min(provider.max_batch, len(inputs) - start)
-                        failure = _as_error(error)
-                        for index in range(start, start + size):
-                            yield ItemResult(index=index, error=failure)
-                        continue
-                    chunk = task.result()
-                    for offset, row in enumerate(chunk.vectors):
-                        tokens = chunk.tokens[offset] if chunk.tokens is not None else None
-                        yield ItemResult(index=start + offset, vector=row, tokens=tokens)
+            async with _until_deadline(provider):
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in sorted(done, key=index_of.__getitem__):
+                        index = index_of[future]
+                        error = future.exception()
+                        if error is not None:
+                            yield ItemResult(index=index, error=_as_error(error))
+                            continue
+                        item = future.result()
+                        yield ItemResult(index=index, vector=item.vector, tokens=item.tokens)
         finally:
-            for task in pending:
-                task.cancel()
+            for future in futures:
+                future.cancel()
 
     async def rerank(
         self,
@@ -348,7 +352,7 @@ class Router:
         return RerankResult(
             model=provider.info.name,
             ranked=tuple(RankedDocument(index=item.index, score=item.score) for item in merged),
-            usage=_usage([ranking.total_tokens for ranking in rankings]),
+            usage=_rerank_usage([ranking.total_tokens for ranking in rankings]),
             method="vendor",
         )
 
@@ -361,56 +365,6 @@ class Router:
             return options
         return dataclasses.replace(options, request_id=f"{options.request_id}-{start}")
 
-    def _starts(self, provider: Provider, inputs: Sequence[Input]) -> range:
-        return range(0, len(inputs), max(1, provider.max_batch))
-
-    def _spawn(
-        self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
-    ) -> list[asyncio.Task[_Chunk]]:
-        size = max(1, provider.max_batch)
-        starts = self._starts(provider, inputs)
-        single = len(starts) == 1
-        return [
-            asyncio.create_task(
-                self._run_chunk(
-                    provider,
-                    start,
-                    inputs[start : start + size],
-                    self._chunk_options(options, start, single),
-                )
-            )
-            for start in starts
-        ]
-
-    async def _run_chunk(
-        self, provider: Provider, start: int, chunk: Sequence[Input], options: EmbedOptions
-    ) -> _Chunk:
-        try:
-            batch = await provider.embed(chunk, options)
-        except EmbedgateError as error:
-            if error.input_index is None:
-                error.for_input(start)
-            raise
-        if batch.vectors.shape[0] != len(chunk):
-            raise InternalError(
-                f"model {provider.info.name} returned {batch.vectors.shape[0]} vectors "
-                f"for {len(chunk)} inputs"
-            ).for_input(start)
-        normalize = (
-            options.normalize
-            if options.normalize is not None
-            else provider.info.normalizes_by_default
-        )
-        try:
-            vectors = shape_vectors(
-                batch.vectors, dimensions=options.dimensions, normalize=normalize
-            )
-        except EmbedgateError as error:
-            raise error.for_input(start) from None
-        return _Chunk(
-            start=start, vectors=vectors, tokens=batch.tokens, total_tokens=batch.token_total
-        )
-
 
 async def _all_or_nothing(tasks: Sequence[asyncio.Task[T]]) -> list[T]:
     """Wait for every task; the first failure cancels the others and is raised."""
@@ -421,12 +375,43 @@ async def _all_or_nothing(tasks: Sequence[asyncio.Task[T]]) -> list[T]:
             task.cancel()
 
 
-def _usage(totals: Sequence[int | None]) -> Usage | None:
-    """Tokens of the whole call, when every vendor request counted them."""
+def _usage(items: Sequence[ItemVector]) -> Usage | None:
+    """Tokens of the whole call, when they can be told: each input's own count, or
+    the total of a batch that held only this call's inputs. A batch shared with other
+    calls counts tokens for all of them together, which no caller can be charged."""
+    total = 0
+    batches: set[int] = set()
+    for item in items:
+        if item.tokens is not None:
+            total += item.tokens
+        elif item.batch_tokens is not None:
+            if item.batch not in batches:
+                batches.add(item.batch)
+                total += item.batch_tokens
+        else:
+            return None
+    return Usage(prompt_tokens=total, total_tokens=total)
+
+
+def _rerank_usage(totals: Sequence[int | None]) -> Usage | None:
     if not totals or any(total is None for total in totals):
         return None
     total = sum(t for t in totals if t is not None)
     return Usage(prompt_tokens=total, total_tokens=total)
+
+
+@asynccontextmanager
+async def _until_deadline(provider: Provider) -> AsyncIterator[None]:
+    """Wait no longer than the caller's deadline, whatever batch its inputs are in."""
+    deadline = current_deadline()
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        name = provider.info.name
+        raise DeadlineExceededError(
+            f"the deadline passed while model {name} was working", metadata={"model": name}
+        ) from None
 
 
 def _as_error(error: BaseException) -> EmbedgateError:
