@@ -577,6 +577,20 @@ async def test_a_call_without_deadline_gets_the_default(world: VendorWorld) -> N
     await eventually(lambda: fake.disconnects >= 1)
 
 
+async def test_a_stream_without_deadline_ends_with_the_default(world: VendorWorld) -> None:
+    """A StreamEmbed with no deadline whose vendor hangs ends DEADLINE_EXCEEDED (with its
+    reason) when the server's default deadline passes, not with an internal error."""
+    world.fakes["rzenembed"].always(Fault.hang())
+    request = pb.StreamEmbedRequest(
+        request=pb.EmbedRequest(model="rzen-patient", inputs=texts("x"))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in world.stub.StreamEmbed(request):
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert rich_error(caught.value).reason == "DEADLINE_EXCEEDED"
+
+
 async def test_a_hung_attempt_is_abandoned_and_retried(world: VendorWorld) -> None:
     """An attempt longer than the model's timeout_s is dropped and tried again."""
     fake = world.fakes["openai"]

@@ -203,6 +203,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         except asyncio.CancelledError:
             access.emit(_ended_by(context))
             raise
+        except EmbedgateError as error:  # e.g. the deadline passed before every input was done
+            await self._abort(context, access, error)
+            return
         except Exception as exc:
             await self._abort(context, access, _internal(exc))
             return

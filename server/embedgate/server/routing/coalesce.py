@@ -153,7 +153,11 @@ class Coalescer:
     async def _run(self, key: EmbedOptions, items: list[_Item], batch_id: int) -> None:
         provider = self._provider
         deadlines = [item.deadline for item in items]
-        latest = None if any(d is None for d in deadlines) else max(d for d in deadlines if d)
+        latest = (
+            None
+            if any(d is None for d in deadlines)
+            else max(d for d in deadlines if d is not None)
+        )
         options = dataclasses.replace(key, request_id=self._request_id(items))
         try:
             with deadline_at(latest):
