@@ -84,8 +84,7 @@ class Coalescer:
         ]
         key = dataclasses.replace(options, request_id="")
         if self._wait_s <= 0:
-            for start in range(0, len(items), self.size):
-                self._launch(key, items[start : start + self.size])
+            self._launch_all(key, items)
         else:
             queue = self._pending.setdefault(key, [])
             queue.extend(items)
@@ -115,9 +114,11 @@ class Coalescer:
 
     def _flush(self, key: EmbedOptions) -> None:
         self._timers.pop(key, None)
-        queue = self._pending.pop(key, [])
-        for start in range(0, len(queue), self.size):
-            self._launch(key, queue[start : start + self.size])
+        self._launch_all(key, self._pending.pop(key, []))
+
+    def _launch_all(self, key: EmbedOptions, items: list[_Item]) -> None:
+        for start in range(0, len(items), self.size):
+            self._launch(key, items[start : start + self.size])
 
     def _launch(self, key: EmbedOptions, items: list[_Item]) -> None:
         # Inputs whose caller has gone are not sent.
@@ -141,14 +142,9 @@ class Coalescer:
             item.future.add_done_callback(left)
 
     def _request_id(self, items: Sequence[_Item]) -> str:
-        """The caller's request id when the batch is exactly one whole call; else the
-        first input's id suffixed with its position, so a vendor never sees one id on
-        two requests."""
         first = items[0]
-        if not first.request_id:
-            return ""
         whole = len(items) == first.count and all(item.call == first.call for item in items)
-        return first.request_id if whole else f"{first.request_id}-{first.index}"
+        return part_request_id(first.request_id, first.index, whole=whole)
 
     async def _run(self, key: EmbedOptions, items: list[_Item], batch_id: int) -> None:
         provider = self._provider
@@ -190,6 +186,15 @@ class Coalescer:
             if tokens is None and len(items) == 1:
                 tokens = batch.token_total
             item.future.set_result(ItemVector(vectors[position], tokens, batch_id, total))
+
+
+def part_request_id(request_id: str, start: int, *, whole: bool) -> str:
+    """The request id of one vendor request: the caller's when the request carries the
+    whole call, else suffixed with the position of its first input, so a vendor that
+    treats ids as unique never sees one twice."""
+    if whole or not request_id:
+        return request_id
+    return f"{request_id}-{start}"
 
 
 def _for_input(error: EmbedgateError, index: int) -> EmbedgateError:

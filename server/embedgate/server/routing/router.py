@@ -30,7 +30,7 @@ from embedgate.server.errors import (
     Violation,
 )
 from embedgate.server.providers.base import Provider, Ranked, Reranker, Vectors
-from embedgate.server.routing.coalesce import Coalescer, ItemVector
+from embedgate.server.routing.coalesce import Coalescer, ItemVector, part_request_id
 
 T = TypeVar("T")
 
@@ -65,15 +65,9 @@ class ItemResult:
 
 
 @dataclass(frozen=True, slots=True)
-class RankedDocument:
-    index: int
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
 class RerankResult:
     model: str
-    ranked: tuple[RankedDocument, ...]
+    ranked: tuple[Ranked, ...]
     usage: Usage | None
     # How the scores were made: the vendor's reranker, or embedding cosine similarity.
     method: Literal["vendor", "embedding_cosine"] = "embedding_cosine"
@@ -309,7 +303,7 @@ class Router:
         order = np.argsort(-scores, kind="stable")
         if top_n is not None:
             order = order[:top_n]
-        ranked = tuple(RankedDocument(index=int(i), score=float(scores[i])) for i in order)
+        ranked = tuple(Ranked(index=int(i), score=float(scores[i])) for i in order)
         return RerankResult(model=info.name, ranked=ranked, usage=result.usage)
 
     async def _rerank_natively(
@@ -351,19 +345,15 @@ class Router:
             merged = merged[:top_n]
         return RerankResult(
             model=provider.info.name,
-            ranked=tuple(RankedDocument(index=item.index, score=item.score) for item in merged),
+            ranked=tuple(merged),
             usage=_rerank_usage([ranking.total_tokens for ranking in rankings]),
             method="vendor",
         )
 
     @staticmethod
     def _chunk_options(options: EmbedOptions, start: int, single: bool) -> EmbedOptions:
-        """Each vendor request of a split call gets its own request id (the caller's,
-        suffixed with the chunk's first input), so a vendor that treats ids as unique
-        never sees one twice."""
-        if single or not options.request_id:
-            return options
-        return dataclasses.replace(options, request_id=f"{options.request_id}-{start}")
+        request_id = part_request_id(options.request_id, start, whole=single)
+        return dataclasses.replace(options, request_id=request_id)
 
 
 async def _all_or_nothing(tasks: Sequence[asyncio.Task[T]]) -> list[T]:
