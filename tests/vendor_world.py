@@ -161,6 +161,9 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Vendo
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "default_deadline_s": 2.0},
+            # These tests watch every input reach the vendor; tests/test_cache.py has
+            # the cache in front of the same fakes.
+            "cache": {"enabled": False},
             "models": model_entries(fakes, key_file),
         }
     )

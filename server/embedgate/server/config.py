@@ -39,6 +39,9 @@ class ServerConfig(_Strict):
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=MIB, le=1024 * MIB)
     # The deadline of a call that sets none: no vendor call outlives it.
     default_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+    # EmbedPipeline: requests one stream may have between being read and their result
+    # being taken; the next is read only when one leaves.
+    pipeline_max_in_flight: int = Field(default=64, ge=1, le=4096)
 
 
 class LocalModelConfig(_Strict):
@@ -158,8 +161,26 @@ ModelConfig = Annotated[LocalModelConfig | VendorModelConfig, Field(discriminato
 PROVIDERS = ("local", "rzenembed", "ctyun", "scnet", "qianfan", "aggregator", "openai")
 
 
+RedisUrl = Annotated[str, Field(pattern=r"^(redis|rediss|unix)://\S+$")]
+
+
+class CacheConfig(_Strict):
+    """The per-input vector cache: in memory, optionally backed by a shared Redis."""
+
+    enabled: bool = True
+    # The in-memory tier's size: vectors and keys together, in bytes.
+    max_bytes: int = Field(default=256 * MIB, ge=0, le=64 * 1024 * MIB)
+    # How long an entry is served, in either tier.
+    ttl_s: float = Field(default=3600.0, gt=0, le=30 * 24 * 3600)
+    # A Redis shared by every replica (redis://, rediss:// or unix://); none: memory only.
+    redis_url: RedisUrl | None = None
+    # How long a Redis command may take before the cache is skipped for that input.
+    redis_timeout_s: float = Field(default=0.05, gt=0, le=10)
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
+    cache: CacheConfig = CacheConfig()
     models: list[ModelConfig] = Field(min_length=1)
 
 

@@ -68,6 +68,17 @@ class TextImageInput:
 Input = TextInput | ImageInput | VideoInput | TextImageInput
 
 
+class OutputType(enum.Enum):
+    """How a vector is encoded for the caller (see ``OutputType`` in the contract)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    BINARY = "binary"
+    UBINARY = "ubinary"
+
+
 @dataclass(frozen=True, slots=True)
 class EmbedOptions:
     """Per-request options that apply to every input of a call."""
@@ -77,6 +88,9 @@ class EmbedOptions:
     normalize: bool | None = None
     request_id: str = ""
     user: str = ""
+    output_type: OutputType = OutputType.FLOAT32
+    # Read and store vectors in the cache (when the gateway has one).
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +138,6 @@ class ModelInfo:
     native_rerank: bool = False
     accepts_instruction: bool = False
     normalizes_by_default: bool = True
+    # What the vectors come from beyond the name (the vendor's address and model, or
+    # the local model's directory): a cached vector is reused only for the same source.
+    source: str = ""

@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$embedgate/v1/embedding_service.proto\x12\x0c\x65mbedgate.v1\x1a\x17google/rpc/status.proto\"V\n\x05Image\x12\r\n\x03uri\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x16\n\tmime_type\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06sourceB\x0c\n\n_mime_type\",\n\x05Video\x12#\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x13.embedgate.v1.Image\"=\n\tTextImage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.embedgate.v1.Image\"\x9d\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.embedgate.v1.ImageH\x00\x12$\n\x05video\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.VideoH\x00\x12-\n\ntext_image\x18\x04 \x01(\x0b\x32\x17.embedgate.v1.TextImageH\x00\x42\t\n\x07\x63ontent\"\xc7\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.embedgate.v1.Input\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\tB\r\n\x0b_dimensionsB\x0c\n\n_normalize\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x83\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.embedgate.v1.Embedding\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"A\n\x12StreamEmbedRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.embedgate.v1.EmbedRequest\"\xc8\x01\n\x13StreamEmbedResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.embedgate.v1.EmbeddingH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06result\"\x9a\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\tB\x08\n\x06_top_n\"Z\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"\xb0\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.embedgate.v1.RerankResult\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x06method\x18\x05 \x01(\x0e\x32\x1a.embedgate.v1.RerankMethod\"\x13\n\x11ListModelsRequest\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12*\n\nmodalities\x18\x03 \x03(\x0e\x32\x16.embedgate.v1.Modality\x12\x1b\n\x13max_inputs_per_call\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_dimensions\x18\x05 \x01(\r\x12\x1a\n\x12\x61llowed_dimensions\x18\x06 \x03(\r\x12\x16\n\x0emin_dimensions\x18\x07 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x08 \x01(\r\x12\x0e\n\x06\x65mbeds\x18\t \x01(\x08\x12\x0f\n\x07reranks\x18\n \x01(\x08\x12\x1b\n\x13\x61\x63\x63\x65pts_instruction\x18\x0b \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.embedgate.v1.ModelInfo*x\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x12\n\x0eMODALITY_VIDEO\x10\x03\x12\x17\n\x13MODALITY_TEXT_IMAGE\x10\x04*k\n\x0cRerankMethod\x12\x1d\n\x19RERANK_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14RERANK_METHOD_VENDOR\x10\x01\x12\"\n\x1eRERANK_METHOD_EMBEDDING_COSINE\x10\x02\x32\xc0\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedgate.v1.EmbedRequest\x1a\x1b.embedgate.v1.EmbedResponse\x12T\n\x0bStreamEmbed\x12 .embedgate.v1.StreamEmbedRequest\x1a!.embedgate.v1.StreamEmbedResponse0\x01\x12\x43\n\x06Rerank\x12\x1b.embedgate.v1.RerankRequest\x1a\x1c.embedgate.v1.RerankResponse\x12O\n\nListModels\x12\x1f.embedgate.v1.ListModelsRequest\x1a .embedgate.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$embedgate/v1/embedding_service.proto\x12\x0c\x65mbedgate.v1\x1a\x17google/rpc/status.proto\"V\n\x05Image\x12\r\n\x03uri\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x16\n\tmime_type\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06sourceB\x0c\n\n_mime_type\",\n\x05Video\x12#\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x13.embedgate.v1.Image\"=\n\tTextImage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.embedgate.v1.Image\"\x9d\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.embedgate.v1.ImageH\x00\x12$\n\x05video\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.VideoH\x00\x12-\n\ntext_image\x18\x04 \x01(\x0b\x32\x17.embedgate.v1.TextImageH\x00\x42\t\n\x07\x63ontent\"\x88\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.embedgate.v1.Input\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12-\n\x0boutput_type\x18\x08 \x01(\x0e\x32\x18.embedgate.v1.OutputType\x12\x10\n\x08no_cache\x18\t \x01(\x08\x42\r\n\x0b_dimensionsB\x0c\n\n_normalize\"H\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x83\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.embedgate.v1.Embedding\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"A\n\x12StreamEmbedRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.embedgate.v1.EmbedRequest\"\xc8\x01\n\x13StreamEmbedResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.embedgate.v1.EmbeddingH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\r\n\x05model\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06result\"[\n\x14\x45mbedPipelineRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.embedgate.v1.EmbedRequest\"\x8f\x01\n\x15\x45mbedPipelineResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.embedgate.v1.EmbedResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"\xda\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12,\n\x0f\x64ocument_inputs\x18\x08 \x03(\x0b\x32\x13.embedgate.v1.Input\x12\x10\n\x08no_cache\x18\t \x01(\x08\x42\x08\n\x06_top_n\"\x97\x01\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x12+\n\x0e\x64ocument_input\x18\x04 \x01(\x0b\x32\x13.embedgate.v1.Input\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x42\x0b\n\t_document\"\xc6\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.embedgate.v1.RerankResult\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedgate.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x06method\x18\x05 \x01(\x0e\x32\x1a.embedgate.v1.RerankMethod\x12\x14\n\x0cquery_cached\x18\x06 \x01(\x08\"\x13\n\x11ListModelsRequest\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12*\n\nmodalities\x18\x03 \x03(\x0e\x32\x16.embedgate.v1.Modality\x12\x1b\n\x13max_inputs_per_call\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_dimensions\x18\x05 \x01(\r\x12\x1a\n\x12\x61llowed_dimensions\x18\x06 \x03(\r\x12\x16\n\x0emin_dimensions\x18\x07 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x08 \x01(\r\x12\x0e\n\x06\x65mbeds\x18\t \x01(\x08\x12\x0f\n\x07reranks\x18\n \x01(\x08\x12\x1b\n\x13\x61\x63\x63\x65pts_instruction\x18\x0b \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.embedgate.v1.ModelInfo*x\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x12\n\x0eMODALITY_VIDEO\x10\x03\x12\x17\n\x13MODALITY_TEXT_IMAGE\x10\x04*\xb9\x01\n\nOutputType\x12\x1b\n\x17OUTPUT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTPUT_TYPE_FLOAT32\x10\x01\x12\x17\n\x13OUTPUT_TYPE_FLOAT16\x10\x02\x12\x14\n\x10OUTPUT_TYPE_INT8\x10\x03\x12\x15\n\x11OUTPUT_TYPE_UINT8\x10\x04\x12\x16\n\x12OUTPUT_TYPE_BINARY\x10\x05\x12\x17\n\x13OUTPUT_TYPE_UBINARY\x10\x06*k\n\x0cRerankMethod\x12\x1d\n\x19RERANK_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14RERANK_METHOD_VENDOR\x10\x01\x12\"\n\x1eRERANK_METHOD_EMBEDDING_COSINE\x10\x02\x32\x9e\x03\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedgate.v1.EmbedRequest\x1a\x1b.embedgate.v1.EmbedResponse\x12T\n\x0bStreamEmbed\x12 .embedgate.v1.StreamEmbedRequest\x1a!.embedgate.v1.StreamEmbedResponse0\x01\x12\\\n\rEmbedPipeline\x12\".embedgate.v1.EmbedPipelineRequest\x1a#.embedgate.v1.EmbedPipelineResponse(\x01\x30\x01\x12\x43\n\x06Rerank\x12\x1b.embedgate.v1.RerankRequest\x1a\x1c.embedgate.v1.RerankResponse\x12O\n\nListModels\x12\x1f.embedgate.v1.ListModelsRequest\x1a .embedgate.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedgate.v1.embedding_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1937
-  _globals['_MODALITY']._serialized_end=2057
-  _globals['_RERANKMETHOD']._serialized_start=2059
-  _globals['_RERANKMETHOD']._serialized_end=2166
+  _globals['_MODALITY']._serialized_start=2419
+  _globals['_MODALITY']._serialized_end=2539
+  _globals['_OUTPUTTYPE']._serialized_start=2542
+  _globals['_OUTPUTTYPE']._serialized_end=2727
+  _globals['_RERANKMETHOD']._serialized_start=2729
+  _globals['_RERANKMETHOD']._serialized_end=2836
   _globals['_IMAGE']._serialized_start=79
   _globals['_IMAGE']._serialized_end=165
   _globals['_VIDEO']._serialized_start=167
@@ -45,29 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUT']._serialized_start=277
   _globals['_INPUT']._serialized_end=434
   _globals['_EMBEDREQUEST']._serialized_start=437
-  _globals['_EMBEDREQUEST']._serialized_end=636
-  _globals['_EMBEDDING']._serialized_start=638
-  _globals['_EMBEDDING']._serialized_end=680
-  _globals['_USAGE']._serialized_start=682
-  _globals['_USAGE']._serialized_end=734
-  _globals['_EMBEDRESPONSE']._serialized_start=737
-  _globals['_EMBEDRESPONSE']._serialized_end=868
-  _globals['_STREAMEMBEDREQUEST']._serialized_start=870
-  _globals['_STREAMEMBEDREQUEST']._serialized_end=935
-  _globals['_STREAMEMBEDRESPONSE']._serialized_start=938
-  _globals['_STREAMEMBEDRESPONSE']._serialized_end=1138
-  _globals['_RERANKREQUEST']._serialized_start=1141
-  _globals['_RERANKREQUEST']._serialized_end=1295
-  _globals['_RERANKRESULT']._serialized_start=1297
-  _globals['_RERANKRESULT']._serialized_end=1387
-  _globals['_RERANKRESPONSE']._serialized_start=1390
-  _globals['_RERANKRESPONSE']._serialized_end=1566
-  _globals['_LISTMODELSREQUEST']._serialized_start=1568
-  _globals['_LISTMODELSREQUEST']._serialized_end=1587
-  _globals['_MODELINFO']._serialized_start=1590
-  _globals['_MODELINFO']._serialized_end=1872
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1874
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1935
-  _globals['_EMBEDDINGSERVICE']._serialized_start=2169
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2489
+  _globals['_EMBEDREQUEST']._serialized_end=701
+  _globals['_EMBEDDING']._serialized_start=703
+  _globals['_EMBEDDING']._serialized_end=775
+  _globals['_USAGE']._serialized_start=777
+  _globals['_USAGE']._serialized_end=829
+  _globals['_EMBEDRESPONSE']._serialized_start=832
+  _globals['_EMBEDRESPONSE']._serialized_end=963
+  _globals['_STREAMEMBEDREQUEST']._serialized_start=965
+  _globals['_STREAMEMBEDREQUEST']._serialized_end=1030
+  _globals['_STREAMEMBEDRESPONSE']._serialized_start=1033
+  _globals['_STREAMEMBEDRESPONSE']._serialized_end=1233
+  _globals['_EMBEDPIPELINEREQUEST']._serialized_start=1235
+  _globals['_EMBEDPIPELINEREQUEST']._serialized_end=1326
+  _globals['_EMBEDPIPELINERESPONSE']._serialized_start=1329
+  _globals['_EMBEDPIPELINERESPONSE']._serialized_end=1472
+  _globals['_RERANKREQUEST']._serialized_start=1475
+  _globals['_RERANKREQUEST']._serialized_end=1693
+  _globals['_RERANKRESULT']._serialized_start=1696
+  _globals['_RERANKRESULT']._serialized_end=1847
+  _globals['_RERANKRESPONSE']._serialized_start=1850
+  _globals['_RERANKRESPONSE']._serialized_end=2048
+  _globals['_LISTMODELSREQUEST']._serialized_start=2050
+  _globals['_LISTMODELSREQUEST']._serialized_end=2069
+  _globals['_MODELINFO']._serialized_start=2072
+  _globals['_MODELINFO']._serialized_end=2354
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2356
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2417
+  _globals['_EMBEDDINGSERVICE']._serialized_start=2839
+  _globals['_EMBEDDINGSERVICE']._serialized_end=3253
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,16 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_VIDEO: _ClassVar[Modality]
     MODALITY_TEXT_IMAGE: _ClassVar[Modality]
 
+class OutputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_TYPE_UNSPECIFIED: _ClassVar[OutputType]
+    OUTPUT_TYPE_FLOAT32: _ClassVar[OutputType]
+    OUTPUT_TYPE_FLOAT16: _ClassVar[OutputType]
+    OUTPUT_TYPE_INT8: _ClassVar[OutputType]
+    OUTPUT_TYPE_UINT8: _ClassVar[OutputType]
+    OUTPUT_TYPE_BINARY: _ClassVar[OutputType]
+    OUTPUT_TYPE_UBINARY: _ClassVar[OutputType]
+
 class RerankMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RERANK_METHOD_UNSPECIFIED: _ClassVar[RerankMethod]
@@ -26,6 +36,13 @@ MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
 MODALITY_VIDEO: Modality
 MODALITY_TEXT_IMAGE: Modality
+OUTPUT_TYPE_UNSPECIFIED: OutputType
+OUTPUT_TYPE_FLOAT32: OutputType
+OUTPUT_TYPE_FLOAT16: OutputType
+OUTPUT_TYPE_INT8: OutputType
+OUTPUT_TYPE_UINT8: OutputType
+OUTPUT_TYPE_BINARY: OutputType
+OUTPUT_TYPE_UBINARY: OutputType
 RERANK_METHOD_UNSPECIFIED: RerankMethod
 RERANK_METHOD_VENDOR: RerankMethod
 RERANK_METHOD_EMBEDDING_COSINE: RerankMethod
@@ -67,7 +84,7 @@ class Input(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ..., text_image: _Optional[_Union[TextImage, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "instruction", "dimensions", "normalize", "request_id", "user")
+    __slots__ = ("model", "inputs", "instruction", "dimensions", "normalize", "request_id", "user", "output_type", "no_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +92,8 @@ class EmbedRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     instruction: str
@@ -82,15 +101,21 @@ class EmbedRequest(_message.Message):
     normalize: bool
     request_id: str
     user: str
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+    output_type: OutputType
+    no_cache: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ..., output_type: _Optional[_Union[OutputType, str]] = ..., no_cache: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("index", "values")
+    __slots__ = ("index", "values", "data", "cached")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     index: int
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    data: bytes
+    cached: bool
+    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., data: _Optional[bytes] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "total_tokens")
@@ -134,8 +159,26 @@ class StreamEmbedResponse(_message.Message):
     request_id: str
     def __init__(self, index: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class EmbedPipelineRequest(_message.Message):
+    __slots__ = ("correlation_id", "request")
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    correlation_id: str
+    request: EmbedRequest
+    def __init__(self, correlation_id: _Optional[str] = ..., request: _Optional[_Union[EmbedRequest, _Mapping]] = ...) -> None: ...
+
+class EmbedPipelineResponse(_message.Message):
+    __slots__ = ("correlation_id", "response", "error")
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    correlation_id: str
+    response: EmbedResponse
+    error: _status_pb2.Status
+    def __init__(self, correlation_id: _Optional[str] = ..., response: _Optional[_Union[EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
 class RerankRequest(_message.Message):
-    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "request_id", "user")
+    __slots__ = ("model", "query", "documents", "top_n", "return_documents", "request_id", "user", "document_inputs", "no_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +186,8 @@ class RerankRequest(_message.Message):
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
@@ -150,31 +195,39 @@ class RerankRequest(_message.Message):
     return_documents: bool
     request_id: str
     user: str
-    def __init__(self, model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+    document_inputs: _containers.RepeatedCompositeFieldContainer[Input]
+    no_cache: bool
+    def __init__(self, model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ..., document_inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., no_cache: _Optional[bool] = ...) -> None: ...
 
 class RerankResult(_message.Message):
-    __slots__ = ("index", "relevance_score", "document")
+    __slots__ = ("index", "relevance_score", "document", "document_input", "cached")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_SCORE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_INPUT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     index: int
     relevance_score: float
     document: str
-    def __init__(self, index: _Optional[int] = ..., relevance_score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
+    document_input: Input
+    cached: bool
+    def __init__(self, index: _Optional[int] = ..., relevance_score: _Optional[float] = ..., document: _Optional[str] = ..., document_input: _Optional[_Union[Input, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("model", "results", "usage", "request_id", "method")
+    __slots__ = ("model", "results", "usage", "request_id", "method", "query_cached")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHED_FIELD_NUMBER: _ClassVar[int]
     model: str
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     usage: Usage
     request_id: str
     method: RerankMethod
-    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ..., method: _Optional[_Union[RerankMethod, str]] = ...) -> None: ...
+    query_cached: bool
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ..., method: _Optional[_Union[RerankMethod, str]] = ..., query_cached: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

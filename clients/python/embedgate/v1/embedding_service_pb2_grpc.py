@@ -48,6 +48,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedRequest.SerializeToString,
                 response_deserializer=embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedResponse.FromString,
                 _registered_method=True)
+        self.EmbedPipeline = channel.stream_stream(
+                '/embedgate.v1.EmbeddingService/EmbedPipeline',
+                request_serializer=embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineRequest.SerializeToString,
+                response_deserializer=embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineResponse.FromString,
+                _registered_method=True)
         self.Rerank = channel.unary_unary(
                 '/embedgate.v1.EmbeddingService/Rerank',
                 request_serializer=embedgate_dot_v1_dot_embedding__service__pb2.RerankRequest.SerializeToString,
@@ -84,6 +89,19 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedPipeline(self, request_iterator, context):
+        """EmbedPipeline is for indexing pipelines: the caller streams requests, each
+        tagged with its own correlation id, and the server streams one result per
+        request back as each is done, in any order. Each request is served like
+        Embed (all or nothing), and a failed request does not end the stream. The
+        server works on a bounded number of requests at once and reads no further
+        until one is done and its result has been taken by the caller, so a fast
+        caller is slowed down rather than buffered without limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rerank(self, request, context):
         """Rerank orders documents by relevance to a query, highest score first.
         """
@@ -110,6 +128,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.StreamEmbed,
                     request_deserializer=embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedRequest.FromString,
                     response_serializer=embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedResponse.SerializeToString,
+            ),
+            'EmbedPipeline': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedPipeline,
+                    request_deserializer=embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineRequest.FromString,
+                    response_serializer=embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineResponse.SerializeToString,
             ),
             'Rerank': grpc.unary_unary_rpc_method_handler(
                     servicer.Rerank,
@@ -180,6 +203,33 @@ class EmbeddingService:
             '/embedgate.v1.EmbeddingService/StreamEmbed',
             embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedRequest.SerializeToString,
             embedgate_dot_v1_dot_embedding__service__pb2.StreamEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedPipeline(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embedgate.v1.EmbeddingService/EmbedPipeline',
+            embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineRequest.SerializeToString,
+            embedgate_dot_v1_dot_embedding__service__pb2.EmbedPipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,15 @@ class EmbeddingServiceStub:
     in any order. An input that fails yields a message carrying its own status;
     the stream goes on for the others.
     """
+    EmbedPipeline: _grpc.StreamStreamMultiCallable[_embedding_service_pb2.EmbedPipelineRequest, _embedding_service_pb2.EmbedPipelineResponse]
+    """EmbedPipeline is for indexing pipelines: the caller streams requests, each
+    tagged with its own correlation id, and the server streams one result per
+    request back as each is done, in any order. Each request is served like
+    Embed (all or nothing), and a failed request does not end the stream. The
+    server works on a bounded number of requests at once and reads no further
+    until one is done and its result has been taken by the caller, so a fast
+    caller is slowed down rather than buffered without limit.
+    """
     Rerank: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.RerankRequest, _embedding_service_pb2.RerankResponse]
     """Rerank orders documents by relevance to a query, highest score first."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.ListModelsRequest, _embedding_service_pb2.ListModelsResponse]
@@ -68,6 +77,15 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """StreamEmbed streams one message per input as soon as its vector is ready,
     in any order. An input that fails yields a message carrying its own status;
     the stream goes on for the others.
+    """
+    EmbedPipeline: _aio.StreamStreamMultiCallable[_embedding_service_pb2.EmbedPipelineRequest, _embedding_service_pb2.EmbedPipelineResponse]  # type: ignore[assignment]
+    """EmbedPipeline is for indexing pipelines: the caller streams requests, each
+    tagged with its own correlation id, and the server streams one result per
+    request back as each is done, in any order. Each request is served like
+    Embed (all or nothing), and a failed request does not end the stream. The
+    server works on a bounded number of requests at once and reads no further
+    until one is done and its result has been taken by the caller, so a fast
+    caller is slowed down rather than buffered without limit.
     """
     Rerank: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.RerankRequest, _embedding_service_pb2.RerankResponse]  # type: ignore[assignment]
     """Rerank orders documents by relevance to a query, highest score first."""
@@ -100,6 +118,21 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         """StreamEmbed streams one message per input as soon as its vector is ready,
         in any order. An input that fails yields a message carrying its own status;
         the stream goes on for the others.
+        """
+
+    @_abc_1.abstractmethod
+    def EmbedPipeline(
+        self,
+        request_iterator: _MaybeAsyncIterator[_embedding_service_pb2.EmbedPipelineRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedding_service_pb2.EmbedPipelineResponse], _abc.AsyncIterator[_embedding_service_pb2.EmbedPipelineResponse]]:
+        """EmbedPipeline is for indexing pipelines: the caller streams requests, each
+        tagged with its own correlation id, and the server streams one result per
+        request back as each is done, in any order. Each request is served like
+        Embed (all or nothing), and a failed request does not end the stream. The
+        server works on a bounded number of requests at once and reads no further
+        until one is done and its result has been taken by the caller, so a fast
+        caller is slowed down rather than buffered without limit.
         """
 
     @_abc_1.abstractmethod

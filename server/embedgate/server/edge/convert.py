@@ -15,6 +15,7 @@ from embedgate.server.domain import (
     Image,
     ImageInput,
     Input,
+    OutputType,
     TextImageInput,
     TextInput,
     VideoInput,
@@ -37,13 +38,28 @@ class ParsedEmbed:
 
 @dataclass(frozen=True, slots=True)
 class ParsedRerank:
+    """A Rerank request as domain values. The documents come from ``field``
+    (``documents`` or ``document_inputs``); ``None`` where one broke a rule."""
+
     model: str
     query: str | None
-    documents: list[str | None]
+    documents: list[Input | None]
+    field: str
     top_n: int | None
     return_documents: bool
     options: EmbedOptions
     violations: list[Violation]
+
+
+_OUTPUT_TYPES = {
+    pb.OUTPUT_TYPE_UNSPECIFIED: OutputType.FLOAT32,
+    pb.OUTPUT_TYPE_FLOAT32: OutputType.FLOAT32,
+    pb.OUTPUT_TYPE_FLOAT16: OutputType.FLOAT16,
+    pb.OUTPUT_TYPE_INT8: OutputType.INT8,
+    pb.OUTPUT_TYPE_UINT8: OutputType.UINT8,
+    pb.OUTPUT_TYPE_BINARY: OutputType.BINARY,
+    pb.OUTPUT_TYPE_UBINARY: OutputType.UBINARY,
+}
 
 
 def request_id_or_new(given: str) -> str:
@@ -156,12 +172,24 @@ def _options(request: pb.EmbedRequest, violations: list[Violation]) -> EmbedOpti
             Violation("dimensions", "must be at least 1 when set", "UNSUPPORTED_DIMENSIONS")
         )
         dimensions = None
+    output_type = _OUTPUT_TYPES.get(request.output_type)
+    if output_type is None:
+        known = ", ".join(pb.OutputType.Name(n) for n in sorted(_OUTPUT_TYPES) if n)
+        violations.append(
+            Violation(
+                "output_type",
+                f"is {request.output_type}, not a known output type ({known})",
+                "UNSUPPORTED_OUTPUT_TYPE",
+            )
+        )
     return EmbedOptions(
         instruction=request.instruction,
         dimensions=dimensions,
         normalize=request.normalize if request.HasField("normalize") else None,
         request_id=request_id_or_new(request.request_id),
         user=request.user,
+        output_type=output_type or OutputType.FLOAT32,
+        cache=not request.no_cache,
     )
 
 
@@ -184,22 +212,52 @@ def parse_rerank(request: pb.RerankRequest) -> ParsedRerank:
     if not request.query.strip():
         violations.append(Violation("query", "is empty", "EMPTY_TEXT"))
         query = None
-    if not request.documents:
+    documents: list[Input | None] = []
+    field = "document_inputs" if request.document_inputs else "documents"
+    if request.documents and request.document_inputs:
         violations.append(
-            Violation("documents", "is empty: give at least one document", "MISSING_FIELD")
+            Violation(
+                "document_inputs",
+                "is set as well as documents: give the documents one way",
+                "CONFLICTING_FIELDS",
+            )
         )
-    documents: list[str | None] = []
-    for i, doc in enumerate(request.documents):
-        if doc.strip():
-            documents.append(doc)
-        else:
-            violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT"))
-            documents.append(None)
+    elif request.document_inputs:
+        documents = [
+            _parse_input(item, f"document_inputs[{i}]", violations)
+            for i, item in enumerate(request.document_inputs)
+        ]
+    elif not request.documents:
+        violations.append(
+            Violation(
+                "documents",
+                "is empty: give at least one document (as documents or document_inputs)",
+                "MISSING_FIELD",
+            )
+        )
+    else:
+        for i, doc in enumerate(request.documents):
+            if doc.strip():
+                documents.append(TextInput(doc))
+            else:
+                violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT"))
+                documents.append(None)
     top_n = request.top_n if request.HasField("top_n") else None
     if top_n == 0:
         violations.append(Violation("top_n", "must be at least 1 when set", "INVALID_TOP_N"))
         top_n = None
-    options = EmbedOptions(request_id=request_id_or_new(request.request_id), user=request.user)
+    options = EmbedOptions(
+        request_id=request_id_or_new(request.request_id),
+        user=request.user,
+        cache=not request.no_cache,
+    )
     return ParsedRerank(
-        request.model, query, documents, top_n, request.return_documents, options, violations
+        request.model,
+        query,
+        documents,
+        field,
+        top_n,
+        request.return_documents,
+        options,
+        violations,
     )

@@ -50,7 +50,11 @@ class Gateway:
             ]
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingService(self._router, default_deadline_s=self._settings.default_deadline_s),
+            EmbeddingService(
+                self._router,
+                default_deadline_s=self._settings.default_deadline_s,
+                pipeline_max_in_flight=self._settings.pipeline_max_in_flight,
+            ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -11,10 +11,11 @@ import grpc
 import structlog
 
 from embedgate.server.deadlines import deadline_scope
-from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, Usage
+from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, OutputType, Usage
 from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
-from embedgate.server.errors import EmbedgateError, InternalError, InvalidRequestError
+from embedgate.server.edge.wire import embedding_bytes, embeddings_field
+from embedgate.server.errors import EmbedgateError, InternalError, InvalidRequestError, Violation
 from embedgate.server.providers.base import Provider
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -90,9 +91,16 @@ _RERANK_METHODS = {
 
 
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, router: Router, *, default_deadline_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        default_deadline_s: float = 60.0,
+        pipeline_max_in_flight: int = 64,
+    ) -> None:
         self._router = router
         self._default_deadline_s = default_deadline_s
+        self._pipeline_max_in_flight = pipeline_max_in_flight
 
     def _budget(self, context: grpc.aio.ServicerContext[object, object]) -> float:
         """Seconds this RPC may take: the caller's deadline, or the configured default
@@ -147,14 +155,17 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def _prepare_embed(
         self,
         request: pb.EmbedRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: grpc.aio.ServicerContext[object, object] | None,
         access: _Access,
     ) -> tuple[Provider, list[Input], EmbedOptions]:
+        """Parse and validate; send the request id as initial metadata when given the
+        RPC's ``context`` (not for one request of a pipeline)."""
         parsed = parse_embed(request)
         access.fields.update(
             model=parsed.model, inputs=len(request.inputs), request_id=parsed.options.request_id
         )
-        await self._send_request_id(context, parsed.options.request_id)
+        if context is not None:
+            await self._send_request_id(context, parsed.options.request_id)
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
         provider = self._router.resolve(parsed.model)
@@ -169,18 +180,33 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         access = _Access("Embed")
 
         async def work() -> pb.EmbedResponse:
-            provider, inputs, options = await self._prepare_embed(request, context, access)
-            result = await self._router.embed(provider, inputs, options)
-            response = pb.EmbedResponse(
-                model=result.model,
-                request_id=options.request_id,
-                usage=_usage(result.usage),
-            )
-            for index, row in enumerate(result.vectors):
-                response.embeddings.add(index=index, values=row.tolist())
+            response = pb.EmbedResponse()
+            await self._embed_into(response, request, context, access)
             return response
 
         return await self._run(context, access, work)
+
+    async def _embed_into(
+        self,
+        response: pb.EmbedResponse,
+        request: pb.EmbedRequest,
+        context: grpc.aio.ServicerContext[object, object] | None,
+        access: _Access,
+    ) -> None:
+        provider, inputs, options = await self._prepare_embed(request, context, access)
+        result = await self._router.embed(provider, inputs, options)
+        response.model = result.model
+        response.request_id = options.request_id
+        usage = _usage(result.usage)
+        if usage is not None:
+            response.usage.CopyFrom(usage)
+        response.MergeFromString(
+            embeddings_field(
+                ((index, item.payload, item.cached) for index, item in enumerate(result.items)),
+                floats=options.output_type is OutputType.FLOAT32,
+            )
+        )
+        access.fields["cached_inputs"] = sum(item.cached for item in result.items)
 
     async def StreamEmbed(  # noqa: N802 - the RPC's name
         self, request: pb.StreamEmbedRequest, context: grpc.aio.ServicerContext[object, object]
@@ -219,15 +245,22 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             message = pb.StreamEmbedResponse(
                 index=item.index, model=model, request_id=options.request_id
             )
-            if item.error is not None or item.vector is None:
+            if item.error is not None or item.item is None:
                 error = item.error or InternalError("no vector was produced")
                 message.error.CopyFrom(to_rpc_status(error, index=item.index))
             else:
-                message.embedding.index = item.index
-                message.embedding.values.extend(item.vector.tolist())
-                if item.tokens is not None:
-                    message.usage.prompt_tokens = item.tokens
-                    message.usage.total_tokens = item.tokens
+                encoded = item.item
+                message.embedding.MergeFromString(
+                    embedding_bytes(
+                        item.index,
+                        encoded.payload,
+                        floats=options.output_type is OutputType.FLOAT32,
+                        cached=encoded.cached,
+                    )
+                )
+                if encoded.tokens is not None:
+                    message.usage.prompt_tokens = encoded.tokens
+                    message.usage.total_tokens = encoded.tokens
             yield message
 
     async def Rerank(  # noqa: N802 - the RPC's name
@@ -239,7 +272,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             parsed = parse_rerank(request)
             access.fields.update(
                 model=parsed.model,
-                inputs=len(request.documents) + 1,
+                inputs=len(parsed.documents) + 1,
                 request_id=parsed.options.request_id,
             )
             await self._send_request_id(context, parsed.options.request_id)
@@ -250,6 +283,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 provider,
                 parsed.query,
                 parsed.documents,
+                field=parsed.field,
                 top_n=parsed.top_n,
                 options=parsed.options,
                 prior=parsed.violations,
@@ -259,14 +293,118 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 request_id=parsed.options.request_id,
                 usage=_usage(result.usage),
                 method=_RERANK_METHODS[result.method],
+                query_cached=result.query_cached,
             )
             for ranked in result.ranked:
-                item = response.results.add(index=ranked.index, relevance_score=ranked.score)
-                if parsed.return_documents:
+                item = response.results.add(
+                    index=ranked.index, relevance_score=ranked.score, cached=ranked.cached
+                )
+                if not parsed.return_documents:
+                    continue
+                if request.document_inputs:
+                    item.document_input.CopyFrom(request.document_inputs[ranked.index])
+                else:
                     item.document = request.documents[ranked.index]
             return response
 
         return await self._run(context, access, work)
+
+    async def EmbedPipeline(  # noqa: N802 - the RPC's name
+        self,
+        request_iterator: AsyncIterator[pb.EmbedPipelineRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.EmbedPipelineResponse]:
+        """Serve each request as Embed would, concurrently, with at most
+        ``pipeline_max_in_flight`` of them between being read and their result being
+        taken by the caller: the next request is read only when one has left, so the
+        HTTP/2 flow control slows down a caller that sends faster than it reads."""
+        access = _Access("EmbedPipeline")
+        slots = asyncio.Semaphore(self._pipeline_max_in_flight)
+        results: asyncio.Queue[pb.EmbedPipelineResponse | None] = asyncio.Queue()
+        in_flight: set[str] = set()
+        workers: set[asyncio.Task[None]] = set()
+        served = failed = 0
+
+        async def serve(item: pb.EmbedPipelineRequest) -> None:
+            await results.put(await self._pipeline_one(item, context, in_flight))
+
+        async def read() -> None:
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    await slots.acquire()
+                    try:
+                        item = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    worker = asyncio.create_task(serve(item))
+                    workers.add(worker)
+                    worker.add_done_callback(workers.discard)
+                while workers:
+                    await asyncio.wait(set(workers))
+            finally:
+                await results.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await results.get()) is not None:
+                served += 1
+                failed += reply.HasField("error")
+                yield reply
+                slots.release()
+            await reader  # a failure to read the stream surfaces here
+        except asyncio.CancelledError:
+            access.emit(_ended_by(context))
+            raise
+        finally:
+            reader.cancel()
+            for worker in list(workers):
+                worker.cancel()
+        access.fields.update(requests=served, failed_requests=failed)
+        access.emit(grpc.StatusCode.OK)
+
+    async def _pipeline_one(
+        self,
+        item: pb.EmbedPipelineRequest,
+        context: grpc.aio.ServicerContext[object, object],
+        in_flight: set[str],
+    ) -> pb.EmbedPipelineResponse:
+        """One pipeline request, answered with its response or its own error status."""
+        reply = pb.EmbedPipelineResponse(correlation_id=item.correlation_id)
+        access = _Access("EmbedPipeline.request")
+        correlation = item.correlation_id
+        try:
+            if not correlation:
+                raise InvalidRequestError(
+                    [
+                        Violation(
+                            "correlation_id",
+                            "is required: an id the result is returned with",
+                            "MISSING_FIELD",
+                        )
+                    ]
+                )
+            if correlation in in_flight:
+                raise InvalidRequestError(
+                    [
+                        Violation(
+                            "correlation_id",
+                            f"{correlation!r} is already in flight on this stream",
+                            "DUPLICATE_CORRELATION_ID",
+                        )
+                    ]
+                )
+            in_flight.add(correlation)
+            try:
+                with deadline_scope(self._budget(context)):
+                    await self._embed_into(reply.response, item.request, None, access)
+            finally:
+                in_flight.discard(correlation)
+        except EmbedgateError as error:
+            reply.error.CopyFrom(to_rpc_status(error))
+        except Exception as exc:
+            reply.error.CopyFrom(to_rpc_status(_internal(exc)))
+        return reply
 
     async def ListModels(  # noqa: N802 - the RPC's name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]

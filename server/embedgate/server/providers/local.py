@@ -169,6 +169,7 @@ class LocalProvider:
             embeds=True,
             reranks=True,
             accepts_instruction=False,
+            source=f"local {path}",
         )
         log.info(
             "local_model_loaded",

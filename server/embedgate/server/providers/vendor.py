@@ -74,6 +74,7 @@ class VendorProvider:
             native_rerank=caps.reranks,
             accepts_instruction=caps.accepts_instruction,
             normalizes_by_default=settings.normalize,
+            source=f"{dialect.vendor} {settings.base_url} {dialect.model.vendor_model}",
         )
 
     @property

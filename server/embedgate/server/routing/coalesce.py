@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from embedgate.server.deadlines import current_deadline, deadline_at
-from embedgate.server.domain import EmbedOptions, Input
+from embedgate.server.domain import EmbedOptions, Input, OutputType
 from embedgate.server.errors import EmbedgateError, InternalError
 from embedgate.server.providers.base import Provider, Vectors
 from embedgate.server.routing.vectors import shape_vectors
@@ -37,14 +37,41 @@ class ItemVector:
 
 
 @dataclass(eq=False, slots=True)
-class _Item:
-    input: Input
+class _Waiter:
+    """One caller waiting for one input."""
+
     future: asyncio.Future[ItemVector]
     call: int  # which call it belongs to
-    index: int  # its position in that call
+    index: int  # the input's position in that call
     count: int  # how many inputs that call has
     request_id: str
     deadline: float | None
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    """One input to send, and everyone waiting for its vector: its caller, and any
+    caller that asked for the same content while it was in flight."""
+
+    input: Input
+    key: bytes | None
+    waiters: list[_Waiter]
+    # Set when the item leaves: its batch's task, and that batch's deadline.
+    batch: _Batch | None = None
+    deadline: float | None = None
+
+    @property
+    def launched(self) -> bool:
+        return self.batch is not None
+
+    def wanted(self) -> bool:
+        return any(not waiter.future.done() for waiter in self.waiters)
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    items: list[_Item]
+    task: asyncio.Task[None] | None = None
 
 
 class Coalescer:
@@ -56,6 +83,9 @@ class Coalescer:
         self._pending: dict[EmbedOptions, list[_Item]] = {}
         self._timers: dict[EmbedOptions, asyncio.TimerHandle] = {}
         self._running: set[asyncio.Task[None]] = set()
+        # Items in the queue or in a batch, by content key: a caller asking for the
+        # same content joins the item instead of sending it again.
+        self._in_flight: dict[bytes, _Item] = {}
         self._calls = 0
         self._batches = 0
 
@@ -64,42 +94,67 @@ class Coalescer:
         return max(1, self._provider.max_batch)
 
     def submit(
-        self, inputs: Sequence[Input], options: EmbedOptions
+        self,
+        inputs: Sequence[Input],
+        options: EmbedOptions,
+        *,
+        keys: Sequence[bytes] | None = None,
+        indexes: Sequence[int] | None = None,
+        count: int | None = None,
     ) -> list[asyncio.Future[ItemVector]]:
-        """Queue a call's inputs; one future per input, in the call's order."""
+        """Queue a call's inputs; one future per input, in the call's order.
+
+        ``keys`` names each input's content: an input whose content is already in
+        flight (and will be done within this caller's deadline) is not sent again.
+        ``indexes`` and ``count`` place the inputs in the caller's request when they
+        are only some of it (the rest came from the cache)."""
         loop = asyncio.get_running_loop()
         self._calls += 1
         deadline = current_deadline()
-        items = [
-            _Item(
-                item,
+        total = len(inputs) if count is None else count
+        batch_key = _batch_key(options)
+        fresh: list[_Item] = []
+        futures: list[asyncio.Future[ItemVector]] = []
+        for position, item in enumerate(inputs):
+            waiter = _Waiter(
                 loop.create_future(),
                 self._calls,
-                index,
-                len(inputs),
+                position if indexes is None else indexes[position],
+                total,
                 options.request_id,
                 deadline,
             )
-            for index, item in enumerate(inputs)
-        ]
-        key = dataclasses.replace(options, request_id="")
+            futures.append(waiter.future)
+            key = keys[position] if keys is not None else None
+            joined = self._in_flight.get(key) if key is not None else None
+            if joined is not None and _can_join(joined, deadline):
+                joined.waiters.append(waiter)
+                if joined.launched:
+                    waiter.future.add_done_callback(self._on_left(joined))
+                continue
+            entry = _Item(item, key, [waiter])
+            if key is not None:
+                self._in_flight[key] = entry
+            fresh.append(entry)
+        if not fresh:
+            return futures
         if self._wait_s <= 0:
-            self._launch_all(key, items)
-        else:
-            queue = self._pending.setdefault(key, [])
-            queue.extend(items)
-            while len(queue) >= self.size:
-                self._launch(key, queue[: self.size])
-                del queue[: self.size]
-            timer = self._timers.get(key)
-            if queue and timer is None:
-                self._timers[key] = loop.call_later(self._wait_s, self._flush, key)
-            elif not queue:
-                if timer is not None:
-                    timer.cancel()
-                    del self._timers[key]
-                del self._pending[key]
-        return [item.future for item in items]
+            self._launch_all(batch_key, fresh)
+            return futures
+        queue = self._pending.setdefault(batch_key, [])
+        queue.extend(fresh)
+        while len(queue) >= self.size:
+            self._launch(batch_key, queue[: self.size])
+            del queue[: self.size]
+        timer = self._timers.get(batch_key)
+        if queue and timer is None:
+            self._timers[batch_key] = loop.call_later(self._wait_s, self._flush, batch_key)
+        elif not queue:
+            if timer is not None:
+                timer.cancel()
+                del self._timers[batch_key]
+            del self._pending[batch_key]
+        return futures
 
     async def close(self) -> None:
         for timer in self._timers.values():
@@ -107,8 +162,10 @@ class Coalescer:
         self._timers.clear()
         for queue in self._pending.values():
             for item in queue:
-                item.future.cancel()
+                for waiter in item.waiters:
+                    waiter.future.cancel()
         self._pending.clear()
+        self._in_flight.clear()
         for task in list(self._running):
             task.cancel()
 
@@ -120,43 +177,71 @@ class Coalescer:
         for start in range(0, len(items), self.size):
             self._launch(key, items[start : start + self.size])
 
+    def _forget(self, item: _Item) -> None:
+        if item.key is not None and self._in_flight.get(item.key) is item:
+            del self._in_flight[item.key]
+
     def _launch(self, key: EmbedOptions, items: list[_Item]) -> None:
-        # Inputs whose caller has gone are not sent.
-        items = [item for item in items if not item.future.done()]
+        # Inputs whose callers have all gone are not sent.
+        for item in items:
+            if not item.wanted():
+                self._forget(item)
+        items = [item for item in items if item.wanted()]
         if not items:
             return
+        deadlines = [waiter.deadline for item in items for waiter in item.waiters]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        batch = _Batch(items)
+        for item in items:
+            item.batch = batch
+            item.deadline = latest
         self._batches += 1
-        task = asyncio.get_running_loop().create_task(self._run(key, items, self._batches))
+        task = asyncio.get_running_loop().create_task(self._run(key, items, self._batches, latest))
+        batch.task = task
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        waiting = len(items)
+        task.add_done_callback(lambda _: self._forget_all(items))
+        for item in items:
+            for waiter in item.waiters:
+                waiter.future.add_done_callback(self._on_left(item))
+
+    def _forget_all(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            self._forget(item)
+
+    def _on_left(self, item: _Item) -> Callable[[asyncio.Future[ItemVector]], None]:
+        """A callback for a waiter of a sent item: when the last caller waiting on
+        anything in the batch has gone, the batch is cancelled."""
 
         def left(future: asyncio.Future[ItemVector]) -> None:
-            nonlocal waiting
-            if future.cancelled():
-                waiting -= 1
-                if waiting == 0:  # nobody wants this batch any more
-                    task.cancel()
+            if not future.cancelled() or item.wanted():
+                return
+            self._forget(item)
+            batch = item.batch
+            if batch is None or batch.task is None:
+                return
+            if not any(other.wanted() for other in batch.items):
+                batch.task.cancel()
 
-        for item in items:
-            item.future.add_done_callback(left)
+        return left
 
     def _request_id(self, items: Sequence[_Item]) -> str:
-        first = items[0]
-        whole = len(items) == first.count and all(item.call == first.call for item in items)
+        waiters = [item.waiters[0] for item in items]
+        first = waiters[0]
+        whole = (
+            len(items) == first.count
+            and all(len(item.waiters) == 1 for item in items)
+            and all(waiter.call == first.call for waiter in waiters)
+        )
         return part_request_id(first.request_id, first.index, whole=whole)
 
-    async def _run(self, key: EmbedOptions, items: list[_Item], batch_id: int) -> None:
+    async def _run(
+        self, key: EmbedOptions, items: list[_Item], batch_id: int, deadline: float | None
+    ) -> None:
         provider = self._provider
-        deadlines = [item.deadline for item in items]
-        latest = (
-            None
-            if any(d is None for d in deadlines)
-            else max(d for d in deadlines if d is not None)
-        )
         options = dataclasses.replace(key, request_id=self._request_id(items))
         try:
-            with deadline_at(latest):
+            with deadline_at(deadline):
                 batch = await provider.embed([item.input for item in items], options)
             if batch.vectors.shape[0] != len(items):
                 raise InternalError(
@@ -169,23 +254,46 @@ class Coalescer:
             vectors = shape_vectors(batch.vectors, dimensions=key.dimensions, normalize=normalize)
         except asyncio.CancelledError:
             for item in items:
-                item.future.cancel()
+                for waiter in item.waiters:
+                    waiter.future.cancel()
             raise
         except Exception as error:  # every waiting caller is told, each about its own input
             failure = error if isinstance(error, EmbedgateError) else _unexpected(error)
             for item in items:
-                if not item.future.done():
-                    item.future.set_exception(_for_input(failure, item.index))
+                for waiter in item.waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(_for_input(failure, waiter.index))
             return
-        single_call = all(item.call == items[0].call for item in items)
-        total = batch.token_total if single_call else None
+        calls = {waiter.call for item in items for waiter in item.waiters}
+        total = batch.token_total if len(calls) == 1 else None
         for position, item in enumerate(items):
-            if item.future.done():
-                continue
             tokens = batch.tokens[position] if batch.tokens is not None else None
             if tokens is None and len(items) == 1:
                 tokens = batch.token_total
-            item.future.set_result(ItemVector(vectors[position], tokens, batch_id, total))
+            for order, waiter in enumerate(item.waiters):
+                if waiter.future.done():
+                    continue
+                # The vendor counted the input once: callers that joined it cost nothing.
+                own = tokens if order == 0 else (0 if tokens is not None else None)
+                waiter.future.set_result(ItemVector(vectors[position], own, batch_id, total))
+
+
+def _batch_key(options: EmbedOptions) -> EmbedOptions:
+    """The options that decide a vendor request: what the caller gets back from it
+    (its id, its output encoding, its cache use) does not."""
+    return dataclasses.replace(options, request_id="", output_type=OutputType.FLOAT32, cache=True)
+
+
+def _can_join(item: _Item, deadline: float | None) -> bool:
+    """A caller joins an item in flight only if the item's batch will not be cut off
+    before the caller's own deadline."""
+    if not item.wanted():
+        return False
+    if not item.launched:
+        return True  # the batch's deadline will be the latest of its callers'
+    if item.deadline is None:
+        return True
+    return deadline is not None and deadline <= item.deadline
 
 
 def part_request_id(request_id: str, start: int, *, whole: bool) -> str:

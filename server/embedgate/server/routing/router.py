@@ -17,6 +17,7 @@ from embedgate.server.domain import (
     Input,
     Modality,
     ModelInfo,
+    OutputType,
     TextImageInput,
     TextInput,
     Usage,
@@ -29,8 +30,10 @@ from embedgate.server.errors import (
     ModelNotFoundError,
     Violation,
 )
-from embedgate.server.providers.base import Provider, Ranked, Reranker, Vectors
+from embedgate.server.providers.base import Provider, Reranker
+from embedgate.server.routing.cache import VectorCache, entry_key, vector_key
 from embedgate.server.routing.coalesce import Coalescer, ItemVector, part_request_id
+from embedgate.server.routing.vectors import decode_float32, encode_vectors
 
 T = TypeVar("T")
 
@@ -39,18 +42,40 @@ T = TypeVar("T")
 PathOf = Callable[[int, Input, bool], str]
 
 
-def embed_input_path(index: int, item: Input, text: bool) -> str:
-    if text and isinstance(item, TextImageInput):
-        return f"inputs[{index}].text_image.text"
-    return f"inputs[{index}].{item.modality.value}"
+def input_path(field: str) -> PathOf:
+    """Paths into a repeated ``Input`` field: ``inputs[2].image``, or the text of a
+    text+image input (``inputs[2].text_image.text``)."""
+
+    def path_of(index: int, item: Input, text: bool) -> str:
+        if text and isinstance(item, TextImageInput):
+            return f"{field}[{index}].text_image.text"
+        return f"{field}[{index}].{item.modality.value}"
+
+    return path_of
+
+
+embed_input_path = input_path("inputs")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One input's vector, encoded as the caller asked, and where it came from."""
+
+    payload: bytes
+    # From the cache: the model was not called for it, and it cost no tokens.
+    cached: bool
+    # Its own tokens, where known (see ``_usage`` for the rest).
+    tokens: int | None
+    batch: int = 0
+    batch_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
-    """Every input's vector, in the caller's order (row ``i`` is input ``i``)."""
+    """Every input's vector, in the caller's order (``items[i]`` is input ``i``)."""
 
     model: str
-    vectors: Vectors
+    items: tuple[Encoded, ...]
     usage: Usage | None
 
 
@@ -59,35 +84,63 @@ class ItemResult:
     """One input's outcome: its vector, or the error that stopped it."""
 
     index: int
-    vector: Vectors | None = None
-    tokens: int | None = None
+    item: Encoded | None = None
     error: EmbedgateError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankedItem:
+    index: int
+    score: float
+    # The document's vector came from the cache (cosine ranking only).
+    cached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RerankResult:
     model: str
-    ranked: tuple[Ranked, ...]
+    ranked: tuple[RankedItem, ...]
     usage: Usage | None
     # How the scores were made: the vendor's reranker, or embedding cosine similarity.
     method: Literal["vendor", "embedding_cosine"] = "embedding_cosine"
+    query_cached: bool = False
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """A call's inputs after the cache: what it had, and futures for the rest."""
+
+    found: list[bytes | None]
+    # Positions (in the call) of the inputs sent to the model, with their futures.
+    sent: list[int]
+    futures: list[asyncio.Future[ItemVector]]
+    # Cache entry keys of every input; None when the call does not use the cache.
+    keys: list[bytes] | None
 
 
 class Router:
     """Serves every configured model through its provider."""
 
     def __init__(
-        self, providers: Sequence[Provider], *, coalesce_wait_s: Mapping[str, float] | None = None
+        self,
+        providers: Sequence[Provider],
+        *,
+        coalesce_wait_s: Mapping[str, float] | None = None,
+        cache: VectorCache | None = None,
     ) -> None:
         """``coalesce_wait_s``: per model name, how long a batch waits for other calls to
-        join it (absent or 0: calls are not merged)."""
+        join it (absent or 0: calls are not merged). ``cache``: where vectors are kept
+        between calls (None: nowhere, and identical inputs in flight are not merged)."""
         self._providers = list(providers)
         self._waits = dict(coalesce_wait_s or {})
+        self._cache = cache
         self._by_name: dict[str, Provider] = {}
         self._queues: dict[str, Coalescer] = {}
 
     async def start(self) -> None:
         await asyncio.gather(*(provider.start() for provider in self._providers))
+        if self._cache is not None:
+            await self._cache.start()
         self._by_name = {provider.info.name: provider for provider in self._providers}
         self._queues = {
             name: Coalescer(provider, wait_s=self._waits.get(name, 0.0))
@@ -100,6 +153,8 @@ class Router:
         await asyncio.gather(
             *(provider.close() for provider in self._providers), return_exceptions=True
         )
+        if self._cache is not None:
+            await self._cache.close()
 
     def models(self) -> list[ModelInfo]:
         return [provider.info for provider in self._providers]
@@ -211,33 +266,83 @@ class Router:
             raise InvalidRequestError(violations, metadata={"model": info.name})
         return [item for item in inputs if item is not None]
 
+    async def _look_up(
+        self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
+    ) -> _Lookup:
+        """Take what the cache has; send the rest to the model's queue."""
+        queue = self._queues[provider.info.name]
+        cache = self._cache
+        if cache is None or not options.cache:
+            futures = queue.submit(inputs, options)
+            return _Lookup([None] * len(inputs), list(range(len(inputs))), futures, None)
+        content = [vector_key(provider.info, options, item) for item in inputs]
+        keys = [entry_key(key, options.output_type) for key in content]
+        found = await cache.get_many(keys)
+        sent = [position for position, payload in enumerate(found) if payload is None]
+        futures = queue.submit(
+            [inputs[position] for position in sent],
+            options,
+            keys=[content[position] for position in sent],
+            indexes=sent,
+            count=len(inputs),
+        )
+        return _Lookup(found, sent, futures, keys)
+
+    def _encode(
+        self,
+        lookup: _Lookup,
+        positions: Sequence[int],
+        items: Sequence[ItemVector],
+        output: OutputType,
+    ) -> list[Encoded]:
+        """Encode vectors fresh from the model (a batch at once) and cache them."""
+        if not items:
+            return []
+        payloads = encode_vectors(np.stack([item.vector for item in items]), output)
+        if self._cache is not None and lookup.keys is not None:
+            for position, payload in zip(positions, payloads, strict=True):
+                self._cache.put(lookup.keys[position], payload)
+        return [
+            Encoded(payload, False, item.tokens, item.batch, item.batch_tokens)
+            for payload, item in zip(payloads, items, strict=True)
+        ]
+
     async def embed(
         self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
     ) -> EmbedResult:
         """All or nothing: the first failure is raised, naming the input it belongs to,
         and the call's other inputs are withdrawn."""
-        futures = self._queues[provider.info.name].submit(inputs, options)
+        lookup = await self._look_up(provider, inputs, options)
         try:
             async with _until_deadline(provider):
-                items = await asyncio.gather(*futures)
+                fresh = await asyncio.gather(*lookup.futures)
         finally:
-            for future in futures:
+            for future in lookup.futures:
                 future.cancel()
-        return EmbedResult(
-            model=provider.info.name,
-            vectors=np.stack([item.vector for item in items]),
-            usage=_usage(items),
-        )
+        encoded = self._encode(lookup, lookup.sent, fresh, options.output_type)
+        slots: list[Encoded | None] = [
+            None if payload is None else Encoded(payload, True, 0) for payload in lookup.found
+        ]
+        for position, item in zip(lookup.sent, encoded, strict=True):
+            slots[position] = item
+        items = tuple(item for item in slots if item is not None)
+        if len(items) != len(inputs):
+            raise InternalError(f"{len(items)} vectors for {len(inputs)} inputs")
+        return EmbedResult(model=provider.info.name, items=items, usage=_usage(items))
 
     async def embed_each(
         self, provider: Provider, inputs: Sequence[Input], options: EmbedOptions
     ) -> AsyncIterator[ItemResult]:
-        """Yield each input's outcome as soon as its batch is done, in any order. A
-        failed batch yields an error for each of its inputs; the others go on."""
-        futures = self._queues[provider.info.name].submit(inputs, options)
-        index_of = {future: index for index, future in enumerate(futures)}
-        pending: set[asyncio.Future[ItemVector]] = set(futures)
+        """Yield each input's outcome as soon as it is known, in any order: cached
+        ones first, then each batch's as it is done. A failed batch yields an error
+        for each of its inputs; the others go on."""
+        lookup = await self._look_up(provider, inputs, options)
+        index_of = dict(zip(lookup.futures, lookup.sent, strict=True))
+        pending: set[asyncio.Future[ItemVector]] = set(lookup.futures)
         try:
+            for index, payload in enumerate(lookup.found):
+                if payload is not None:
+                    yield ItemResult(index=index, item=Encoded(payload, True, 0))
             async with _until_deadline(provider):
                 while pending:
                     done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -247,24 +352,29 @@ class Router:
                         if error is not None:
                             yield ItemResult(index=index, error=_as_error(error))
                             continue
-                        item = future.result()
-                        yield ItemResult(index=index, vector=item.vector, tokens=item.tokens)
+                        (item,) = self._encode(
+                            lookup, [index], [future.result()], options.output_type
+                        )
+                        yield ItemResult(index=index, item=item)
         finally:
-            for future in futures:
+            for future in lookup.futures:
                 future.cancel()
 
     async def rerank(
         self,
         provider: Provider,
         query: str | None,
-        documents: Sequence[str | None],
+        documents: Sequence[Input | None],
         *,
+        field: str = "documents",
         top_n: int | None,
         options: EmbedOptions,
         prior: Sequence[Violation] = (),
     ) -> RerankResult:
-        """Rank by cosine similarity of the query's and each document's embedding.
-        ``None`` stands for a query or document the edge already rejected."""
+        """Rank the documents (given in request field ``field``) by relevance to the
+        query: with the vendor's reranker where the model has one, else by the cosine
+        similarity of their embeddings (through the cache). ``None`` stands for a
+        query or document the edge already rejected."""
         info = provider.info
         violations = list(prior)
         if not info.reranks:
@@ -277,34 +387,51 @@ class Router:
                     "RERANK_NOT_SUPPORTED",
                 )
             )
-        texts = [query, *documents]
-        inputs: list[Input | None] = [None if t is None else TextInput(t) for t in texts]
+        inputs: list[Input | None] = [None if query is None else TextInput(query), *documents]
+        document_path = input_path(field)
 
         def path_of(index: int, item: Input, text: bool) -> str:
-            return "query" if index == 0 else f"documents[{index - 1}]"
+            if index == 0:
+                return "query"
+            if field == "documents":
+                return f"documents[{index - 1}]"
+            return document_path(index - 1, item, text)
 
-        scoring = EmbedOptions(normalize=True, request_id=options.request_id, user=options.user)
+        scoring = EmbedOptions(
+            normalize=True, request_id=options.request_id, user=options.user, cache=options.cache
+        )
         valid = await self.validate(
             provider,
             inputs,
             scoring,
             path_of=path_of,
-            count=("documents", len(documents)),
+            count=(field, len(documents)),
             prior=violations,
             embedding=not info.native_rerank,
         )
         if info.native_rerank and isinstance(provider, Reranker):
-            texts_ok = [item.text for item in valid if isinstance(item, TextInput)]
+            texts = [item.text for item in valid if isinstance(item, TextInput)]
+            if len(texts) != len(valid):  # the reranker's modalities are text only
+                raise InternalError(f"model {info.name} was given a document that is not text")
             return await self._rerank_natively(
-                provider, provider, texts_ok[0], texts_ok[1:], top_n, options
+                provider, provider, texts[0], texts[1:], top_n, options
             )
         result = await self.embed(provider, valid, scoring)
-        scores = result.vectors[1:] @ result.vectors[0]
+        matrix = np.stack([decode_float32(item.payload) for item in result.items])
+        scores = matrix[1:] @ matrix[0]
         order = np.argsort(-scores, kind="stable")
         if top_n is not None:
             order = order[:top_n]
-        ranked = tuple(Ranked(index=int(i), score=float(scores[i])) for i in order)
-        return RerankResult(model=info.name, ranked=ranked, usage=result.usage)
+        ranked = tuple(
+            RankedItem(index=int(i), score=float(scores[i]), cached=result.items[i + 1].cached)
+            for i in order
+        )
+        return RerankResult(
+            model=info.name,
+            ranked=ranked,
+            usage=result.usage,
+            query_cached=result.items[0].cached,
+        )
 
     async def _rerank_natively(
         self,
@@ -335,7 +462,7 @@ class Router:
             ]
         )
         merged = [
-            Ranked(index=start + item.index, score=item.score)
+            RankedItem(index=start + item.index, score=item.score)
             for start, ranking in zip(starts, rankings, strict=True)
             for item in ranking.results
         ]
@@ -365,7 +492,7 @@ async def _all_or_nothing(tasks: Sequence[asyncio.Task[T]]) -> list[T]:
             task.cancel()
 
 
-def _usage(items: Sequence[ItemVector]) -> Usage | None:
+def _usage(items: Sequence[Encoded]) -> Usage | None:
     """Tokens of the whole call, when they can be told: each input's own count, or
     the total of a batch that held only this call's inputs. A batch shared with other
     calls counts tokens for all of them together, which no caller can be charged."""

@@ -3,8 +3,12 @@ normalisation, applied to whole batches with numpy (no per-float Python loops)."
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from embedgate.server.domain import OutputType
 from embedgate.server.errors import InternalError
 from embedgate.server.providers.base import Vectors
 
@@ -29,3 +33,35 @@ def shape_vectors(vectors: Vectors, *, dimensions: int | None, normalize: bool) 
         norms[norms == 0] = 1.0
         vectors = vectors / norms
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+# Little-endian on every platform: the contract fixes the byte order.
+_FLOAT32 = np.dtype("<f4")
+_FLOAT16 = np.dtype("<f2")
+
+
+def encode_vectors(vectors: Vectors, output_type: OutputType) -> list[bytes]:
+    """Each row of a batch encoded as the contract's ``OutputType`` says, computed for
+    the whole batch at once. The integer scales assume values in [-1, 1] (unit
+    vectors); anything outside is clipped."""
+    encoded: npt.NDArray[Any]
+    match output_type:
+        case OutputType.FLOAT32:
+            encoded = vectors.astype(_FLOAT32, copy=False)
+        case OutputType.FLOAT16:
+            encoded = vectors.astype(_FLOAT16)
+        case OutputType.INT8:
+            encoded = np.clip(np.rint(vectors * 127.0), -127, 127).astype(np.int8)
+        case OutputType.UINT8:
+            encoded = np.clip(np.rint((vectors + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        case OutputType.UBINARY:
+            encoded = np.packbits(vectors > 0, axis=1)
+        case OutputType.BINARY:
+            # Cohere-style signed bytes: the packed byte minus 128, i.e. its top bit flipped.
+            encoded = np.packbits(vectors > 0, axis=1) ^ np.uint8(0x80)
+    return [row.tobytes() for row in encoded]
+
+
+def decode_float32(payload: bytes) -> Vectors:
+    """A float32 payload back into a vector (for scoring cached vectors)."""
+    return np.frombuffer(payload, dtype=_FLOAT32).astype(np.float32, copy=False)
