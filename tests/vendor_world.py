@@ -37,6 +37,7 @@ class VendorWorld:
     stub: pb_grpc.EmbeddingServiceAsyncStub
     fakes: dict[str, FakeVendor]
     gateway: Gateway
+    target: str
 
     def fake_of(self, model: str) -> FakeVendor:
         return self.fakes[MODEL_VENDOR[model]]
@@ -170,7 +171,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Vendo
     gateway = build_gateway(config)
     port = await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield VendorWorld(pb_grpc.EmbeddingServiceStub(channel), fakes, gateway)
+    yield VendorWorld(pb_grpc.EmbeddingServiceStub(channel), fakes, gateway, f"127.0.0.1:{port}")
     await channel.close()
     await gateway.stop(grace=1)
     for fake in fakes.values():

@@ -29,10 +29,13 @@ from embedgate.client._sync import Client
 from embedgate.client._types import (
     EmbedResult,
     ModelInfo,
+    OutputType,
+    PipelineResult,
     RankedDocument,
     RerankResult,
     StreamItem,
     Usage,
+    Vector,
 )
 
 __all__ = [
@@ -48,7 +51,9 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
+    "OutputType",
     "PermissionDeniedError",
+    "PipelineResult",
     "RankedDocument",
     "RequestCancelledError",
     "RerankResult",
@@ -57,6 +62,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",
+    "Vector",
     "error_from_status",
     "image_bytes",
     "image_uri",

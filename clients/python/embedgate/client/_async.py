@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Unpack
 
@@ -15,12 +15,15 @@ from embedgate.client._types import (
     EmbedOptions,
     EmbedResult,
     ModelInfo,
+    PipelineResult,
     RerankOptions,
     RerankResult,
     StreamItem,
+    Vector,
     embed_request,
     embed_result,
     model_infos,
+    pipeline_result,
     rerank_request,
     rerank_result,
     stream_item,
@@ -78,7 +81,7 @@ class AsyncClient:
         """One vector per input, in order. ``options``: instruction, dimensions,
         normalize, request_id, user."""
         request = embed_request(inputs, model=model, **options)
-        return embed_result(await self.embed_message(request, timeout=timeout))
+        return embed_result(await self.embed_message(request, timeout=timeout), request.output_type)
 
     async def embed_message(
         self, request: pb.EmbedRequest, *, timeout: float | None = None
@@ -100,8 +103,8 @@ class AsyncClient:
         dimensions: int | None = None,
         normalize: bool | None = None,
         timeout: float | None = None,
-    ) -> list[list[float]]:
-        """The vectors of ``texts``, in order."""
+    ) -> Vector:
+        """The vectors of ``texts``, in order: a float32 array, one row per text."""
         result = await self.embed(
             texts, model=model, dimensions=dimensions, normalize=normalize, timeout=timeout
         )
@@ -123,7 +126,47 @@ class AsyncClient:
         )
         try:
             async for message in call:
-                yield stream_item(message)
+                yield stream_item(message, request.request.output_type)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_aio(error) from None
+        finally:
+            call.cancel()
+
+    async def embed_pipeline(
+        self,
+        requests: AsyncIterable[tuple[str, Iterable[InputLike]]]
+        | Iterable[tuple[str, Iterable[InputLike]]],
+        *,
+        model: str,
+        timeout: float | None = None,
+        **options: Unpack[EmbedOptions],
+    ) -> AsyncIterator[PipelineResult]:
+        """Send ``(correlation_id, inputs)`` requests down one stream and get each
+        one's result as soon as it is done, in any order, tagged with its id. The
+        server bounds the requests in flight; when it is busy, sending waits.
+        ``timeout`` bounds the whole stream (give a long one for a long job)."""
+        output_type = embed_request([], model=model, **options).output_type
+
+        def message(correlation_id: str, inputs: Iterable[InputLike]) -> pb.EmbedPipelineRequest:
+            return pb.EmbedPipelineRequest(
+                correlation_id=correlation_id,
+                request=embed_request(inputs, model=model, **options),
+            )
+
+        async def messages() -> AsyncIterator[pb.EmbedPipelineRequest]:
+            if isinstance(requests, AsyncIterable):
+                async for correlation_id, inputs in requests:
+                    yield message(correlation_id, inputs)
+            else:
+                for correlation_id, inputs in requests:
+                    yield message(correlation_id, inputs)
+
+        call = self._stub.EmbedPipeline(
+            messages(), timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        try:
+            async for reply in call:
+                yield pipeline_result(reply, output_type)
         except grpc.aio.AioRpcError as error:
             raise error_from_aio(error) from None
         finally:
@@ -132,13 +175,15 @@ class AsyncClient:
     async def rerank(
         self,
         query: str,
-        documents: Sequence[str],
+        documents: Sequence[InputLike],
         *,
         model: str,
         timeout: float | None = None,
         **options: Unpack[RerankOptions],
     ) -> RerankResult:
-        """Documents best first. ``options``: top_n, return_documents, request_id, user."""
+        """Documents best first. ``options``: top_n, return_documents, request_id, user,
+        no_cache. Documents are texts, or input messages (images, videos...) for a
+        model that embeds them: a text query can rank images."""
         request = rerank_request(query, documents, model=model, **options)
         try:
             response = await self._stub.Rerank(

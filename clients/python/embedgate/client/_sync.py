@@ -15,12 +15,15 @@ from embedgate.client._types import (
     EmbedOptions,
     EmbedResult,
     ModelInfo,
+    PipelineResult,
     RerankOptions,
     RerankResult,
     StreamItem,
+    Vector,
     embed_request,
     embed_result,
     model_infos,
+    pipeline_result,
     rerank_request,
     rerank_result,
     stream_item,
@@ -78,7 +81,7 @@ class Client:
         """One vector per input, in order. ``options``: instruction, dimensions,
         normalize, request_id, user."""
         request = embed_request(inputs, model=model, **options)
-        return embed_result(self.embed_message(request, timeout=timeout))
+        return embed_result(self.embed_message(request, timeout=timeout), request.output_type)
 
     def embed_message(
         self, request: pb.EmbedRequest, *, timeout: float | None = None
@@ -100,8 +103,8 @@ class Client:
         dimensions: int | None = None,
         normalize: bool | None = None,
         timeout: float | None = None,
-    ) -> list[list[float]]:
-        """The vectors of ``texts``, in order."""
+    ) -> Vector:
+        """The vectors of ``texts``, in order: a float32 array, one row per text."""
         return self.embed(
             texts, model=model, dimensions=dimensions, normalize=normalize, timeout=timeout
         ).vectors
@@ -122,7 +125,38 @@ class Client:
         )
         try:
             for message in call:
-                yield stream_item(message)
+                yield stream_item(message, request.request.output_type)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    def embed_pipeline(
+        self,
+        requests: Iterable[tuple[str, Iterable[InputLike]]],
+        *,
+        model: str,
+        timeout: float | None = None,
+        **options: Unpack[EmbedOptions],
+    ) -> Iterator[PipelineResult]:
+        """Send ``(correlation_id, inputs)`` requests down one stream and get each
+        one's result as soon as it is done, in any order, tagged with its id. The
+        server bounds the requests in flight; when it is busy, sending waits.
+        ``timeout`` bounds the whole stream (give a long one for a long job)."""
+        output_type = embed_request([], model=model, **options).output_type
+        messages = (
+            pb.EmbedPipelineRequest(
+                correlation_id=correlation_id,
+                request=embed_request(inputs, model=model, **options),
+            )
+            for correlation_id, inputs in requests
+        )
+        call = self._stub.EmbedPipeline(
+            messages, timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        try:
+            for reply in call:
+                yield pipeline_result(reply, output_type)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         finally:
@@ -131,13 +165,15 @@ class Client:
     def rerank(
         self,
         query: str,
-        documents: Sequence[str],
+        documents: Sequence[InputLike],
         *,
         model: str,
         timeout: float | None = None,
         **options: Unpack[RerankOptions],
     ) -> RerankResult:
-        """Documents best first. ``options``: top_n, return_documents, request_id, user."""
+        """Documents best first. ``options``: top_n, return_documents, request_id, user,
+        no_cache. Documents are texts, or input messages (images, videos...) for a
+        model that embeds them: a text query can rank images."""
         request = rerank_request(query, documents, model=model, **options)
         try:
             response = self._stub.Rerank(

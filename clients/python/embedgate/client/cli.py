@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import json_format
 
 from embedgate.client._errors import EmbedgateError
@@ -83,8 +83,8 @@ def _embed(args: argparse.Namespace, client: Client) -> int:
     result = embed_result(response)
     print(f"model {result.model}, request {result.request_id}")
     for item, vector in zip(inputs, result.vectors, strict=True):
-        norm = math.sqrt(sum(v * v for v in vector))
-        head = ", ".join(f"{v:+.4f}" for v in vector[:4])
+        norm = float(np.linalg.norm(vector))
+        head = ", ".join(f"{float(v):+.4f}" for v in vector[:4])
         print(f"  {_describe_input(item)}: {len(vector)} dims, norm {norm:.4f}, [{head}, ...]")
     if result.usage is not None:
         print(f"usage: {result.usage.prompt_tokens} prompt tokens")

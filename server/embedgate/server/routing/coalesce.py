@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from embedgate.server.deadlines import current_deadline, deadline_at
 from embedgate.server.domain import EmbedOptions, Input, OutputType
-from embedgate.server.errors import EmbedgateError, InternalError
+from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError
 from embedgate.server.providers.base import Provider, Vectors
 from embedgate.server.routing.vectors import shape_vectors
 
@@ -205,6 +205,25 @@ class Coalescer:
             for waiter in item.waiters:
                 waiter.future.add_done_callback(self._on_left(item))
 
+    def _outlasting(self, items: Sequence[_Item], deadline: float) -> list[_Item]:
+        """Move the waiters whose deadline is later than ``deadline`` to new items."""
+        again: list[_Item] = []
+        for item in items:
+            later = [
+                waiter
+                for waiter in item.waiters
+                if not waiter.future.done()
+                and (waiter.deadline is None or waiter.deadline > deadline)
+            ]
+            if not later:
+                continue
+            item.waiters = [waiter for waiter in item.waiters if waiter not in later]
+            fresh = _Item(item.input, item.key, later)
+            if item.key is not None:
+                self._in_flight[item.key] = fresh
+            again.append(fresh)
+        return again
+
     def _forget_all(self, items: Sequence[_Item]) -> None:
         for item in items:
             self._forget(item)
@@ -259,6 +278,10 @@ class Coalescer:
             raise
         except Exception as error:  # every waiting caller is told, each about its own input
             failure = error if isinstance(error, EmbedgateError) else _unexpected(error)
+            if isinstance(failure, DeadlineExceededError) and deadline is not None:
+                # Callers that joined after the batch left may have more time than it
+                # had: their inputs go again, under their own deadlines.
+                self._launch_all(key, self._outlasting(items, deadline))
             for item in items:
                 for waiter in item.waiters:
                     if not waiter.future.done():
@@ -285,15 +308,10 @@ def _batch_key(options: EmbedOptions) -> EmbedOptions:
 
 
 def _can_join(item: _Item, deadline: float | None) -> bool:
-    """A caller joins an item in flight only if the item's batch will not be cut off
-    before the caller's own deadline."""
-    if not item.wanted():
-        return False
-    if not item.launched:
-        return True  # the batch's deadline will be the latest of its callers'
-    if item.deadline is None:
-        return True
-    return deadline is not None and deadline <= item.deadline
+    """Any caller may join an item someone still waits for. One whose deadline is
+    later than the item's batch is not cut short by it: if the batch runs out of
+    time, the input is sent again for the callers that have time left."""
+    return item.wanted()
 
 
 def part_request_id(request_id: str, start: int, *, whole: bool) -> str:
