@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import numpy as np
 import pytest
 from conftest import LOCAL, Served
@@ -46,8 +47,8 @@ async def test_response_carries_model_usage_and_request_id(served: Served) -> No
         model=LOCAL, inputs=[pb.Input(text="two apples")], request_id="req-42"
     )
     call = served.stub.Embed(request, timeout=60)
-    assert ("x-request-id", "req-42") in tuple(await call.initial_metadata())
     response = await call
+    assert ("x-request-id", "req-42") in tuple(await call.trailing_metadata())
     assert response.model == LOCAL
     assert response.request_id == "req-42"
     # [CLS] two apples [SEP]
@@ -152,3 +153,19 @@ async def test_length_problems_name_the_position_in_the_batch(served: Served) ->
     ]
     problems = await served.local.check(batch, EmbedOptions())
     assert [(p.index, p.reason) for p in problems] == [(2, "INPUT_TOO_LONG")]
+
+
+async def test_the_request_id_comes_back_on_failures_and_streams(served: Served) -> None:
+    bad = pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text=" ")], request_id="req-bad")
+    call = served.stub.Embed(bad, timeout=60)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert ("x-request-id", "req-bad") in tuple(caught.value.trailing_metadata() or ())
+    stream = served.stub.StreamEmbed(
+        pb.StreamEmbedRequest(
+            request=pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="x")], request_id="req-s")
+        ),
+        timeout=60,
+    )
+    assert len([message async for message in stream]) == 1
+    assert ("x-request-id", "req-s") in tuple(await stream.trailing_metadata())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -59,15 +60,24 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
 
 
 class _Access:
-    """Collects the fields of one access-log line."""
+    """Collects the fields of one access-log line, and the request id the RPC sends
+    back (in trailing metadata: no extra operation, on success and on failure)."""
+
+    __slots__ = ("fields", "request_id", "started")
 
     def __init__(self, method: str) -> None:
         self.fields: dict[str, object] = {"method": method}
         self.started = time.perf_counter()
+        self.request_id = ""
 
     def emit(self, code: grpc.StatusCode) -> None:
+        if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
+            return
         duration_ms = round((time.perf_counter() - self.started) * 1000, 3)
         log.info("rpc_finished", code=code.name, duration_ms=duration_ms, **self.fields)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_HEADER, self.request_id),) if self.request_id else ()
 
 
 def _internal(exc: Exception) -> EmbedgateError:
@@ -131,6 +141,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             failure = _internal(exc)
         if failure is None:
             if finishes:
+                context.set_trailing_metadata(access.metadata())
                 access.emit(grpc.StatusCode.OK)
             return result
         await self._abort(context, access, failure)
@@ -145,27 +156,18 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         status = to_rpc_status(failure)
         access.fields["reason"] = failure.reason
         access.emit(grpc_code(failure))
-        await context.abort(grpc_code(failure), status.message, trailing_metadata(status))
-
-    async def _send_request_id(
-        self, context: grpc.aio.ServicerContext[object, object], request_id: str
-    ) -> None:
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        await context.abort(
+            grpc_code(failure), status.message, (*trailing_metadata(status), *access.metadata())
+        )
 
     async def _prepare_embed(
-        self,
-        request: pb.EmbedRequest,
-        context: grpc.aio.ServicerContext[object, object] | None,
-        access: _Access,
+        self, request: pb.EmbedRequest, access: _Access
     ) -> tuple[Provider, list[Input], EmbedOptions]:
-        """Parse and validate; send the request id as initial metadata when given the
-        RPC's ``context`` (not for one request of a pipeline)."""
         parsed = parse_embed(request)
+        access.request_id = parsed.options.request_id
         access.fields.update(
             model=parsed.model, inputs=len(request.inputs), request_id=parsed.options.request_id
         )
-        if context is not None:
-            await self._send_request_id(context, parsed.options.request_id)
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
         provider = self._router.resolve(parsed.model)
@@ -181,19 +183,15 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
         async def work() -> pb.EmbedResponse:
             response = pb.EmbedResponse()
-            await self._embed_into(response, request, context, access)
+            await self._embed_into(response, request, access)
             return response
 
         return await self._run(context, access, work)
 
     async def _embed_into(
-        self,
-        response: pb.EmbedResponse,
-        request: pb.EmbedRequest,
-        context: grpc.aio.ServicerContext[object, object] | None,
-        access: _Access,
+        self, response: pb.EmbedResponse, request: pb.EmbedRequest, access: _Access
     ) -> None:
-        provider, inputs, options = await self._prepare_embed(request, context, access)
+        provider, inputs, options = await self._prepare_embed(request, access)
         result = await self._router.embed(provider, inputs, options)
         response.model = result.model
         response.request_id = options.request_id
@@ -215,7 +213,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         provider, inputs, options = await self._run(
             context,
             access,
-            lambda: self._prepare_embed(request.request, context, access),
+            lambda: self._prepare_embed(request.request, access),
             finishes=False,
         )
         model = provider.info.name
@@ -236,6 +234,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             await self._abort(context, access, _internal(exc))
             return
         access.fields["failed_inputs"] = failed
+        context.set_trailing_metadata(access.metadata())
         access.emit(grpc.StatusCode.OK)
 
     async def _stream(
@@ -275,7 +274,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 inputs=len(parsed.documents) + 1,
                 request_id=parsed.options.request_id,
             )
-            await self._send_request_id(context, parsed.options.request_id)
+            access.request_id = parsed.options.request_id
             if not parsed.model:  # nothing to resolve: report what the edge found
                 raise InvalidRequestError(parsed.violations)
             provider = self._router.resolve(parsed.model)
@@ -397,7 +396,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             in_flight.add(correlation)
             try:
                 with deadline_scope(self._budget(context)):
-                    await self._embed_into(reply.response, item.request, None, access)
+                    await self._embed_into(reply.response, item.request, access)
             finally:
                 in_flight.discard(correlation)
         except EmbedgateError as error:

@@ -279,6 +279,8 @@ class Router:
         keys = [entry_key(key, options.output_type) for key in content]
         found = await cache.get_many(keys)
         sent = [position for position, payload in enumerate(found) if payload is None]
+        if not sent:
+            return _Lookup(found, sent, [], keys)
         futures = queue.submit(
             [inputs[position] for position in sent],
             options,
@@ -313,12 +315,14 @@ class Router:
         """All or nothing: the first failure is raised, naming the input it belongs to,
         and the call's other inputs are withdrawn."""
         lookup = await self._look_up(provider, inputs, options)
-        try:
-            async with _until_deadline(provider):
-                fresh = await asyncio.gather(*lookup.futures)
-        finally:
-            for future in lookup.futures:
-                future.cancel()
+        fresh: Sequence[ItemVector] = ()
+        if lookup.futures:  # else every vector came from the cache: nothing to wait for
+            try:
+                async with _until_deadline(provider):
+                    fresh = await asyncio.gather(*lookup.futures)
+            finally:
+                for future in lookup.futures:
+                    future.cancel()
         encoded = self._encode(lookup, lookup.sent, fresh, options.output_type)
         slots: list[Encoded | None] = [
             None if payload is None else Encoded(payload, True, 0) for payload in lookup.found
