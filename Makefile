@@ -38,3 +38,10 @@ node_modules/.bin/buf: package.json package-lock.json
 
 clean:
 	rm -rf $(VENV) node_modules build
+
+# The side-by-side benchmark behind docs/benchmarks.md (needs h2load: nghttp2-client).
+# `make bench ARGS=--quick` is the few-second smoke run.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m pip install -r bench/requirements.txt
+	$(PY) -m bench $(ARGS)

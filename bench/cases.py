@@ -1,0 +1,357 @@
+"""The throughput cases: what runs where, how each is checked, and how it is measured.
+
+Each case starts its own processes (the server under test pinned to one core, the
+fake vendor and h2load on the other), checks that the server answers correctly with
+a real call, then, for each concurrency, runs h2load three ways: a timed probe that
+warms the server up and sizes the run, then ``repetitions`` runs of a fixed number
+of requests, read between ``/proc`` and fake-vendor snapshots. Figures are medians
+over the repetitions.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from bench.fake_vendor import Counters, read_stats
+from bench.gateway import (
+    EMBED_METHOD,
+    TEXT,
+    VENDOR_MODEL,
+    GatewaySettings,
+    came_from_cache,
+    check_embed,
+    embed_request,
+    start_gateway,
+)
+from bench.load import LoadResult, Target, grpc_target, http_target, run_h2load
+from bench.procs import BenchError, Child, Cores, cpu_seconds, memory_kib, pinned, python_module
+
+Kind = Literal["direct", "echo", "naive-httpx", "naive-aiohttp", "embedgate"]
+KIB_PER_MB = 1000 * 1000 / 1024  # memory is reported in MB (10^6 bytes)
+JSON_CONTENT = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    key: str
+    label: str
+    kind: Kind
+    coalesce_wait_ms: float = 0.0
+    cache: bool = False
+
+
+CASES: tuple[Case, ...] = (
+    Case("a", "direct to the fake vendor (HTTP/1.1)", "direct"),
+    Case("b", "grpc.aio echo (the floor)", "echo"),
+    Case("n1", "naive gateway: httpx + float JSON", "naive-httpx"),
+    Case("n2", "naive gateway: aiohttp + base64", "naive-aiohttp"),
+    Case("c", "embedgate, coalescing off", "embedgate", coalesce_wait_ms=0.0),
+    Case("d", "embedgate, coalescing on (2 ms)", "embedgate", coalesce_wait_ms=2.0),
+    # The configured default wait: a hit should not pay it.
+    Case("e", "embedgate, all cache hits", "embedgate", coalesce_wait_ms=2.0, cache=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long and how often each case is measured."""
+
+    concurrencies: tuple[int, ...]
+    repetitions: int
+    probe_s: float
+    measure_s: float
+    min_requests: int
+    max_requests: int
+    dims: int = 1024
+    vendor_max_inputs: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Repetition:
+    rpcs: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_rpc: float
+    vendor_cpu_us_per_rpc: float | None
+    vendor_requests: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One case at one concurrency: medians over the repetitions."""
+
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_rpc: float
+    vendor_cpu_us_per_rpc: float | None
+    vendor_requests_per_rpc: float | None
+    peak_rss_mb: float
+    rpcs: int
+    failed: int
+    repetitions: tuple[Repetition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    key: str
+    label: str
+    kind: Kind
+    levels: tuple[Level, ...]
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Deployment:
+    """The running processes of one case."""
+
+    server: Child  # whose CPU and memory are the case's figures
+    target: Target
+    check: Callable[[], None]
+    vendor: Child | None = None
+    vendor_port: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    server_cpu_s: float
+    vendor_cpu_s: float | None
+    vendor: Counters | None
+
+
+def start_vendor(
+    name: str, core: int | None, plan: Plan, work_dir: Path, latency_ms: float = 0.0
+) -> tuple[Child, int]:
+    command = python_module(
+        "bench.fake_vendor",
+        f"--dims={plan.dims}",
+        f"--max-inputs={plan.vendor_max_inputs}",
+        f"--latency-ms={latency_ms}",
+    )
+    child = Child(name, pinned(command, core), work_dir)
+    try:
+        return child, child.read_port()
+    except BaseException:
+        child.stop()
+        raise
+
+
+def direct_body() -> bytes:
+    """What embedgate sends the vendor for one text, as the direct case sends it."""
+    return orjson.dumps({"model": VENDOR_MODEL, "input": [TEXT], "encoding_format": "base64"})
+
+
+def check_direct(port: int, dims: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/v1/embeddings", direct_body(), JSON_CONTENT)
+        reply = connection.getresponse()
+        payload = orjson.loads(reply.read())
+    finally:
+        connection.close()
+    vector = base64.b64decode(payload["data"][0]["embedding"])
+    if reply.status != 200 or len(vector) != 4 * dims:
+        raise BenchError(f"the fake vendor answered {reply.status} with {len(vector)} bytes")
+
+
+@contextmanager
+def deployed(case: Case, plan: Plan, cores: Cores, work_dir: Path) -> Iterator[Deployment]:
+    """Start the case's processes; stop them all on the way out."""
+    children: list[Child] = []
+    try:
+        yield _deploy(case, plan, cores, work_dir, children)
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _deploy(
+    case: Case, plan: Plan, cores: Cores, work_dir: Path, children: list[Child]
+) -> Deployment:
+    if case.kind == "direct":
+        return _deploy_direct(case, plan, cores, work_dir, children)
+    if case.kind == "echo":
+        command = python_module("bench.servers", "echo", f"--dims={plan.dims}")
+        server = _start_server(f"case-{case.key}", command, cores, work_dir, children)
+        return _grpc_deployment(server, server.read_port(), plan, work_dir)
+    vendor, vendor_port = start_vendor(f"case-{case.key}-vendor", cores.load, plan, work_dir)
+    children.append(vendor)
+    if case.kind == "embedgate":
+        settings = GatewaySettings(
+            vendor_port=vendor_port,
+            dims=plan.dims,
+            max_batch=plan.vendor_max_inputs,
+            coalesce_wait_ms=case.coalesce_wait_ms,
+            cache=case.cache,
+        )
+        server, port = start_gateway(f"case-{case.key}", settings, cores.server, work_dir)
+        children.append(server)
+    else:
+        url = f"http://127.0.0.1:{vendor_port}/v1"
+        command = python_module("bench.servers", case.kind, f"--vendor-url={url}")
+        server = _start_server(f"case-{case.key}", command, cores, work_dir, children)
+        port = server.read_port()
+    deployment = _grpc_deployment(server, port, plan, work_dir, vendor, vendor_port)
+    if case.cache:
+        deployment.notes.append(_warm_cache(port, plan.dims))
+    return deployment
+
+
+def _deploy_direct(
+    case: Case, plan: Plan, cores: Cores, work_dir: Path, children: list[Child]
+) -> Deployment:
+    # The vendor is the server under test here, so it gets the server's core.
+    vendor, port = start_vendor(f"case-{case.key}-vendor", cores.server, plan, work_dir)
+    children.append(vendor)
+    target = http_target(port, "/v1/embeddings", direct_body(), work_dir)
+    return Deployment(vendor, target, lambda: check_direct(port, plan.dims), vendor, port)
+
+
+def _start_server(
+    name: str, command: list[str], cores: Cores, work_dir: Path, children: list[Child]
+) -> Child:
+    server = Child(name, pinned(command, cores.server), work_dir)
+    children.append(server)
+    return server
+
+
+def _grpc_deployment(
+    server: Child,
+    port: int,
+    plan: Plan,
+    work_dir: Path,
+    vendor: Child | None = None,
+    vendor_port: int | None = None,
+) -> Deployment:
+    target = grpc_target(port, EMBED_METHOD, embed_request(), work_dir)
+    return Deployment(server, target, lambda: _check_grpc(port, plan.dims), vendor, vendor_port)
+
+
+def _check_grpc(port: int, dims: int) -> None:
+    check_embed(port, dims)
+
+
+def _warm_cache(port: int, dims: int) -> str:
+    """Store the benchmark text's vector, then say whether a second call was a hit."""
+    check_embed(port, dims)
+    cached = came_from_cache(check_embed(port, dims))
+    if cached is None:
+        return "the contract has no `cached` flag: hits are told by the vendor's counters"
+    if cached:
+        return "checked before measuring: the second call's vector came from the cache"
+    return "checked before measuring: the second call's vector did NOT come from the cache"
+
+
+def snapshot(deployment: Deployment) -> Snapshot:
+    vendor = deployment.vendor
+    separate_vendor = vendor is not None and vendor is not deployment.server
+    return Snapshot(
+        server_cpu_s=cpu_seconds(deployment.server.pid),
+        vendor_cpu_s=cpu_seconds(vendor.pid) if separate_vendor and vendor else None,
+        vendor=read_stats(deployment.vendor_port) if deployment.vendor_port else None,
+    )
+
+
+def measure_level(
+    deployment: Deployment, concurrency: int, plan: Plan, cores: Cores, work_dir: Path
+) -> Level:
+    target = deployment.target
+    deployment.check()
+    probe = run_h2load(
+        target,
+        concurrency,
+        core=cores.load,
+        duration_s=plan.probe_s,
+        timeout_s=plan.probe_s + 30,
+    )
+    count = int(min(plan.max_requests, max(plan.min_requests, probe.rps * plan.measure_s)))
+    repetitions = []
+    for number in range(plan.repetitions):
+        log_file = work_dir / f"h2load-{deployment.server.name}-{concurrency}-{number}.log"
+        before = snapshot(deployment)
+        result = run_h2load(
+            target,
+            concurrency,
+            core=cores.load,
+            count=count,
+            log_file=log_file,
+            timeout_s=plan.measure_s * 6 + 30,
+        )
+        after = snapshot(deployment)
+        repetitions.append(_repetition(result, before, after))
+        log_file.unlink(missing_ok=True)
+    deployment.server.check_alive()
+    deployment.check()  # still correct after the load
+    return _level(concurrency, repetitions, memory_kib(deployment.server.pid, "VmHWM"))
+
+
+def _repetition(result: LoadResult, before: Snapshot, after: Snapshot) -> Repetition:
+    rpcs = result.succeeded
+    vendor_cpu = None
+    if before.vendor_cpu_s is not None and after.vendor_cpu_s is not None:
+        vendor_cpu = (after.vendor_cpu_s - before.vendor_cpu_s) / rpcs * 1e6
+    vendor_requests = None
+    if before.vendor is not None and after.vendor is not None:
+        vendor_requests = after.vendor.requests - before.vendor.requests
+    return Repetition(
+        rpcs=rpcs,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        cpu_us_per_rpc=(after.server_cpu_s - before.server_cpu_s) / rpcs * 1e6,
+        vendor_cpu_us_per_rpc=vendor_cpu,
+        vendor_requests=vendor_requests,
+    )
+
+
+def _level(concurrency: int, repetitions: list[Repetition], peak_kib: int) -> Level:
+    def median(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    rpcs = sum(rep.rpcs for rep in repetitions)
+    vendor_cpu = [
+        r.vendor_cpu_us_per_rpc for r in repetitions if r.vendor_cpu_us_per_rpc is not None
+    ]
+    vendor_requests = [r.vendor_requests for r in repetitions if r.vendor_requests is not None]
+    return Level(
+        concurrency=concurrency,
+        rps=median([r.rps for r in repetitions]),
+        p50_ms=median([r.p50_ms for r in repetitions]),
+        p99_ms=median([r.p99_ms for r in repetitions]),
+        cpu_us_per_rpc=median([r.cpu_us_per_rpc for r in repetitions]),
+        vendor_cpu_us_per_rpc=median(vendor_cpu) if vendor_cpu else None,
+        vendor_requests_per_rpc=sum(vendor_requests) / rpcs if vendor_requests else None,
+        peak_rss_mb=peak_kib / KIB_PER_MB,
+        rpcs=rpcs,
+        failed=0,  # run_h2load refuses any run with a failed request
+        repetitions=tuple(repetitions),
+    )
+
+
+def run_case(case: Case, plan: Plan, cores: Cores, work_dir: Path) -> CaseResult:
+    """Measure one case at every concurrency; a failure is recorded, not raised."""
+    levels: list[Level] = []
+    notes: list[str] = []
+    try:
+        with deployed(case, plan, cores, work_dir) as deployment:
+            notes = deployment.notes
+            for concurrency in plan.concurrencies:
+                levels.append(measure_level(deployment, concurrency, plan, cores, work_dir))
+    except BenchError as problem:
+        return CaseResult(
+            case.key, case.label, case.kind, tuple(levels), str(problem), tuple(notes)
+        )
+    return CaseResult(case.key, case.label, case.kind, tuple(levels), None, tuple(notes))

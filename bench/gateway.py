@@ -1,0 +1,149 @@
+"""embedgate as the benchmark runs it: ``embedgate serve`` in a child process, with a
+generated configuration whose one model is the fake vendor behind the ``openai``
+provider, and the checks that it answers correctly."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from bench.procs import BenchError, Child, pinned
+from embedgate.v1 import embedding_service_pb2 as pb
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+MODEL = "bench"
+VENDOR_MODEL = "fake-embedding"
+EMBED_METHOD = "embedgate.v1.EmbeddingService/Embed"
+TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """The knobs the benchmark cases turn; everything else is embedgate's default."""
+
+    vendor_port: int
+    dims: int = 1024
+    max_batch: int = 16
+    coalesce_wait_ms: float = 0.0
+    cache: bool = False
+    max_concurrency: int = 64
+
+
+def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
+        # Every benchmark request embeds the same text: with a cache, every call after
+        # the first would be a hit, so only the cache case has one.
+        "cache": {"enabled": settings.cache},
+        "models": [
+            {
+                "name": MODEL,
+                "provider": "openai",
+                "base_url": f"http://127.0.0.1:{settings.vendor_port}/v1",
+                "vendor_model": VENDOR_MODEL,
+                "dimensions": settings.dims,
+                "max_batch": settings.max_batch,
+                "max_concurrency": settings.max_concurrency,
+                "coalesce_wait_ms": settings.coalesce_wait_ms,
+                "encoding_format": "base64",
+                # A failed vendor call must show as a failed RPC, not as a slow one.
+                "max_retries": 0,
+            }
+        ],
+    }
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def embedgate_command(config: Path, port: int) -> list[str]:
+    executable = Path(sys.executable).parent / "embedgate"
+    if not executable.exists():
+        raise BenchError("the embedgate command is not installed next to this Python: make install")
+    return [
+        str(executable),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        # Access logs at info level would cost more than some of the RPCs they describe.
+        "--log-level",
+        "warning",
+        "--log-format",
+        "json",
+    ]
+
+
+def start_gateway(
+    name: str, settings: GatewaySettings, core: int | None, work_dir: Path
+) -> tuple[Child, int]:
+    """Start embedgate and wait until it answers an Embed call correctly."""
+    port = free_port()
+    config = work_dir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(gateway_config(settings, port), sort_keys=False))
+    child = Child(name, pinned(embedgate_command(config, port), core), work_dir)
+    try:
+        wait_for_embed(child, port, settings.dims, timeout_s=60)
+    except BaseException:
+        child.stop()
+        raise
+    return child, port
+
+
+def embed_request(model: str = MODEL) -> pb.EmbedRequest:
+    return pb.EmbedRequest(model=model, inputs=[pb.Input(text=TEXT)])
+
+
+def check_embed(port: int, dims: int, model: str = MODEL, timeout_s: float = 10) -> pb.Embedding:
+    """One real gRPC Embed call through the generated stubs; h2load cannot see a
+    failure in the trailers, so this is what says the server answers correctly."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        try:
+            response = stub.Embed(embed_request(model), timeout=timeout_s, wait_for_ready=True)
+        except grpc.RpcError as error:
+            raise BenchError(f"Embed failed: {error.code().name}: {error.details()}") from None
+    if len(response.embeddings) != 1 or len(response.embeddings[0].values) != dims:
+        sizes = [len(e.values) for e in response.embeddings]
+        raise BenchError(f"Embed gave vectors of sizes {sizes}, expected one of {dims}")
+    return response.embeddings[0]
+
+
+def came_from_cache(embedding: pb.Embedding) -> bool | None:
+    """The ``cached`` flag of an embedding, where the contract has one."""
+    if "cached" not in pb.Embedding.DESCRIPTOR.fields_by_name:
+        return None
+    return bool(getattr(embedding, "cached"))  # noqa: B009 - absent from older stubs
+
+
+def wait_for_embed(child: Child, port: int, dims: int, timeout_s: float) -> None:
+    """Wait for the port to take connections (the process may die meanwhile), then
+    for one correct answer (which may take as long as the vendor does)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ready = grpc.channel_ready_future(channel)
+        while True:
+            child.check_alive()
+            try:
+                ready.result(timeout=0.5)
+                break
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise child.fail(f"not listening within {timeout_s:g} s") from None
+    try:
+        check_embed(port, dims, timeout_s=max(1.0, deadline - time.monotonic()))
+    except BenchError as problem:
+        raise child.fail(str(problem)) from None

@@ -1,0 +1,187 @@
+"""``python -m bench``: run every case, then write the results, the report and the plot.
+
+``--quick`` is the smoke test's mode: one concurrency, tiny counts, a few seconds,
+written wherever ``--out`` says (never over the published ``docs/`` figures unless
+asked to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import environment
+from bench.cases import CASES, Case, CaseResult, Plan, run_case
+from bench.decode import DecodeResult, measure_decode
+from bench.load import h2load_version
+from bench.procs import REPO, BenchError, Cores, pin_self
+from bench.profile import ProfileResult, profile_cases
+from bench.results import Results, read_json, write_json
+from bench.streams import StreamsPlan, StreamsResult, measure_streams
+from bench.targets import evaluate
+
+FULL = Plan(
+    concurrencies=(1, 16, 64),
+    repetitions=3,
+    probe_s=1.0,
+    measure_s=2.5,
+    min_requests=500,
+    max_requests=100_000,
+)
+QUICK = Plan(
+    concurrencies=(16,),
+    repetitions=1,
+    probe_s=0.3,
+    measure_s=0.4,
+    min_requests=200,
+    max_requests=10_000,
+)
+FULL_STREAMS = StreamsPlan(streams=1000, vendor_latency_s=3.0)
+QUICK_STREAMS = StreamsPlan(streams=100, vendor_latency_s=1.0)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for the smoke test")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write (default docs/; --quick: build/bench)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="a comma-separated subset of " + ",".join(c.key for c in CASES),
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy profiles of embedgate"
+    )
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        help="rewrite the report and plot from this results file, without measuring",
+    )
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def chosen_cases(names: str | None) -> list[Case]:
+    if names is None:
+        return list(CASES)
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = wanted - {case.key for case in CASES}
+    if unknown:
+        raise SystemExit(f"unknown cases: {', '.join(sorted(unknown))}")
+    return [case for case in CASES if case.key in wanted]
+
+
+def describe_level(case: CaseResult) -> None:
+    for level in case.levels:
+        vendor = level.vendor_requests_per_rpc
+        say(
+            f"  {case.key:>2} c={level.concurrency:<3} {level.rps:9.0f} RPS  "
+            f"p50 {level.p50_ms:7.2f} ms  p99 {level.p99_ms:7.2f} ms  "
+            f"CPU {level.cpu_us_per_rpc:6.0f} µs/RPC  "
+            f"vendor {'-' if vendor is None else f'{vendor:.3f}'}/RPC  "
+            f"RSS {level.peak_rss_mb:.0f} MB"
+        )
+    if case.error:
+        say(f"  {case.key:>2} FAILED: {case.error}")
+
+
+def measure_cases(cases: list[Case], plan: Plan, cores: Cores, work_dir: Path) -> list[CaseResult]:
+    results = []
+    for case in cases:
+        say(f"case {case.key}: {case.label}")
+        result = run_case(case, plan, cores, work_dir)
+        describe_level(result)
+        results.append(result)
+    return results
+
+
+def measure_open_streams(
+    streams_plan: StreamsPlan, plan: Plan, cores: Cores, work_dir: Path
+) -> tuple[StreamsResult | None, str | None]:
+    say(f"{streams_plan.streams} open StreamEmbed calls")
+    try:
+        streams = measure_streams(streams_plan, plan, cores, work_dir)
+    except BenchError as problem:
+        say(f"  FAILED: {problem}")
+        return None, str(problem)
+    say(f"  open: {streams.open_rss_mb:.0f} MB, {streams.completed} completed")
+    return streams, None
+
+
+def measure_decode_cost(quick: bool) -> tuple[DecodeResult | None, str | None]:
+    say("decode cost")
+    try:
+        return measure_decode(*((5, 0.2) if quick else (50, 3.0))), None
+    except Exception as problem:  # the gateway's own code runs here: say what broke
+        say(f"  FAILED: {problem}")
+        return None, f"{type(problem).__name__}: {problem}"
+
+
+def run_all(args: argparse.Namespace) -> Results:
+    plan, streams_plan = (QUICK, QUICK_STREAMS) if args.quick else (FULL, FULL_STREAMS)
+    started = time.monotonic()
+    cores = Cores.detect()
+    pin_self(cores.load)
+    env = environment.collect(cores, h2load_version())
+    profiles: tuple[ProfileResult, ...] = ()
+    with tempfile.TemporaryDirectory(prefix="embedgate-bench-") as tmp:
+        work_dir = Path(tmp)
+        cases = measure_cases(chosen_cases(args.cases), plan, cores, work_dir)
+        streams, streams_error = measure_open_streams(streams_plan, plan, cores, work_dir)
+        if not args.no_profile and not args.quick:
+            say("profiles of embedgate under load (py-spy)")
+            profiles = tuple(profile_cases(plan, cores, work_dir))
+    decode, decode_error = measure_decode_cost(args.quick)
+    targets = evaluate(
+        {case.key: case for case in cases}, streams, plan.concurrencies, streams_error
+    )
+    return Results(
+        environment=env,
+        plan=plan,
+        streams_plan=streams_plan,
+        cases=tuple(cases),
+        streams=streams,
+        streams_error=streams_error,
+        decode=decode,
+        decode_error=decode_error,
+        profiles=profiles,
+        targets=tuple(targets),
+        seconds=time.monotonic() - started,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out or (REPO / ("build/bench" if args.quick else "docs"))
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path | None] = []
+    if args.report_from is not None:
+        results = read_json(args.report_from)
+    else:
+        try:
+            results = run_all(args)
+        except BenchError as problem:
+            say(f"bench: {problem}")
+            return 2
+        written.append(write_json(results, out))
+    from bench import plot, report  # after the runs: matplotlib is slow to import
+
+    written.append(report.write(results, out, plot_name=plot.NAME))
+    written.append(plot.write(results, out))
+    say("wrote " + ", ".join(str(path) for path in written if path is not None))
+    if args.report_from is None:
+        say(f"done in {results.seconds:.0f} s")
+    return 1 if any(case.error for case in results.cases) or results.streams_error else 0
