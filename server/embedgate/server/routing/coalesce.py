@@ -14,14 +14,13 @@ gone. With ``wait_s`` 0, nothing waits: each call's inputs are batched among the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from embedgate.server.deadlines import current_deadline, deadline_at
-from embedgate.server.domain import EmbedOptions, Input, OutputType
+from embedgate.server.domain import EmbedOptions, Input
 from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError
-from embedgate.server.providers.base import Provider, Vectors
+from embedgate.server.providers.base import EmbedBatch, Provider, Vectors
 from embedgate.server.routing.vectors import shape_vectors
 
 
@@ -254,23 +253,70 @@ class Coalescer:
         )
         return part_request_id(first.request_id, first.index, whole=whole)
 
+    def runs_inline(self, count: int) -> bool:
+        """Whether a call of ``count`` inputs that shares nothing with others (no wait
+        for company, no identical inputs to join) can be sent from the caller's own
+        task: one vendor request, nobody else waiting on it."""
+        return self._wait_s <= 0 and count <= self.size
+
+    async def embed_now(
+        self, inputs: Sequence[Input], options: EmbedOptions, *, indexes: Sequence[int], count: int
+    ) -> list[ItemVector]:
+        """Send one call's inputs as one request from the caller's task (see
+        ``runs_inline``): the same request, vectors and errors as through the queue,
+        without a task and a future per input. ``indexes`` and ``count`` place the
+        inputs in the caller's request."""
+        self._batches += 1
+        whole = len(inputs) == count
+        request_id = part_request_id(options.request_id, indexes[0], whole=whole)
+        key = _batch_key(options)
+        try:
+            batch, vectors = await self._send(key, inputs, request_id)
+        except EmbedgateError as error:
+            raise error.for_input(indexes[0]) from None
+        except Exception as error:
+            raise _unexpected(error).for_input(indexes[0]) from error
+        total = batch.token_total if whole else None
+        out = []
+        for position in range(len(inputs)):
+            tokens = batch.tokens[position] if batch.tokens is not None else None
+            if tokens is None and len(inputs) == 1:
+                tokens = batch.token_total
+            out.append(ItemVector(vectors[position], tokens, self._batches, total))
+        return out
+
+    async def _send(
+        self, key: EmbedOptions, inputs: Sequence[Input], request_id: str
+    ) -> tuple[EmbedBatch, Vectors]:
+        """One vendor request, and its vectors cut and normalised as ``key`` asks."""
+        provider = self._provider
+        options = EmbedOptions(
+            instruction=key.instruction,
+            dimensions=key.dimensions,
+            normalize=key.normalize,
+            request_id=request_id,
+            user=key.user,
+        )
+        batch = await provider.embed(inputs, options)
+        if batch.vectors.shape[0] != len(inputs):
+            raise InternalError(
+                f"model {provider.info.name} returned {batch.vectors.shape[0]} vectors "
+                f"for {len(inputs)} inputs"
+            )
+        normalize = (
+            key.normalize if key.normalize is not None else provider.info.normalizes_by_default
+        )
+        vectors = shape_vectors(batch.vectors, dimensions=key.dimensions, normalize=normalize)
+        return batch, vectors
+
     async def _run(
         self, key: EmbedOptions, items: list[_Item], batch_id: int, deadline: float | None
     ) -> None:
-        provider = self._provider
-        options = dataclasses.replace(key, request_id=self._request_id(items))
         try:
             with deadline_at(deadline):
-                batch = await provider.embed([item.input for item in items], options)
-            if batch.vectors.shape[0] != len(items):
-                raise InternalError(
-                    f"model {provider.info.name} returned {batch.vectors.shape[0]} vectors "
-                    f"for {len(items)} inputs"
+                batch, vectors = await self._send(
+                    key, [item.input for item in items], self._request_id(items)
                 )
-            normalize = (
-                key.normalize if key.normalize is not None else provider.info.normalizes_by_default
-            )
-            vectors = shape_vectors(batch.vectors, dimensions=key.dimensions, normalize=normalize)
         except asyncio.CancelledError:
             for item in items:
                 for waiter in item.waiters:
@@ -304,7 +350,12 @@ class Coalescer:
 def _batch_key(options: EmbedOptions) -> EmbedOptions:
     """The options that decide a vendor request: what the caller gets back from it
     (its id, its output encoding, its cache use) does not."""
-    return dataclasses.replace(options, request_id="", output_type=OutputType.FLOAT32, cache=True)
+    return EmbedOptions(
+        instruction=options.instruction,
+        dimensions=options.dimensions,
+        normalize=options.normalize,
+        user=options.user,
+    )
 
 
 def _can_join(item: _Item, deadline: float | None) -> bool:

@@ -292,7 +292,7 @@ class Router:
 
     def _encode(
         self,
-        lookup: _Lookup,
+        lookup: _Lookup | None,
         positions: Sequence[int],
         items: Sequence[ItemVector],
         output: OutputType,
@@ -301,7 +301,7 @@ class Router:
         if not items:
             return []
         payloads = encode_vectors(np.stack([item.vector for item in items]), output)
-        if self._cache is not None and lookup.keys is not None:
+        if self._cache is not None and lookup is not None and lookup.keys is not None:
             for position, payload in zip(positions, payloads, strict=True):
                 self._cache.put(lookup.keys[position], payload)
         return [
@@ -314,6 +314,15 @@ class Router:
     ) -> EmbedResult:
         """All or nothing: the first failure is raised, naming the input it belongs to,
         and the call's other inputs are withdrawn."""
+        queue = self._queues[provider.info.name]
+        if (self._cache is None or not options.cache) and queue.runs_inline(len(inputs)):
+            # Nothing to look up, merge or share: one request from this task.
+            async with _until_deadline(provider):
+                sent = await queue.embed_now(
+                    inputs, options, indexes=range(len(inputs)), count=len(inputs)
+                )
+            items = tuple(self._encode(None, range(len(inputs)), sent, options.output_type))
+            return EmbedResult(model=provider.info.name, items=items, usage=_usage(items))
         lookup = await self._look_up(provider, inputs, options)
         fresh: Sequence[ItemVector] = ()
         if lookup.futures:  # else every vector came from the cache: nothing to wait for
