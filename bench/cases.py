@@ -55,9 +55,9 @@ CASES: tuple[Case, ...] = (
     Case("n1", "naive gateway: httpx + float JSON", "naive-httpx"),
     Case("n2", "naive gateway: aiohttp + base64", "naive-aiohttp"),
     Case("c", "embedgate, coalescing off", "embedgate", coalesce_wait_ms=0.0),
-    Case("d", "embedgate, coalescing on (2 ms)", "embedgate", coalesce_wait_ms=2.0),
+    Case("d", "embedgate, coalescing on (5 ms, the default)", "embedgate", coalesce_wait_ms=5.0),
     # The configured default wait: a hit should not pay it.
-    Case("e", "embedgate, all cache hits", "embedgate", coalesce_wait_ms=2.0, cache=True),
+    Case("e", "embedgate, all cache hits", "embedgate", coalesce_wait_ms=5.0, cache=True),
 )
 
 

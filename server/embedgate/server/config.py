@@ -78,7 +78,7 @@ class _VendorModelConfig(_Strict):
     # Vendor requests in flight at once for this model.
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     # How long a vendor batch waits for concurrent calls to join it (0: never merge).
-    coalesce_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    coalesce_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     # One vendor attempt's limit; retries of 408/429/5xx/connection errors with backoff.
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     max_retries: int = Field(default=2, ge=0, le=10)
