@@ -249,3 +249,12 @@ async def test_a_reply_that_breaks_http_is_a_transport_failure(
         failed = await failure(driver, url)
     assert failed.attempts == 3
     assert "\n" not in failed.description
+
+
+async def test_a_body_that_will_not_decompress_is_a_bad_reply(driver: HttpDriver) -> None:
+    """A gzip body that is not gzip reaches the caller as VENDOR_BAD_REPLY, not as an
+    error the driver does not know."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!"
+    async with raw_server(reply) as url:
+        with pytest.raises(VendorBadReplyError, match="could not be decompressed"):
+            await post(driver, url)

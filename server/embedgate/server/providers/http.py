@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -322,7 +322,7 @@ class HttpDriver:
         async with client.stream("POST", url, content=body, headers=headers) as response:
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():
+            async for chunk in _decoded(response):
                 size += len(chunk)
                 if size > self._max_reply_bytes:
                     raise VendorBadReplyError(
@@ -330,6 +330,19 @@ class HttpDriver:
                     )
                 chunks.append(chunk)
             return response.status_code, b"".join(chunks), response.headers
+
+
+async def _decoded(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The reply's body, decompressed as its Content-Encoding says; a body that does
+    not decompress is a bad reply (the vendor answered, with something unusable)."""
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.DecodingError as error:
+        raise VendorBadReplyError(
+            f"the reply's {response.headers.get('content-encoding', '')} body could not be "
+            f"decompressed ({type(error).__name__})"
+        ) from None
 
 
 class _StopAtDeadline(stop_base):
