@@ -50,17 +50,27 @@ MAX_PENDING_WRITES = 20_000
 _OUTPUT_TAGS = {output_type: bytes([n]) for n, output_type in enumerate(OutputType)}
 
 
-def vector_key(info: ModelInfo, options: EmbedOptions, item: Input) -> bytes:
-    """What one input's vector depends on, hashed; the output type is added by
+def vector_keys(info: ModelInfo, options: EmbedOptions, items: Sequence[Input]) -> list[bytes]:
+    """What each input's vector depends on, hashed; the output type is added by
     ``entry_key``. Options are taken as they act: an unset size is the model's
-    default size, an unset ``normalize`` the model's own behaviour."""
-    digest = hashlib.blake2b(digest_size=20)
+    default size, an unset ``normalize`` the model's own behaviour. What the inputs of
+    a call share is hashed once, then each input's content is added to a copy."""
+    common = hashlib.blake2b(digest_size=20)
     dimensions = options.dimensions if options.dimensions is not None else info.dimensions.default
     normalize = options.normalize if options.normalize is not None else info.normalizes_by_default
-    _field(digest, info.name.encode())
-    _field(digest, info.source.encode())
-    _field(digest, options.instruction.encode())
-    digest.update(struct.pack("<I?", dimensions, normalize))
+    _field(common, info.name.encode())
+    _field(common, info.source.encode())
+    _field(common, options.instruction.encode())
+    common.update(struct.pack("<I?", dimensions, normalize))
+    keys = []
+    for item in items:
+        digest = common.copy()
+        _content(digest, item)
+        keys.append(digest.digest())
+    return keys
+
+
+def _content(digest: hashlib.blake2b, item: Input) -> None:
     match item:
         case TextInput(text=text):
             digest.update(b"T")
@@ -76,7 +86,6 @@ def vector_key(info: ModelInfo, options: EmbedOptions, item: Input) -> bytes:
             digest.update(b"P")
             _field(digest, text.encode())
             _image(digest, image)
-    return digest.digest()
 
 
 def entry_key(vector: bytes, output_type: OutputType) -> bytes:

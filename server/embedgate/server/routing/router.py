@@ -31,7 +31,7 @@ from embedgate.server.errors import (
     Violation,
 )
 from embedgate.server.providers.base import Provider, Reranker
-from embedgate.server.routing.cache import VectorCache, entry_key, vector_key
+from embedgate.server.routing.cache import VectorCache, entry_key, vector_keys
 from embedgate.server.routing.coalesce import Coalescer, ItemVector, part_request_id
 from embedgate.server.routing.vectors import decode_float32, encode_vectors
 
@@ -275,7 +275,7 @@ class Router:
         if cache is None or not options.cache:
             futures = queue.submit(inputs, options)
             return _Lookup([None] * len(inputs), list(range(len(inputs))), futures, None)
-        content = [vector_key(provider.info, options, item) for item in inputs]
+        content = vector_keys(provider.info, options, inputs)
         keys = [entry_key(key, options.output_type) for key in content]
         found = await cache.get_many(keys)
         sent = [position for position, payload in enumerate(found) if payload is None]
