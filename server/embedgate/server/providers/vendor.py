@@ -4,6 +4,7 @@ the shared HTTP driver, with the vendor's failures turned into the gateway's err
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,15 +184,16 @@ class VendorProvider:
                 f"{failure.attempts} attempt(s): {failure.description}",
                 metadata={"vendor": self._dialect.vendor, "attempts": str(failure.attempts)},
             ) from None
-        log.debug(
-            "vendor_call",
-            vendor=self._dialect.vendor,
-            model=self._settings.name,
-            http_status=reply.status,
-            attempts=reply.attempts,
-            inputs=items,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        if log.is_enabled_for(logging.DEBUG):  # the fields cost more than the dropped line
+            log.debug(
+                "vendor_call",
+                vendor=self._dialect.vendor,
+                model=self._settings.name,
+                http_status=reply.status,
+                attempts=reply.attempts,
+                inputs=items,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
         if reply.status != 200:
             self._http_failed(reply)
         try:
