@@ -16,15 +16,21 @@ from contextvars import ContextVar
 _DEADLINE: ContextVar[float | None] = ContextVar("embedgate_deadline", default=None)
 
 
-@contextmanager
-def deadline_scope(seconds: float) -> Iterator[float]:
-    """Work inside this block must end within ``seconds`` from now."""
-    at = asyncio.get_running_loop().time() + max(0.0, seconds)
-    token = _DEADLINE.set(at)
-    try:
-        yield at
-    finally:
-        _DEADLINE.reset(token)
+class deadline_scope:  # noqa: N801 - used like a function: ``with deadline_scope(5):``
+    """Work inside this block must end within ``seconds`` from now. (A class rather
+    than a generator-based context manager: it is entered on every RPC.)"""
+
+    __slots__ = ("_at", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._at = asyncio.get_running_loop().time() + max(0.0, seconds)
+
+    def __enter__(self) -> float:
+        self._token = _DEADLINE.set(self._at)
+        return self._at
+
+    def __exit__(self, *exc: object) -> None:
+        _DEADLINE.reset(self._token)
 
 
 @contextmanager

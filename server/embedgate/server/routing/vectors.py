@@ -25,10 +25,17 @@ def shape_vectors(vectors: Vectors, *, dimensions: int | None, normalize: bool) 
                 f"asked for {dimensions} dimensions of {vectors.shape[1]}-dimension vectors"
             )
         vectors = vectors[:, :dimensions]
-    if not np.isfinite(vectors).all():
-        raise InternalError("the model produced a vector with a NaN or infinite value")
+    # One pass gives both the squared lengths and the finiteness check: a NaN or an
+    # infinity in a row makes its sum of squares non-finite (then the values are
+    # checked themselves, in case only the squares overflowed).
+    squares = np.einsum("ij,ij->i", vectors, vectors)
+    if not np.isfinite(squares).all():
+        if not np.isfinite(vectors).all():
+            raise InternalError("the model produced a vector with a NaN or infinite value")
+        wide = vectors.astype(np.float64)  # finite values whose squares overflow float32
+        squares = np.einsum("ij,ij->i", wide, wide)
     if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        norms = np.sqrt(squares.astype(np.float64))[:, None]
         # A zero vector has no direction; leave it as it is rather than divide by zero.
         norms[norms == 0] = 1.0
         vectors = vectors / norms
