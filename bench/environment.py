@@ -70,6 +70,17 @@ def collect(cores: Cores, h2load: str) -> Environment:
         packages={name: package_version(name) for name in PACKAGES},
         pinning=cores.describe(),
         commit=git("rev-parse", "--short", "HEAD") or "unknown",
-        # The measured code is the working tree: say when it is not the commit alone.
-        uncommitted_changes=bool(git("status", "--porcelain", "--untracked-files=no")),
+        # The measured code is the working tree: say when it is not the commit alone
+        # (the benchmark's own outputs, rewritten by every run, do not count).
+        uncommitted_changes=bool(
+            git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!docs/benchmarks.*",
+                ":!bench/analysis.md",
+            )
+        ),
     )
