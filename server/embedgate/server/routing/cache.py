@@ -134,12 +134,6 @@ class VectorCache:
         self._pending: dict[bytes, bytes] = {}
         self._writer: asyncio.Task[None] | None = None
         self._failing = False
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def shared(self) -> bool:
-        return self._redis_url is not None
 
     async def start(self) -> None:
         if self._redis_url is None:
@@ -182,9 +176,6 @@ class VectorCache:
                 if payload is not None:
                     found[position] = payload
                     self._remember(keys[position], payload)
-        hits = sum(payload is not None for payload in found)
-        self.hits += hits
-        self.misses += len(keys) - hits
         return found
 
     def put(self, key: bytes, payload: bytes) -> None:

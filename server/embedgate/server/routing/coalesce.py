@@ -55,9 +55,8 @@ class _Item:
     input: Input
     key: bytes | None
     waiters: list[_Waiter]
-    # Set when the item leaves: its batch's task, and that batch's deadline.
+    # Set when the item leaves: the batch it travels in.
     batch: _Batch | None = None
-    deadline: float | None = None
 
     @property
     def launched(self) -> bool:
@@ -104,7 +103,8 @@ class Coalescer:
         """Queue a call's inputs; one future per input, in the call's order.
 
         ``keys`` names each input's content: an input whose content is already in
-        flight (and will be done within this caller's deadline) is not sent again.
+        flight is not sent again; the caller joins it (see ``_outlasting`` for a
+        caller with more time than the request it joined).
         ``indexes`` and ``count`` place the inputs in the caller's request when they
         are only some of it (the rest came from the cache)."""
         loop = asyncio.get_running_loop()
@@ -126,7 +126,8 @@ class Coalescer:
             futures.append(waiter.future)
             key = keys[position] if keys is not None else None
             joined = self._in_flight.get(key) if key is not None else None
-            if joined is not None and _can_join(joined, deadline):
+            # Anyone still waiting keeps the item alive, so it can be joined.
+            if joined is not None and joined.wanted():
                 joined.waiters.append(waiter)
                 if joined.launched:
                     waiter.future.add_done_callback(self._on_left(joined))
@@ -193,7 +194,6 @@ class Coalescer:
         batch = _Batch(items)
         for item in items:
             item.batch = batch
-            item.deadline = latest
         self._batches += 1
         task = asyncio.get_running_loop().create_task(self._run(key, items, self._batches, latest))
         batch.task = task
@@ -277,13 +277,12 @@ class Coalescer:
         except Exception as error:
             raise _unexpected(error).for_input(indexes[0]) from error
         total = batch.token_total if whole else None
-        out = []
-        for position in range(len(inputs)):
-            tokens = batch.tokens[position] if batch.tokens is not None else None
-            if tokens is None and len(inputs) == 1:
-                tokens = batch.token_total
-            out.append(ItemVector(vectors[position], tokens, self._batches, total))
-        return out
+        return [
+            ItemVector(
+                vectors[position], _own_tokens(batch, position, len(inputs)), self._batches, total
+            )
+            for position in range(len(inputs))
+        ]
 
     async def _send(
         self, key: EmbedOptions, inputs: Sequence[Input], request_id: str
@@ -336,9 +335,7 @@ class Coalescer:
         calls = {waiter.call for item in items for waiter in item.waiters}
         total = batch.token_total if len(calls) == 1 else None
         for position, item in enumerate(items):
-            tokens = batch.tokens[position] if batch.tokens is not None else None
-            if tokens is None and len(items) == 1:
-                tokens = batch.token_total
+            tokens = _own_tokens(batch, position, len(items))
             for order, waiter in enumerate(item.waiters):
                 if waiter.future.done():
                     continue
@@ -358,11 +355,13 @@ def _batch_key(options: EmbedOptions) -> EmbedOptions:
     )
 
 
-def _can_join(item: _Item, deadline: float | None) -> bool:
-    """Any caller may join an item someone still waits for. One whose deadline is
-    later than the item's batch is not cut short by it: if the batch runs out of
-    time, the input is sent again for the callers that have time left."""
-    return item.wanted()
+def _own_tokens(batch: EmbedBatch, position: int, count: int) -> int | None:
+    """The tokens of the input at ``position`` of a request of ``count`` inputs: its
+    own count where the model gives one, or the request's total when it was alone."""
+    tokens = batch.tokens[position] if batch.tokens is not None else None
+    if tokens is None and count == 1:
+        tokens = batch.token_total
+    return tokens
 
 
 def part_request_id(request_id: str, start: int, *, whole: bool) -> str:

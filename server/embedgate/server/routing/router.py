@@ -292,18 +292,19 @@ class Router:
 
     def _encode(
         self,
-        lookup: _Lookup | None,
+        keys: Sequence[bytes] | None,
         positions: Sequence[int],
         items: Sequence[ItemVector],
         output: OutputType,
     ) -> list[Encoded]:
-        """Encode vectors fresh from the model (a batch at once) and cache them."""
+        """Encode vectors fresh from the model (a batch at once) and cache them under
+        the call's entry ``keys`` (None: the call does not use the cache)."""
         if not items:
             return []
         payloads = encode_vectors(np.stack([item.vector for item in items]), output)
-        if self._cache is not None and lookup is not None and lookup.keys is not None:
+        if self._cache is not None and keys is not None:
             for position, payload in zip(positions, payloads, strict=True):
-                self._cache.put(lookup.keys[position], payload)
+                self._cache.put(keys[position], payload)
         return [
             Encoded(payload, False, item.tokens, item.batch, item.batch_tokens)
             for payload, item in zip(payloads, items, strict=True)
@@ -332,7 +333,7 @@ class Router:
             finally:
                 for future in lookup.futures:
                     future.cancel()
-        encoded = self._encode(lookup, lookup.sent, fresh, options.output_type)
+        encoded = self._encode(lookup.keys, lookup.sent, fresh, options.output_type)
         slots: list[Encoded | None] = [
             None if payload is None else Encoded(payload, True, 0) for payload in lookup.found
         ]
@@ -366,7 +367,7 @@ class Router:
                             yield ItemResult(index=index, error=_as_error(error))
                             continue
                         (item,) = self._encode(
-                            lookup, [index], [future.result()], options.output_type
+                            lookup.keys, [index], [future.result()], options.output_type
                         )
                         yield ItemResult(index=index, item=item)
         finally:
