@@ -25,6 +25,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port to listen on (default 50051)")
     parser.add_argument(
+        "--uds", default=None, metavar="PATH", help="also listen on this Unix domain socket"
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="a plaintext port serving only grpc.health.v1 (for probes when TLS is on)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
@@ -33,6 +48,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "json", "console"],
         help="json lines, or console text (auto: console on a terminal)",
     )
+
+
+# server.* keys the command line can set → their options' names.
+_SERVER_OPTIONS = {
+    "host": "host",
+    "port": "port",
+    "uds_path": "uds",
+    "health_port": "health_port",
+    "metrics_port": "metrics_port",
+}
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -46,16 +71,17 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"embedgate: bad configuration: {exc}", file=sys.stderr)
         return 2
     overrides = {
-        key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None
+        key: getattr(args, option)
+        for key, option in _SERVER_OPTIONS.items()
+        if getattr(args, option) is not None
     }
     if overrides:
         try:
             server = ServerConfig.model_validate({**config.server.model_dump(), **overrides})
         except ValidationError as exc:
-            print(
-                f"embedgate: bad option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}",
-                file=sys.stderr,
-            )
+            problem = exc.errors()[0]
+            flag = "--" + _SERVER_OPTIONS[str(problem["loc"][0])].replace("_", "-")
+            print(f"embedgate: bad option: {flag}: {problem['msg']}", file=sys.stderr)
             return 2
         config = config.model_copy(update={"server": server})
 

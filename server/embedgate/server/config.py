@@ -30,9 +30,63 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Strict):
+    """TLS for the main listener; with ``client_ca_file``, mutual TLS."""
+
+    cert_file: str = Field(min_length=1)
+    key_file: str = Field(min_length=1)
+    # Given: every caller must present a certificate this CA signed.
+    client_ca_file: str | None = Field(default=None, min_length=1)
+
+
+class TokenConfig(_Strict):
+    """One bearer token callers may present (``authorization: Bearer <token>``)."""
+
+    # Named in logs and metrics in place of the token, which never is.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    token_file: str | None = Field(default=None, min_length=1)
+    # The models this token may use; none: every model.
+    models: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if bool(self.token_env) == bool(self.token_file):
+            raise ValueError("give token_env or token_file (one of them)")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Callers must present one of these tokens (health checks excepted)."""
+
+    tokens: list[TokenConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [token.name for token in self.tokens]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"token names must be unique: {', '.join(repeated)}")
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
+    # Also listen on this Unix domain socket (plaintext: the socket file's permissions
+    # guard it), for an app in the same pod.
+    uds_path: str | None = Field(default=None, min_length=1)
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    # RPCs served at once; beyond it, RESOURCE_EXHAUSTED at once (health is not counted).
+    max_concurrent_rpcs: int = Field(default=512, ge=1, le=100_000)
+    # Prometheus metrics over HTTP (/metrics) on this port; none: not served.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str | None = None  # default: host
+    # A plaintext listener with only grpc.health.v1, for probes when the main one uses TLS.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    # Vendor calls failing in a row (after retries) before a model is NOT_SERVING.
+    unhealthy_after_failures: int = Field(default=3, ge=1, le=1000)
     # Kubernetes waits 30 s by default before SIGKILL; finish in-flight work well before.
     shutdown_grace_s: float = Field(default=20.0, ge=0, le=600)
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=MIB, le=1024 * MIB)
@@ -241,6 +295,14 @@ def parse_config(raw: Any, source: str = "config") -> Config:
                 f"models[{first_use[model.name]}]"
             )
         first_use[model.name] = position
+    if config.server.auth is not None:
+        for position, token in enumerate(config.server.auth.tokens):
+            unknown = sorted(set(token.models or ()) - set(first_use))
+            if unknown:
+                raise ConfigError(
+                    f"{source}: server.auth.tokens[{position}].models: no model named "
+                    f"{', '.join(map(repr, unknown))} is configured"
+                )
     return config
 
 

@@ -8,6 +8,9 @@
     ├── ModelUnavailableError      UNAVAILABLE
     ├── DeadlineExceededError      DEADLINE_EXCEEDED
     ├── InternalError              INTERNAL
+    ├── UnauthenticatedError       UNAUTHENTICATED    no bearer token, or an unknown one
+    ├── PermissionDeniedError      PERMISSION_DENIED  the token may not use that model
+    ├── OverloadedError            RESOURCE_EXHAUSTED the server is at its cap of RPCs
     └── VendorError                a vendor call failed for good (vendor, HTTP status, the
         │                          vendor's own code, message and request id in metadata)
         ├── VendorRejectedError    INVALID_ARGUMENT   the vendor said 400/413/422
@@ -112,6 +115,18 @@ class DeadlineExceededError(EmbedgateError):
 
 class InternalError(EmbedgateError):
     reason = "INTERNAL_ERROR"
+
+
+class UnauthenticatedError(EmbedgateError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(EmbedgateError):
+    reason = "MODEL_NOT_PERMITTED"
+
+
+class OverloadedError(EmbedgateError):
+    reason = "OVERLOADED"
 
 
 class VendorError(EmbedgateError):

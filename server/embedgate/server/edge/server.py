@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import stat
+from pathlib import Path
+
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from embedgate.server.config import ServerConfig
+from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
+from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.service import SERVICE_NAME, EmbeddingService
+from embedgate.server.metrics import Metrics, MetricsServer
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Gateway:
@@ -23,37 +32,85 @@ class Gateway:
     ``start`` loads the models, then listens; health says SERVING only once both are
     done. ``stop`` turns health NOT_SERVING at once, refuses new RPCs, lets in-flight
     ones finish within the grace period, then closes the models.
+
+    Listeners: TCP (TLS or mutual TLS when configured), a Unix domain socket, a
+    plaintext health-only port for probes, and Prometheus metrics over HTTP. Health
+    is kept for the whole server (""), the service, and each model by its name: a
+    model whose vendor refuses the key or keeps failing is NOT_SERVING until a call
+    to it succeeds again.
     """
 
-    def __init__(self, router: Router, settings: ServerConfig) -> None:
+    def __init__(
+        self,
+        router: Router,
+        settings: ServerConfig,
+        *,
+        metrics: Metrics | None = None,
+        tokens: Tokens | None = None,
+    ) -> None:
         self._router = router
         self._settings = settings
+        self._metrics = metrics or Metrics()
+        self._tokens = tokens
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
+        self._serving = False
         self.port = 0
+        self.health_port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics.on_health_change(self._model_health_changed)
 
     @property
     def health(self) -> health.aio.HealthServicer:
         return self._health
 
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    def _model_health_changed(self, model: str, serving: bool) -> None:
+        if not self._serving:
+            return
+        status = SERVING if serving else NOT_SERVING
+        log.warning(
+            "model_health_changed",
+            model=model,
+            status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+        )
+        task = asyncio.get_running_loop().create_task(self._health.set(model, status))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    def _options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self._settings.max_request_bytes),
+            ("grpc.max_send_message_length", self._settings.max_response_bytes),
+            # Keepalive pings from clients are allowed.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+
     async def start(self) -> int:
+        settings = self._settings
         for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._health.set(service, NOT_SERVING)
         server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._settings.max_request_bytes),
-                ("grpc.max_send_message_length", self._settings.max_response_bytes),
-                # Serve each connection's RPCs without the default 100-stream cap surprising
-                # a busy sidecar client; keepalive pings from clients are allowed.
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
+            interceptors=[
+                Guard(
+                    self._metrics, max_concurrent=settings.max_concurrent_rpcs, tokens=self._tokens
+                )
+            ],
+            options=self._options(),
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingService(
                 self._router,
-                default_deadline_s=self._settings.default_deadline_s,
-                pipeline_max_in_flight=self._settings.pipeline_max_in_flight,
+                default_deadline_s=settings.default_deadline_s,
+                pipeline_max_in_flight=settings.pipeline_max_in_flight,
+                metrics=self._metrics,
             ),
             server,
         )
@@ -61,33 +118,106 @@ class Gateway:
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        address = f"{self._settings.host}:{self._settings.port}"
-        if ":" in self._settings.host and not self._settings.host.startswith("["):
-            address = f"[{self._settings.host}]:{self._settings.port}"
-        self.port = server.add_insecure_port(address)
+        address = _address(settings.host, settings.port)
+        if settings.tls is not None:
+            self.port = server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            self.port = server.add_insecure_port(address)
+        if settings.uds_path is not None:
+            _clear_stale_socket(settings.uds_path)
+            server.add_insecure_port(f"unix:{settings.uds_path}")
+        if settings.health_port is not None:
+            self._health_server = grpc.aio.server(options=self._options())
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                _address(settings.host, settings.health_port)
+            )
+            await self._health_server.start()
+        if settings.metrics_port is not None:
+            self._metrics_server = MetricsServer(
+                self._metrics, settings.metrics_host or settings.host, settings.metrics_port
+            )
+            self.metrics_port = await self._metrics_server.start()
         await self._router.start()
         await server.start()
         self._server = server
+        models = [info.name for info in self._router.models()]
         for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(service, SERVING)
+        for model in models:
+            serving = self._metrics.serving(model)
+            await self._health.set(model, SERVING if serving else NOT_SERVING)
+        self._serving = True
         log.info(
             "server_started",
-            host=self._settings.host,
+            host=settings.host,
             port=self.port,
-            models=[info.name for info in self._router.models()],
+            tls="mutual" if settings.tls and settings.tls.client_ca_file else bool(settings.tls),
+            uds=settings.uds_path,
+            health_port=self.health_port,
+            metrics_port=self.metrics_port,
+            auth=self._tokens is not None,
+            models=models,
         )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self._settings.shutdown_grace_s if grace is None else grace
+        self._serving = False
         # Health first, so load balancers and probes stop sending new work at once.
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             log.info("server_draining", grace_s=grace)
             await self._server.stop(grace)
         await self._router.close()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        if self._settings.uds_path is not None:
+            _clear_stale_socket(self._settings.uds_path)
         log.info("server_stopped")
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            f"server.tls.{what}: cannot read {path}: {error.strerror or error}"
+        ) from None
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS credentials; with a client CA, callers must present a certificate it signed."""
+    key = _read(tls.key_file, "key_file")
+    cert = _read(tls.cert_file, "cert_file")
+    if tls.client_ca_file is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=_read(tls.client_ca_file, "client_ca_file"),
+        require_client_auth=True,
+    )
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by an earlier run (bind fails on it); refuse to remove
+    anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"server.uds_path: {path} exists and is not a socket")
+    os.unlink(path)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -13,10 +11,13 @@ import structlog
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, OutputType, Usage
+from embedgate.server.edge.access import Access
 from embedgate.server.edge.convert import parse_embed, parse_rerank
+from embedgate.server.edge.guard import allowed_models, check_model
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.edge.wire import embedding_bytes, embeddings_field
 from embedgate.server.errors import EmbedgateError, InternalError, InvalidRequestError, Violation
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import Provider
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -25,7 +26,6 @@ from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 log = structlog.get_logger("embedgate.access")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-REQUEST_ID_HEADER = "x-request-id"
 
 _MODALITIES = {
     Modality.TEXT: pb.MODALITY_TEXT,
@@ -59,31 +59,16 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
     )
 
 
-class _Access:
-    """Collects the fields of one access-log line, and the request id the RPC sends
-    back (in trailing metadata: no extra operation, on success and on failure)."""
-
-    __slots__ = ("fields", "request_id", "started")
-
-    def __init__(self, method: str) -> None:
-        self.fields: dict[str, object] = {"method": method}
-        self.started = time.perf_counter()
-        self.request_id = ""
-
-    def emit(self, code: grpc.StatusCode) -> None:
-        if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
-            return
-        duration_ms = round((time.perf_counter() - self.started) * 1000, 3)
-        log.info("rpc_finished", code=code.name, duration_ms=duration_ms, **self.fields)
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, self.request_id),) if self.request_id else ()
-
-
 def _internal(exc: Exception) -> EmbedgateError:
     # Never echo the exception text: it may hold payload or configuration.
     log.exception("rpc_internal_error", error_type=type(exc).__name__)
     return InternalError(f"internal error ({type(exc).__name__})")
+
+
+def _count_calls(access: Access, provider: Provider, calls: int) -> None:
+    """How many requests the RPC cost the model behind it (retries not counted)."""
+    key = "local_batches" if provider.info.provider == "local" else "vendor_calls"
+    access.fields[key] = calls
 
 
 def _ended_by(context: grpc.aio.ServicerContext[object, object]) -> grpc.StatusCode:
@@ -107,10 +92,16 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         *,
         default_deadline_s: float = 60.0,
         pipeline_max_in_flight: int = 64,
+        metrics: Metrics | None = None,
     ) -> None:
         self._router = router
+        self._metrics = metrics or Metrics()
         self._default_deadline_s = default_deadline_s
         self._pipeline_max_in_flight = pipeline_max_in_flight
+
+    def _resolve(self, model: str) -> Provider:
+        check_model(model)
+        return self._router.resolve(model)
 
     def _budget(self, context: grpc.aio.ServicerContext[object, object]) -> float:
         """Seconds this RPC may take: the caller's deadline, or the configured default
@@ -121,7 +112,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def _run(
         self,
         context: grpc.aio.ServicerContext[object, object],
-        access: _Access,
+        access: Access,
         work: Callable[[], Awaitable[T]],
         *,
         finishes: bool = True,
@@ -150,7 +141,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def _abort(
         self,
         context: grpc.aio.ServicerContext[object, object],
-        access: _Access,
+        access: Access,
         failure: EmbedgateError,
     ) -> None:
         status = to_rpc_status(failure)
@@ -161,7 +152,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         )
 
     async def _prepare_embed(
-        self, request: pb.EmbedRequest, access: _Access
+        self, request: pb.EmbedRequest, access: Access
     ) -> tuple[Provider, list[Input], EmbedOptions]:
         parsed = parse_embed(request)
         access.request_id = parsed.options.request_id
@@ -170,7 +161,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         )
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
-        provider = self._router.resolve(parsed.model)
+        provider = self._resolve(parsed.model)
         inputs = await self._router.validate(
             provider, parsed.inputs, parsed.options, prior=parsed.violations
         )
@@ -179,7 +170,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def Embed(  # noqa: N802 - the RPC's name
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.EmbedResponse:
-        access = _Access("Embed")
+        access = Access("Embed", self._metrics)
 
         async def work() -> pb.EmbedResponse:
             response = pb.EmbedResponse()
@@ -189,7 +180,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         return await self._run(context, access, work)
 
     async def _embed_into(
-        self, response: pb.EmbedResponse, request: pb.EmbedRequest, access: _Access
+        self, response: pb.EmbedResponse, request: pb.EmbedRequest, access: Access
     ) -> None:
         provider, inputs, options = await self._prepare_embed(request, access)
         result = await self._router.embed(provider, inputs, options)
@@ -205,11 +196,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             )
         )
         access.fields["cached_inputs"] = sum(item.cached for item in result.items)
+        _count_calls(access, provider, result.calls)
 
     async def StreamEmbed(  # noqa: N802 - the RPC's name
         self, request: pb.StreamEmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.StreamEmbedResponse]:
-        access = _Access("StreamEmbed")
+        access = Access("StreamEmbed", self._metrics)
         provider, inputs, options = await self._run(
             context,
             access,
@@ -218,9 +210,10 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         )
         model = provider.info.name
         failed = 0
+        batches: set[int] = set()
         try:
             with deadline_scope(self._budget(context)):
-                async for message in self._stream(provider, inputs, options, model):
+                async for message in self._stream(provider, inputs, options, model, batches):
                     if message.HasField("error"):
                         failed += 1
                     yield message
@@ -234,12 +227,20 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             await self._abort(context, access, _internal(exc))
             return
         access.fields["failed_inputs"] = failed
+        _count_calls(access, provider, len(batches))
         context.set_trailing_metadata(access.metadata())
         access.emit(grpc.StatusCode.OK)
 
     async def _stream(
-        self, provider: Provider, inputs: list[Input], options: EmbedOptions, model: str
+        self,
+        provider: Provider,
+        inputs: list[Input],
+        options: EmbedOptions,
+        model: str,
+        batches: set[int],
     ) -> AsyncIterator[pb.StreamEmbedResponse]:
+        """The stream's messages; the ids of the model requests they came from are added
+        to ``batches``."""
         async for item in self._router.embed_each(provider, inputs, options):
             message = pb.StreamEmbedResponse(
                 index=item.index, model=model, request_id=options.request_id
@@ -249,6 +250,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 message.error.CopyFrom(to_rpc_status(error, index=item.index))
             else:
                 encoded = item.item
+                if not encoded.cached:
+                    batches.add(encoded.batch)
                 message.embedding.MergeFromString(
                     embedding_bytes(
                         item.index,
@@ -265,7 +268,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def Rerank(  # noqa: N802 - the RPC's name
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.RerankResponse:
-        access = _Access("Rerank")
+        access = Access("Rerank", self._metrics)
 
         async def work() -> pb.RerankResponse:
             parsed = parse_rerank(request)
@@ -277,7 +280,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             access.request_id = parsed.options.request_id
             if not parsed.model:  # nothing to resolve: report what the edge found
                 raise InvalidRequestError(parsed.violations)
-            provider = self._router.resolve(parsed.model)
+            provider = self._resolve(parsed.model)
             result = await self._router.rerank(
                 provider,
                 parsed.query,
@@ -287,6 +290,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 options=parsed.options,
                 prior=parsed.violations,
             )
+            _count_calls(access, provider, result.calls)
             response = pb.RerankResponse(
                 model=result.model,
                 request_id=parsed.options.request_id,
@@ -317,7 +321,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         ``pipeline_max_in_flight`` of them between being read and their result being
         taken by the caller: the next request is read only when one has left, so the
         HTTP/2 flow control slows down a caller that sends faster than it reads."""
-        access = _Access("EmbedPipeline")
+        access = Access("EmbedPipeline", self._metrics)
         slots = asyncio.Semaphore(self._pipeline_max_in_flight)
         results: asyncio.Queue[pb.EmbedPipelineResponse | None] = asyncio.Queue()
         in_flight: set[str] = set()
@@ -370,7 +374,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedPipelineResponse:
         """One pipeline request, answered with its response or its own error status."""
         reply = pb.EmbedPipelineResponse(correlation_id=item.correlation_id)
-        access = _Access("EmbedPipeline.request")
+        access = Access("EmbedPipeline.request", self._metrics)
         correlation = item.correlation_id
         try:
             if not correlation:
@@ -408,11 +412,16 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def ListModels(  # noqa: N802 - the RPC's name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ListModelsResponse:
-        access = _Access("ListModels")
+        access = Access("ListModels", self._metrics)
 
         async def work() -> pb.ListModelsResponse:
+            allowed = allowed_models()
             return pb.ListModelsResponse(
-                models=[model_info_message(info) for info in self._router.models()]
+                models=[
+                    model_info_message(info)
+                    for info in self._router.models()
+                    if allowed is None or info.name in allowed
+                ]
             )
 
         return await self._run(context, access, work)

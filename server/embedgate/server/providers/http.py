@@ -38,6 +38,7 @@ from tenacity.stop import stop_base
 
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
+from embedgate.server.metrics import VendorMeter
 
 log = structlog.get_logger("embedgate.vendor")
 
@@ -214,6 +215,7 @@ class HttpDriver:
         policy: RetryPolicy,
         limit: asyncio.Semaphore,
         vendor: str,
+        meter: VendorMeter | None = None,
     ) -> HttpReply:
         """POST ``body`` until a final reply: one that is not retryable, or the last one
         when retries are spent or the next wait would pass the deadline. Raises
@@ -233,10 +235,16 @@ class HttpDriver:
                     if left <= 0:
                         raise _deadline_passed(vendor)
                     bound = min(bound, left)
+                if meter is not None:
+                    meter.in_flight.inc()
+                started = loop.time()
+                outcome: int | str = "error"  # the HTTP status, or why there is none
                 try:
                     async with asyncio.timeout(bound):
                         status, content, reply_headers = await self._send(url, body, headers)
+                    outcome = status
                 except TimeoutError:
+                    outcome = "timeout"
                     if deadline is not None and loop.time() >= deadline - 0.001:
                         raise _deadline_passed(vendor) from None
                     raise TransportFailure(
@@ -244,6 +252,10 @@ class HttpDriver:
                     ) from None
                 except self._no_reply as error:
                     raise TransportFailure(_describe(error)) from None
+                finally:
+                    if meter is not None:
+                        meter.in_flight.dec()
+                        meter.attempt(outcome, loop.time() - started)
             return HttpReply(status, content, reply_headers, attempts)
 
         # Most calls end with their first attempt: only a retryable outcome pays for
@@ -289,6 +301,8 @@ class HttpDriver:
             outcome = state.outcome
             assert outcome is not None
             failure = outcome.exception()
+            if meter is not None:
+                meter.retries.inc()
             log.warning(
                 "vendor_retry",
                 vendor=vendor,

@@ -31,6 +31,7 @@ from embedgate.server.domain import (
     TextInput,
 )
 from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, InputProblem, Vectors
 
 log = structlog.get_logger(__name__)
@@ -72,8 +73,9 @@ def packaged_model_path() -> Path:
 class LocalProvider:
     """A sentence-transformers model served from this process."""
 
-    def __init__(self, settings: LocalSettings) -> None:
+    def __init__(self, settings: LocalSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._batch_inputs = (metrics or Metrics()).local_batch_inputs.labels(settings.name)
         self._model: Any = None
         self._max_tokens = 0
         self._dims = 0
@@ -239,6 +241,7 @@ class LocalProvider:
                 continue
             texts = [text for job in jobs for text in job.texts]
             self.recent_batch_sizes.append(len(texts))
+            self._batch_inputs.observe(len(texts))
             try:
                 vectors, tokens = await loop.run_in_executor(self._executor, self._encode, texts)
             except asyncio.CancelledError:

@@ -17,6 +17,7 @@ from embedgate.server.config import (
     VendorModelConfig,
 )
 from embedgate.server.domain import Modality
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.aggregator import Aggregator
 from embedgate.server.providers.base import Provider
 from embedgate.server.providers.ctyun import CTyun
@@ -35,20 +36,30 @@ DIALECTS: dict[str, type[Dialect]] = {
 
 
 def build_providers(
-    models: Sequence[ModelConfig], *, driver: HttpDriver | None = None, source: str = "config"
+    models: Sequence[ModelConfig],
+    *,
+    driver: HttpDriver | None = None,
+    source: str = "config",
+    metrics: Metrics | None = None,
+    unhealthy_after: int = 3,
 ) -> list[Provider]:
     """One provider per configured model; vendor models share one HTTP driver."""
     shared = driver or HttpDriver()
+    metrics = metrics or Metrics()
     providers: list[Provider] = []
     for position, model in enumerate(models):
         try:
-            providers.append(build_provider(model, shared))
+            providers.append(
+                build_provider(model, shared, metrics, unhealthy_after=unhealthy_after)
+            )
         except SettingError as problem:
             raise ConfigError(f"{source}: models[{position}].{problem.field}: {problem}") from None
     return providers
 
 
-def build_provider(model: ModelConfig, driver: HttpDriver) -> Provider:
+def build_provider(
+    model: ModelConfig, driver: HttpDriver, metrics: Metrics, *, unhealthy_after: int = 3
+) -> Provider:
     if isinstance(model, LocalModelConfig):
         from embedgate.server.providers.local import LocalProvider, LocalSettings
 
@@ -60,12 +71,19 @@ def build_provider(model: ModelConfig, driver: HttpDriver) -> Provider:
                 max_batch=model.max_batch,
                 truncate=model.truncate,
                 threads=model.threads,
-            )
+            ),
+            metrics,
         )
-    return build_vendor_provider(model, driver)
+    return build_vendor_provider(model, driver, metrics, unhealthy_after=unhealthy_after)
 
 
-def build_vendor_provider(model: VendorModelConfig, driver: HttpDriver) -> VendorProvider:
+def build_vendor_provider(
+    model: VendorModelConfig,
+    driver: HttpDriver,
+    metrics: Metrics | None = None,
+    *,
+    unhealthy_after: int = 3,
+) -> VendorProvider:
     dialect_class = DIALECTS[model.provider]
     modalities = getattr(model, "modalities", None)
     dialect = dialect_class(
@@ -101,6 +119,8 @@ def build_vendor_provider(model: VendorModelConfig, driver: HttpDriver) -> Vendo
         ),
         dialect,
         driver,
+        metrics,
+        unhealthy_after=unhealthy_after,
     )
 
 

@@ -23,6 +23,7 @@ from embedgate.server.errors import (
     VendorRejectedError,
     VendorUnavailableError,
 )
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, InputProblem, Ranking
 from embedgate.server.providers.dialect import (
     BadReply,
@@ -57,10 +58,21 @@ class VendorSettings:
 class VendorProvider:
     """Implements the provider seam for every vendor dialect."""
 
-    def __init__(self, settings: VendorSettings, dialect: Dialect, driver: HttpDriver) -> None:
+    def __init__(
+        self,
+        settings: VendorSettings,
+        dialect: Dialect,
+        driver: HttpDriver,
+        metrics: Metrics | None = None,
+        *,
+        unhealthy_after: int = 3,
+    ) -> None:
         self._settings = settings
         self._dialect = dialect
         self._driver = driver
+        self._meter = (metrics or Metrics()).vendor(
+            dialect.vendor, settings.name, unhealthy_after=unhealthy_after
+        )
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         caps = dialect.capabilities
         self._info = ModelInfo(
@@ -124,6 +136,7 @@ class VendorProvider:
             parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
+        self._meter.succeeded()
         tokens = parsed.prompt_tokens
         return EmbedBatch(
             vectors=parsed.vectors,
@@ -139,9 +152,11 @@ class VendorProvider:
             self._dialect.rerank_path, body, options.request_id, len(documents)
         )
         try:
-            return self._dialect.parse_ranking(payload, len(documents), top_n)
+            ranking = self._dialect.parse_ranking(payload, len(documents), top_n)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
+        self._meter.succeeded()
+        return ranking
 
     # -- the call and its failures ---------------------------------------------
 
@@ -162,6 +177,8 @@ class VendorProvider:
         url = self._settings.base_url.rstrip("/") + path
         started = time.perf_counter()
         title = self._dialect.title
+        meter = self._meter
+        meter.inputs.observe(items)
         try:
             reply = await self._driver.post(
                 url,
@@ -170,8 +187,13 @@ class VendorProvider:
                 policy=self._settings.retry,
                 limit=self._limit,
                 vendor=title,
+                meter=meter,
             )
+        except VendorBadReplyError:
+            meter.failed()
+            raise
         except TransportFailure as failure:
+            meter.failed()
             log.warning(
                 "vendor_call_failed",
                 vendor=self._dialect.vendor,
@@ -235,6 +257,10 @@ class VendorProvider:
         said = f": {metadata['vendor_message']}" if "vendor_message" in metadata else ""
         where = f"{self._dialect.title} (model {self._settings.name}) answered HTTP {status}"
         log.warning("vendor_call_failed", model=self._settings.name, **metadata)
+        if status in (401, 403):
+            self._meter.key_refused()
+        elif status == 408 or status >= 500:
+            self._meter.failed()
         error: VendorError
         if status in (400, 413, 422):
             error = VendorRejectedError(f"{where}, rejecting the request{said}", metadata=metadata)
@@ -260,6 +286,7 @@ class VendorProvider:
         raise error
 
     def _reply_failed(self, problem: BadReply | ErrorInReply, payload: Any) -> NoReturn:
+        self._meter.failed()
         title = self._dialect.title
         if isinstance(problem, ErrorInReply):
             metadata = self._metadata(problem.fault, 200)

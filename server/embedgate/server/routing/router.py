@@ -78,6 +78,11 @@ class EmbedResult:
     items: tuple[Encoded, ...]
     usage: Usage | None
 
+    @property
+    def calls(self) -> int:
+        """Model requests (vendor requests, or local batches) that carried its inputs."""
+        return len({item.batch for item in self.items if not item.cached})
+
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
@@ -104,6 +109,8 @@ class RerankResult:
     # How the scores were made: the vendor's reranker, or embedding cosine similarity.
     method: Literal["vendor", "embedding_cosine"] = "embedding_cosine"
     query_cached: bool = False
+    # Model requests made for it (vendor requests, or local batches).
+    calls: int = 0
 
 
 @dataclass(slots=True)
@@ -445,6 +452,7 @@ class Router:
             ranked=ranked,
             usage=result.usage,
             query_cached=result.items[0].cached,
+            calls=result.calls,
         )
 
     async def _rerank_natively(
@@ -489,6 +497,7 @@ class Router:
             ranked=tuple(merged),
             usage=_rerank_usage([ranking.total_tokens for ranking in rankings]),
             method="vendor",
+            calls=len(rankings),
         )
 
     @staticmethod

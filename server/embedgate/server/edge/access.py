@@ -1,0 +1,43 @@
+"""One record per RPC: the access-log line and the RPC metrics, written once at its end."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import structlog
+
+from embedgate.server.metrics import Metrics
+
+log = structlog.get_logger("embedgate.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class Access:
+    """Collects the fields of one access-log line, and the request id the RPC sends
+    back (in trailing metadata: no extra operation, on success and on failure)."""
+
+    __slots__ = ("fields", "metrics", "request_id", "started")
+
+    def __init__(self, method: str, metrics: Metrics) -> None:
+        self.fields: dict[str, object] = {"method": method}
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.request_id = ""
+
+    def emit(self, code: grpc.StatusCode) -> None:
+        seconds = time.perf_counter() - self.started
+        method = str(self.fields["method"])
+        model = str(self.fields.get("model") or "")
+        self.metrics.rpcs.labels(method, model, code.name).inc()
+        self.metrics.rpc_duration.labels(method, model).observe(seconds)
+        if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
+            return
+        log.info(
+            "rpc_finished", code=code.name, duration_ms=round(seconds * 1000, 3), **self.fields
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_HEADER, self.request_id),) if self.request_id else ()

@@ -1,0 +1,198 @@
+"""What every RPC passes before it is served: the caller's bearer token, and the cap
+on RPCs served at once. Health checks pass freely, so probes work under load.
+
+An RPC over the cap is refused at once with RESOURCE_EXHAUSTED (the caller retries,
+or its balancer picks another replica) rather than queued behind work it would wait
+for. A token may be limited to some models: the servicer asks ``allowed_models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+
+from embedgate.server.edge.access import Access
+from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
+from embedgate.server.errors import (
+    EmbedgateError,
+    OverloadedError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from embedgate.server.metrics import Metrics
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+BEARER = "bearer "
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who presented which token: its name (never the token) and the models it may use
+    (None: every model)."""
+
+    name: str
+    models: frozenset[str] | None
+
+
+_CALLER: ContextVar[Caller | None] = ContextVar("embedgate_caller", default=None)
+
+
+def check_model(model: str) -> None:
+    """Refuse ``model`` when the RPC's token may not use it."""
+    caller = _CALLER.get()
+    if caller is None or caller.models is None or model in caller.models:
+        return
+    allowed = ", ".join(sorted(caller.models))
+    raise PermissionDeniedError(
+        f"token {caller.name!r} may not use model {model!r} (it may use: {allowed})",
+        metadata={"model": model, "token": caller.name},
+    )
+
+
+def allowed_models() -> frozenset[str] | None:
+    """The models the RPC's token may use; None: every model."""
+    caller = _CALLER.get()
+    return None if caller is None else caller.models
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Tokens:
+    """The accepted tokens, kept as digests; a presented token is compared to each in
+    constant time."""
+
+    def __init__(self, tokens: Mapping[str, Caller]) -> None:
+        self._callers = [(_digest(token), caller) for token, caller in tokens.items()]
+
+    def caller(self, metadata: Any) -> Caller:
+        presented = None
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+                break
+        if presented is None or not presented[: len(BEARER)].lower() == BEARER:
+            raise UnauthenticatedError(
+                "this server requires a bearer token: send metadata "
+                "'authorization: Bearer <token>'",
+                reason="MISSING_TOKEN",
+            )
+        digest = _digest(presented[len(BEARER) :].strip())
+        found = None
+        for known, caller in self._callers:  # no early exit: the same time for any token
+            if hmac.compare_digest(digest, known):
+                found = caller
+        if found is None:
+            raise UnauthenticatedError("the bearer token is not valid", reason="INVALID_TOKEN")
+        return found
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics, *, max_concurrent: int, tokens: Tokens | None) -> None:
+        self._metrics = metrics
+        self._max = max_concurrent
+        self._tokens = tokens
+        self._active = 0
+        # One wrapped handler per method, made on its first call.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Let the RPC in (counting it), or raise why not."""
+        if self._tokens is not None:
+            try:
+                _CALLER.set(self._tokens.caller(context.invocation_metadata()))
+            except UnauthenticatedError:
+                self._metrics.rpcs_rejected.labels("unauthenticated").inc()
+                raise
+        if self._active >= self._max:
+            self._metrics.rpcs_rejected.labels("overload").inc()
+            raise OverloadedError(
+                f"the server is serving its limit of {self._max} RPCs at once; retry with backoff",
+                metadata={"max_concurrent_rpcs": str(self._max)},
+            )
+        self._active += 1
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], name: str, error: EmbedgateError
+    ) -> None:
+        access = Access(name, self._metrics)
+        access.fields["reason"] = error.reason
+        access.emit(grpc_code(error))
+        status = to_rpc_status(error)
+        await context.abort(grpc_code(error), status.message, trailing_metadata(status))
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        name = method.rsplit("/", 1)[-1]
+        gauge = self._metrics.rpcs_in_flight.labels(name)
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+
+        if handler.unary_unary is not None:
+            inner_unary: Any = handler.unary_unary  # async under grpc.aio
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    self._admit(context)
+                except EmbedgateError as error:
+                    await self._refuse(context, name, error)
+                gauge.inc()
+                try:
+                    return await inner_unary(request, context)
+                finally:
+                    gauge.dec()
+                    self._active -= 1
+
+            return grpc.unary_unary_rpc_method_handler(unary, **codec)
+
+        def streaming(inner: Any) -> Callable[..., Any]:
+            async def behavior(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                try:
+                    self._admit(context)
+                except EmbedgateError as error:
+                    await self._refuse(context, name, error)
+                gauge.inc()
+                try:
+                    async for reply in inner(request, context):
+                        yield reply
+                finally:
+                    gauge.dec()
+                    self._active -= 1
+
+            return behavior
+
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **codec)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **codec)
+        return handler  # client streaming: the contract has none

@@ -1,0 +1,260 @@
+"""Prometheus metrics, and the per-model health they feed.
+
+One ``Metrics`` per gateway, with its own registry, so that several gateways in one
+process (tests, embedding) keep separate counts. Providers get a ``VendorMeter`` bound
+to their vendor and model, so that recording costs no label lookups on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+# Seconds: from a cache hit (~0.3 ms) to a slow multimodal vendor call.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Inputs per vendor request or local batch: vendor limits run from 1 to a few hundred.
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# A model's health changes: (model name, serving).
+HealthListener = Callable[[str, bool], None]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.rpcs = Counter(
+            "embedgate_rpcs",
+            "RPCs finished, by method, model and gRPC status code.",
+            ("method", "model", "code"),
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "embedgate_rpc_duration_seconds",
+            "Time from an RPC's start to its end, by method and model.",
+            ("method", "model"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpcs_in_flight = Gauge(
+            "embedgate_rpcs_in_flight",
+            "RPCs being served now, by method (health checks not counted).",
+            ("method",),
+            registry=r,
+        )
+        self.rpcs_rejected = Counter(
+            "embedgate_rpcs_rejected",
+            "RPCs refused before being served, by reason (overload, unauthenticated, "
+            "permission_denied).",
+            ("reason",),
+            registry=r,
+        )
+        self.vendor_requests = Counter(
+            "embedgate_vendor_requests",
+            "HTTP requests sent to vendors (each attempt), by vendor, model and HTTP status "
+            "('timeout' or 'error' when no reply came).",
+            ("vendor", "model", "status"),
+            registry=r,
+        )
+        self.vendor_retries = Counter(
+            "embedgate_vendor_retries",
+            "Vendor attempts made again after a retryable outcome.",
+            ("vendor", "model"),
+            registry=r,
+        )
+        self.vendor_rate_limited = Counter(
+            "embedgate_vendor_rate_limited",
+            "Vendor replies with HTTP 429.",
+            ("vendor", "model"),
+            registry=r,
+        )
+        self.vendor_duration = Histogram(
+            "embedgate_vendor_request_duration_seconds",
+            "Time of one vendor attempt, from sending to the whole reply.",
+            ("vendor", "model"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.vendor_in_flight = Gauge(
+            "embedgate_vendor_requests_in_flight",
+            "Vendor attempts under way now.",
+            ("vendor", "model"),
+            registry=r,
+        )
+        self.vendor_inputs = Histogram(
+            "embedgate_vendor_request_inputs",
+            "Inputs (or documents) per vendor request.",
+            ("vendor", "model"),
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.local_batch_inputs = Histogram(
+            "embedgate_local_batch_inputs",
+            "Texts per batch the local model computes.",
+            ("model",),
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.model_serving = Gauge(
+            "embedgate_model_serving",
+            "1 while a model is healthy, 0 while its vendor refuses the key or keeps failing.",
+            ("model",),
+            registry=r,
+        )
+        self._health_listeners: list[HealthListener] = []
+        self._unhealthy: set[str] = set()
+
+    def vendor(self, vendor: str, model: str, *, unhealthy_after: int = 3) -> VendorMeter:
+        return VendorMeter(self, vendor, model, unhealthy_after)
+
+    def on_health_change(self, listener: HealthListener) -> None:
+        self._health_listeners.append(listener)
+
+    def serving(self, model: str) -> bool:
+        return model not in self._unhealthy
+
+    def health_changed(self, model: str, serving: bool) -> None:
+        self.model_serving.labels(model).set(1 if serving else 0)
+        if serving:
+            self._unhealthy.discard(model)
+        else:
+            self._unhealthy.add(model)
+        for listener in self._health_listeners:
+            listener(model, serving)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class VendorMeter:
+    """One vendor model's instruments, and its health: NOT_SERVING when the vendor
+    refuses the key, or after ``unhealthy_after`` failed calls in a row; SERVING again
+    after a call that succeeds."""
+
+    __slots__ = (
+        "_by_status",
+        "_failures",
+        "_labels",
+        "_metrics",
+        "_model",
+        "_requests",
+        "_serving",
+        "_unhealthy_after",
+        "duration",
+        "in_flight",
+        "inputs",
+        "rate_limited",
+        "retries",
+    )
+
+    def __init__(self, metrics: Metrics, vendor: str, model: str, unhealthy_after: int) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._requests = metrics.vendor_requests
+        self._labels = (vendor, model)
+        # The counter of each HTTP status the vendor answered with, resolved once.
+        self._by_status: dict[str, Counter] = {}
+        self.duration = metrics.vendor_duration.labels(vendor, model)
+        self.in_flight = metrics.vendor_in_flight.labels(vendor, model)
+        self.inputs = metrics.vendor_inputs.labels(vendor, model)
+        self.retries = metrics.vendor_retries.labels(vendor, model)
+        self.rate_limited = metrics.vendor_rate_limited.labels(vendor, model)
+        self._unhealthy_after = unhealthy_after
+        self._failures = 0
+        self._serving = True
+        metrics.model_serving.labels(model).set(1)
+
+    def attempt(self, outcome: int | str, seconds: float) -> None:
+        """One attempt ended: its HTTP status (or "timeout", "error" when no reply came)
+        and how long it took."""
+        key = str(outcome)
+        counter = self._by_status.get(key)
+        if counter is None:
+            counter = self._by_status[key] = self._requests.labels(*self._labels, key)
+        counter.inc()
+        self.duration.observe(seconds)
+        if outcome == 429:
+            self.rate_limited.inc()
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        if not self._serving:
+            self._set(True)
+
+    def failed(self) -> None:
+        """A call failed for the vendor's sake (no reply, 5xx, timeouts), retries spent."""
+        self._failures += 1
+        if self._serving and self._failures >= self._unhealthy_after:
+            self._set(False)
+
+    def key_refused(self) -> None:
+        self._failures = max(self._failures, self._unhealthy_after)
+        if self._serving:
+            self._set(False)
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def _set(self, serving: bool) -> None:
+        self._serving = serving
+        self._metrics.health_changed(self._model, serving)
+
+
+class MetricsServer:
+    """``GET /metrics`` on its own HTTP port, in the gateway's event loop."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _serve(self, _request: web.Request) -> web.Response:
+        body = self._metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
