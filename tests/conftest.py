@@ -30,6 +30,7 @@ from embedgate.server.domain import (
 )
 from embedgate.server.edge.server import Gateway
 from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, InputProblem
 from embedgate.server.providers.local import DEFAULT_MODEL_NAME, LocalProvider, LocalSettings
 from embedgate.server.routing.router import Router
@@ -158,9 +159,10 @@ def server_settings() -> ServerConfig:
 async def served() -> AsyncIterator[Served]:
     multi = ScriptedProvider(MULTI, dims=16, batch=4, fail_texts={"explode"})
     wide = ScriptedProvider(WIDE, dims=4096, batch=64, max_inputs=512)
-    local = LocalProvider(LocalSettings(name=LOCAL))
+    metrics = Metrics()
+    local = LocalProvider(LocalSettings(name=LOCAL), metrics)
     router = Router([local, multi, wide])
-    gateway = Gateway(router, server_settings())
+    gateway = Gateway(router, server_settings(), metrics=metrics)
     port = await gateway.start()
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(

@@ -85,6 +85,9 @@ class ServerConfig(_Strict):
     metrics_host: str | None = None  # default: host
     # A plaintext listener with only grpc.health.v1, for probes when the main one uses TLS.
     health_port: int | None = Field(default=None, ge=0, le=65535)
+    # Kubernetes probes come to the pod's address: a sidecar listening on 127.0.0.1
+    # serves health on 0.0.0.0. Default: host.
+    health_host: str | None = None
     # Vendor calls failing in a row (after retries) before a model is NOT_SERVING.
     unhealthy_after_failures: int = Field(default=3, ge=1, le=1000)
     # Kubernetes waits 30 s by default before SIGKILL; finish in-flight work well before.

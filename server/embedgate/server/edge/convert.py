@@ -7,6 +7,7 @@ checked here holds whatever the model.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -62,9 +63,28 @@ _OUTPUT_TYPES = {
 }
 
 
-def request_id_or_new(given: str) -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex without the object.
-    return given or os.urandom(16).hex()
+MAX_REQUEST_ID_CHARS = 128
+# Printable ASCII without spaces: the id travels in vendor HTTP headers and log lines.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+
+
+def request_id_or_new(given: str, header: str, violations: list[Violation]) -> str:
+    """The caller's request id (the request's field, else its ``x-request-id``
+    metadata), or a new one: 128 random bits as 32 hex digits."""
+    field = "request_id" if given else "x-request-id (metadata)"
+    given = given or header
+    if not given:
+        return os.urandom(16).hex()
+    if len(given) > MAX_REQUEST_ID_CHARS or not _REQUEST_ID.fullmatch(given):
+        violations.append(
+            Violation(
+                field,
+                f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces",
+                "INVALID_REQUEST_ID",
+            )
+        )
+        return os.urandom(16).hex()
+    return given
 
 
 def _check_model(model: str, violations: list[Violation]) -> None:
@@ -166,7 +186,7 @@ def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Inpu
     return TextImageInput(pair.text, image)
 
 
-def _options(request: pb.EmbedRequest, violations: list[Violation]) -> EmbedOptions:
+def _options(request: pb.EmbedRequest, violations: list[Violation], header_id: str) -> EmbedOptions:
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions == 0:
         violations.append(
@@ -187,14 +207,16 @@ def _options(request: pb.EmbedRequest, violations: list[Violation]) -> EmbedOpti
         instruction=request.instruction,
         dimensions=dimensions,
         normalize=request.normalize if request.HasField("normalize") else None,
-        request_id=request_id_or_new(request.request_id),
+        request_id=request_id_or_new(request.request_id, header_id, violations),
         user=request.user,
         output_type=output_type or OutputType.FLOAT32,
         cache=not request.no_cache,
     )
 
 
-def parse_embed(request: pb.EmbedRequest) -> ParsedEmbed:
+def parse_embed(request: pb.EmbedRequest, header_id: str = "") -> ParsedEmbed:
+    """``header_id``: the call's ``x-request-id`` metadata, used when the request's
+    own ``request_id`` is empty."""
     violations: list[Violation] = []
     _check_model(request.model, violations)
     if not request.inputs:
@@ -202,11 +224,11 @@ def parse_embed(request: pb.EmbedRequest) -> ParsedEmbed:
     inputs = [
         _parse_input(item, f"inputs[{i}]", violations) for i, item in enumerate(request.inputs)
     ]
-    options = _options(request, violations)
+    options = _options(request, violations, header_id)
     return ParsedEmbed(request.model, inputs, options, violations)
 
 
-def parse_rerank(request: pb.RerankRequest) -> ParsedRerank:
+def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank:
     violations: list[Violation] = []
     _check_model(request.model, violations)
     query: str | None = request.query
@@ -248,7 +270,7 @@ def parse_rerank(request: pb.RerankRequest) -> ParsedRerank:
         violations.append(Violation("top_n", "must be at least 1 when set", "INVALID_TOP_N"))
         top_n = None
     options = EmbedOptions(
-        request_id=request_id_or_new(request.request_id),
+        request_id=request_id_or_new(request.request_id, header_id, violations),
         user=request.user,
         cache=not request.no_cache,
     )

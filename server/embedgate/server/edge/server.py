@@ -130,7 +130,7 @@ class Gateway:
             self._health_server = grpc.aio.server(options=self._options())
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(
-                _address(settings.host, settings.health_port)
+                _address(settings.health_host or settings.host, settings.health_port)
             )
             await self._health_server.start()
         if settings.metrics_port is not None:

@@ -11,7 +11,7 @@ import structlog
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, OutputType, Usage
-from embedgate.server.edge.access import Access
+from embedgate.server.edge.access import REQUEST_ID_HEADER, Access
 from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.guard import allowed_models, check_model
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
@@ -63,6 +63,14 @@ def _internal(exc: Exception) -> EmbedgateError:
     # Never echo the exception text: it may hold payload or configuration.
     log.exception("rpc_internal_error", error_type=type(exc).__name__)
     return InternalError(f"internal error ({type(exc).__name__})")
+
+
+def _header_id(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """The caller's ``x-request-id`` metadata, if it sent one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value
+    return ""
 
 
 def _count_calls(access: Access, provider: Provider, calls: int) -> None:
@@ -152,9 +160,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         )
 
     async def _prepare_embed(
-        self, request: pb.EmbedRequest, access: Access
+        self, request: pb.EmbedRequest, access: Access, header_id: str = ""
     ) -> tuple[Provider, list[Input], EmbedOptions]:
-        parsed = parse_embed(request)
+        parsed = parse_embed(request, header_id)
         access.request_id = parsed.options.request_id
         access.fields.update(
             model=parsed.model, inputs=len(request.inputs), request_id=parsed.options.request_id
@@ -174,15 +182,19 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
         async def work() -> pb.EmbedResponse:
             response = pb.EmbedResponse()
-            await self._embed_into(response, request, access)
+            await self._embed_into(response, request, access, _header_id(context))
             return response
 
         return await self._run(context, access, work)
 
     async def _embed_into(
-        self, response: pb.EmbedResponse, request: pb.EmbedRequest, access: Access
+        self,
+        response: pb.EmbedResponse,
+        request: pb.EmbedRequest,
+        access: Access,
+        header_id: str = "",
     ) -> None:
-        provider, inputs, options = await self._prepare_embed(request, access)
+        provider, inputs, options = await self._prepare_embed(request, access, header_id)
         result = await self._router.embed(provider, inputs, options)
         response.model = result.model
         response.request_id = options.request_id
@@ -205,7 +217,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         provider, inputs, options = await self._run(
             context,
             access,
-            lambda: self._prepare_embed(request.request, access),
+            lambda: self._prepare_embed(request.request, access, _header_id(context)),
             finishes=False,
         )
         model = provider.info.name
@@ -271,7 +283,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         access = Access("Rerank", self._metrics)
 
         async def work() -> pb.RerankResponse:
-            parsed = parse_rerank(request)
+            parsed = parse_rerank(request, _header_id(context))
             access.fields.update(
                 model=parsed.model,
                 inputs=len(parsed.documents) + 1,

@@ -1,0 +1,83 @@
+"""A real gateway built from a configuration dict, the way `embedgate serve` builds it,
+for the tests of its operational settings (listeners, auth, overload, health, metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from vendors import FakeVendor
+
+from embedgate.server.app import build_gateway
+from embedgate.server.config import parse_config
+from embedgate.server.edge.server import Gateway
+
+KEY = "vendor-key-for-tests"
+
+
+def openai_model(fake: FakeVendor, key_file: Path, name: str = "m", **extra: Any) -> dict[str, Any]:
+    """An OpenAI-compatible model on ``fake``, quick to retry and never merging calls."""
+    return {
+        "name": name,
+        "provider": "openai",
+        "base_url": fake.base_url,
+        "vendor_model": "text-embedding-3-small",
+        "api_key_file": str(key_file),
+        "coalesce_wait_ms": 0,
+        "retry_backoff_s": 0.01,
+        "retry_backoff_max_s": 0.02,
+        **extra,
+    }
+
+
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "vendor-key"
+    path.write_text(KEY + "\n")
+    return path
+
+
+@asynccontextmanager
+async def running(models: list[dict[str, Any]], **server: Any) -> AsyncIterator[Gateway]:
+    """A started gateway on 127.0.0.1 (port 0 unless given), cache off."""
+    config = parse_config(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1, **server},
+            "cache": {"enabled": False},
+            "models": models,
+        }
+    )
+    gateway = build_gateway(config)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop(grace=0)
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> str:
+    """The named service's status, as its name (SERVING, NOT_SERVING, SERVICE_UNKNOWN)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return name
+
+
+def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, by name and labels."""
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    """One sample's value; 0 when it was never recorded (as Prometheus would read it)."""
+    return found.get((name, frozenset(labels.items())), 0.0)
