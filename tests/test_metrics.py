@@ -59,6 +59,10 @@ async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> Non
                 )
                 assert len([reply async for reply in stream]) == 1
                 await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+                # Names callers make up never become label values.
+                for name in ("made-up-1", "made-up-2"):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await stub.Embed(pb.EmbedRequest(model=name, inputs=texts("x")))
             found = samples(await scrape(gateway.metrics_port))
 
     def rpcs(method: str, model: str, code: str) -> float:
@@ -69,6 +73,8 @@ async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> Non
     assert rpcs("Embed", "m", "INVALID_ARGUMENT") == 1
     assert rpcs("StreamEmbed", "m", "OK") == 1
     assert rpcs("ListModels", "", "OK") == 1
+    assert rpcs("Embed", "(unknown)", "NOT_FOUND") == 2
+    assert not any("made-up" in str(labels) for _, labels in found)
     assert value(found, "embedgate_rpc_duration_seconds_count", method="Embed", model="m") == 4
     assert value(found, "embedgate_rpc_duration_seconds_sum", method="Embed", model="m") > 0
     vendor = {"vendor": "openai", "model": "m"}

@@ -7,7 +7,7 @@ to their vendor and model, so that recording costs no label lookups on the hot p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import (
@@ -42,6 +42,8 @@ LATENCY_BUCKETS = (
 # Inputs per vendor request or local batch: vendor limits run from 1 to a few hundred.
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# The model label of RPCs that named no configured model.
+UNKNOWN_MODEL = "(unknown)"
 # A model's health changes: (model name, serving).
 HealthListener = Callable[[str, bool], None]
 
@@ -130,7 +132,27 @@ class Metrics:
             registry=r,
         )
         self._health_listeners: list[HealthListener] = []
+        self._models: frozenset[str] = frozenset()
+        self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._unhealthy: set[str] = set()
+
+    def serve_models(self, names: Iterable[str]) -> None:
+        """The configured models: the only values the ``model`` label takes."""
+        self._models = frozenset(names)
+
+    def rpc_finished(self, method: str, model: str, code: str, seconds: float) -> None:
+        # A name a caller made up is not a label value: labels are never unbounded.
+        if model not in self._models:
+            model = UNKNOWN_MODEL if model else ""
+        # Children are looked up once per label set: labels() costs a few µs per call.
+        children = self._rpc_children.get((method, model, code))
+        if children is None:
+            children = self._rpc_children[(method, model, code)] = (
+                self.rpcs.labels(method, model, code),
+                self.rpc_duration.labels(method, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def vendor(self, vendor: str, model: str, *, unhealthy_after: int = 3) -> VendorMeter:
         return VendorMeter(self, vendor, model, unhealthy_after)

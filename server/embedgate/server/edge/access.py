@@ -31,8 +31,7 @@ class Access:
         seconds = time.perf_counter() - self.started
         method = str(self.fields["method"])
         model = str(self.fields.get("model") or "")
-        self.metrics.rpcs.labels(method, model, code.name).inc()
-        self.metrics.rpc_duration.labels(method, model).observe(seconds)
+        self.metrics.rpc_finished(method, model, code.name, seconds)
         if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
             return
         log.info(

@@ -139,9 +139,10 @@ class Gateway:
             )
             self.metrics_port = await self._metrics_server.start()
         await self._router.start()
+        models = [info.name for info in self._router.models()]
+        self._metrics.serve_models(models)
         await server.start()
         self._server = server
-        models = [info.name for info in self._router.models()]
         for service in ("", SERVICE_NAME):
             await self._health.set(service, SERVING)
         for model in models:
