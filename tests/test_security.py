@@ -14,8 +14,10 @@ import structlog
 from certs import Authority
 from conftest import rich_error
 from gateways import health_status, key_file, openai_model, running
+from test_cli import run_cli
 from vendors import FakeVendor
 
+from embedgate import client as eg
 from embedgate.server.app import build_gateway
 from embedgate.server.config import ConfigError, parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -298,3 +300,48 @@ def test_an_unreadable_token_file_stops_start_up_without_printing_tokens(tmp_pat
             ConfigError, match=rf"server\.auth\.tokens\[0\]\.token_file: .*{problem}"
         ):
             build_gateway(config)
+
+
+# -- the Python client and the command line over TLS with a token --------------------
+
+
+async def test_the_python_client_and_cli_speak_mutual_tls_with_a_token(
+    fake: FakeVendor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = Authority("embedgate test CA")
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.cert_pem)
+    client_cert, client_key = ca.issue("app", server=False).write(tmp_path, "client")
+    tls = {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(ca_file)}
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    auth = {"tokens": [{"name": "app", "token_file": str(token_file)}]}
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem,
+        private_key=client_key.read_bytes(),
+        certificate_chain=client_cert.read_bytes(),
+    )
+    model = openai_model(fake, key_file(tmp_path))
+    async with running([model], tls=tls, auth=auth) as gateway:
+        target = f"localhost:{gateway.port}"
+        async with eg.AsyncClient(target, token=TOKEN, credentials=credentials) as client:
+            vectors = await client.embed_texts(["two apples"], model="m")
+            assert vectors.shape == (1, fake.dims)
+        wrong = TOKEN[::-1]
+        async with eg.AsyncClient(target, token=wrong, credentials=credentials) as client:
+            with pytest.raises(eg.UnauthenticatedError) as caught:
+                await client.list_models()
+            assert caught.value.reason == "INVALID_TOKEN"
+        tls_args = ["--tls-ca", str(ca_file), "--tls-cert", str(client_cert)]
+        tls_args += ["--tls-key", str(client_key)]
+        monkeypatch.setenv("EMBEDGATE_TOKEN", TOKEN)
+        code, out, err = await run_cli("models", "--target", target, *tls_args)
+        assert code == 0, err
+        assert out.startswith("m  provider=openai")
+        code, out, err = await run_cli("health", "--target", target, *tls_args)
+        assert (code, out.strip()) == (0, "SERVING")
+        # Without the client certificate there is no connection at all.
+        code, _, err = await run_cli("health", "--target", target, "--tls-ca", str(ca_file))
+        assert code == 1
+        assert "UNAVAILABLE" in err

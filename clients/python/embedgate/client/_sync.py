@@ -27,6 +27,7 @@ from embedgate.client._types import (
     rerank_request,
     rerank_result,
     stream_item,
+    with_token,
 )
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -38,7 +39,10 @@ class Client:
     """A blocking embedgate client over one channel.
 
     ``timeout`` (seconds) is the deadline of each call unless a call gives its own;
-    ``None`` means no deadline. Failures raise :class:`EmbedgateError` subclasses.
+    ``None`` means no deadline. ``token`` is sent as ``authorization: Bearer <token>``
+    on every call; ``credentials`` (``grpc.ssl_channel_credentials(...)``) make the
+    channel TLS, or mutual TLS with a client key and certificate. Failures raise
+    :class:`EmbedgateError` subclasses.
     """
 
     def __init__(
@@ -48,12 +52,20 @@ class Client:
         channel: grpc.Channel | None = None,
         timeout: float | None = 60.0,
         metadata: Metadata = (),
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        if channel is None:
+            options = list(CHANNEL_OPTIONS)
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=options)
+            else:
+                channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = channel
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._metadata = with_token(metadata, token)
 
     def close(self) -> None:
         if self._own_channel:

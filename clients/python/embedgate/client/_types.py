@@ -279,3 +279,12 @@ def model_infos(response: pb.ListModelsResponse) -> list[ModelInfo]:
         )
         for m in response.models
     ]
+
+
+def with_token(
+    metadata: Sequence[tuple[str, str]], token: str | None
+) -> tuple[tuple[str, str], ...]:
+    """The metadata every call sends: the caller's, and the bearer token if any."""
+    if token is None:
+        return tuple(metadata)
+    return (*metadata, ("authorization", f"Bearer {token}"))

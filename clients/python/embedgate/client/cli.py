@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -21,6 +22,7 @@ from embedgate.client._types import embed_result
 from embedgate.v1 import embedding_service_pb2 as pb
 
 TARGET_ENV = "EMBEDGATE_TARGET"
+TOKEN_ENV = "EMBEDGATE_TOKEN"  # noqa: S105 - the variable's name, not a token
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
@@ -126,10 +128,9 @@ def _models(args: argparse.Namespace, client: Client) -> int:
 
 def _health(args: argparse.Namespace, client: Client) -> int:
     """Exit 0 when the server reports SERVING (for Docker health checks and scripts)."""
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -141,6 +142,31 @@ def _health(args: argparse.Namespace, client: Client) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls-ca (and --tls-cert/--tls-key); None: plaintext."""
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise SystemExit("embedgate: --tls-cert and --tls-key need --tls-ca")
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("embedgate: give --tls-cert and --tls-key together")
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+    except OSError as error:
+        raise SystemExit(f"embedgate: cannot read {error.filename}: {error.strerror}") from None
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    credentials = _credentials(args)
+    if credentials is None:
+        return grpc.insecure_channel(args.target)
+    return grpc.secure_channel(args.target, credentials)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
         sub.add_argument("--json", action="store_true", help="print the whole response as JSON")
+        sub.add_argument(
+            "--token",
+            default=os.environ.get(TOKEN_ENV) or None,
+            help=f"bearer token for a server with auth (default: ${TOKEN_ENV})",
+        )
+        sub.add_argument(
+            "--tls-ca", metavar="FILE", help="use TLS, trusting the server's certificate to this CA"
+        )
+        sub.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
+        sub.add_argument("--tls-key", metavar="FILE", help="client private key (mutual TLS)")
         return sub
 
     embed = client_command("embed", "embed inputs and print a summary of each vector")
@@ -210,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_serve(args)
     handlers = {"embed": _embed, "rerank": _rerank, "models": _models, "health": _health}
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(
+        args.target, timeout=args.timeout, token=args.token, credentials=_credentials(args)
+    ) as client:
         try:
             return handlers[args.command](args, client)
         except EmbedgateError as error:
