@@ -74,8 +74,7 @@ class Metrics:
         )
         self.rpcs_rejected = Counter(
             "embedgate_rpcs_rejected",
-            "RPCs refused before being served, by reason (overload, unauthenticated, "
-            "permission_denied).",
+            "RPCs refused before being served, by reason (overload, unauthenticated).",
             ("reason",),
             registry=r,
         )

@@ -123,30 +123,29 @@ class Guard(grpc.aio.ServerInterceptor):
             self._wrapped[method] = cached
         return cached[1]
 
-    def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Let the RPC in (counting it), or raise why not."""
-        if self._tokens is not None:
-            try:
-                _CALLER.set(self._tokens.caller(context.invocation_metadata()))
-            except UnauthenticatedError:
-                self._metrics.rpcs_rejected.labels("unauthenticated").inc()
-                raise
-        if self._active >= self._max:
-            self._metrics.rpcs_rejected.labels("overload").inc()
-            raise OverloadedError(
-                f"the server is serving its limit of {self._max} RPCs at once; retry with backoff",
-                metadata={"max_concurrent_rpcs": str(self._max)},
-            )
+    async def _enter(self, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
+        """Let the RPC in and count it, or end it with why not."""
+        try:
+            if self._tokens is not None:
+                try:
+                    _CALLER.set(self._tokens.caller(context.invocation_metadata()))
+                except UnauthenticatedError:
+                    self._metrics.rpcs_rejected.labels("unauthenticated").inc()
+                    raise
+            if self._active >= self._max:
+                self._metrics.rpcs_rejected.labels("overload").inc()
+                raise OverloadedError(
+                    f"the server is serving its limit of {self._max} RPCs at once; "
+                    "retry with backoff",
+                    metadata={"max_concurrent_rpcs": str(self._max)},
+                )
+        except EmbedgateError as error:
+            access = Access(name, self._metrics)
+            access.fields["reason"] = error.reason
+            access.emit(grpc_code(error))
+            status = to_rpc_status(error)
+            await context.abort(grpc_code(error), status.message, trailing_metadata(status))
         self._active += 1
-
-    async def _refuse(
-        self, context: grpc.aio.ServicerContext[Any, Any], name: str, error: EmbedgateError
-    ) -> None:
-        access = Access(name, self._metrics)
-        access.fields["reason"] = error.reason
-        access.emit(grpc_code(error))
-        status = to_rpc_status(error)
-        await context.abort(grpc_code(error), status.message, trailing_metadata(status))
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         name = method.rsplit("/", 1)[-1]
@@ -156,20 +155,20 @@ class Guard(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
 
+        def leave() -> None:
+            gauge.dec()
+            self._active -= 1
+
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary  # async under grpc.aio
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    self._admit(context)
-                except EmbedgateError as error:
-                    await self._refuse(context, name, error)
+                await self._enter(context, name)
                 gauge.inc()
                 try:
                     return await inner_unary(request, context)
                 finally:
-                    gauge.dec()
-                    self._active -= 1
+                    leave()
 
             return grpc.unary_unary_rpc_method_handler(unary, **codec)
 
@@ -177,17 +176,13 @@ class Guard(grpc.aio.ServerInterceptor):
             async def behavior(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                try:
-                    self._admit(context)
-                except EmbedgateError as error:
-                    await self._refuse(context, name, error)
+                await self._enter(context, name)
                 gauge.inc()
                 try:
                     async for reply in inner(request, context):
                         yield reply
                 finally:
-                    gauge.dec()
-                    self._active -= 1
+                    leave()
 
             return behavior
 
