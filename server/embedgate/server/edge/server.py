@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
 from embedgate.server.edge.guard import Guard, Tokens
@@ -97,15 +97,12 @@ class Gateway:
         settings = self._settings
         for service in ("", SERVICE_NAME):
             await self._health.set(service, NOT_SERVING)
-        server = grpc.aio.server(
-            interceptors=[
-                Guard(
-                    self._metrics, max_concurrent=settings.max_concurrent_rpcs, tokens=self._tokens
-                )
-            ],
-            options=self._options(),
+        server = grpc.aio.server(options=self._options())
+        guard = Guard(
+            self._metrics, max_concurrent=settings.max_concurrent_rpcs, tokens=self._tokens
         )
-        pb_grpc.add_EmbeddingServiceServicer_to_server(
+        guard.register(
+            pb_grpc.add_EmbeddingServiceServicer_to_server,
             EmbeddingService(
                 self._router,
                 default_deadline_s=settings.default_deadline_s,
@@ -114,10 +111,14 @@ class Gateway:
             ),
             server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        guard.register(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(
+                (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            server,
         )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = _address(settings.host, settings.port)
         if settings.tls is not None:
             self.port = server.add_secure_port(address, server_credentials(settings.tls))
