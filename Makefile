@@ -14,10 +14,10 @@ run: $(STAMP)
 
 test: check
 
-check: $(STAMP) node_modules/.bin/buf
+check: $(STAMP) tools
 	PYTHON=$(PY) scripts/check
 
-generate: $(STAMP)
+generate: $(STAMP) tools
 	PYTHON=$(PY) scripts/generate
 
 install: $(STAMP)
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -e ./clients/python -e '.[local]' -r requirements-dev.txt
 	touch $@
 
-tools: node_modules/.bin/buf
+tools: node_modules/.bin/buf clients/typescript/node_modules/.bin/tsc
 
 # `npm install --no-save` rather than `npm ci`: the lock pins buf, but npm ci refuses a
 # lock written without the other platforms' optional buf binaries.
@@ -36,8 +36,13 @@ node_modules/.bin/buf: package.json package-lock.json
 	npm install --no-audit --no-fund --no-save
 	touch $@
 
+# The TypeScript client's dependencies, protoc-gen-es and tsc among them.
+clients/typescript/node_modules/.bin/tsc: clients/typescript/package.json clients/typescript/package-lock.json
+	npm ci --prefix clients/typescript --no-audit --no-fund
+	touch $@
+
 clean:
-	rm -rf $(VENV) node_modules build
+	rm -rf $(VENV) node_modules build clients/typescript/node_modules clients/typescript/dist
 
 # The side-by-side benchmark behind docs/benchmarks.md (needs h2load: nghttp2-client).
 # `make bench ARGS=--quick` is the few-second smoke run.
