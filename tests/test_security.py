@@ -14,6 +14,7 @@ import structlog
 from certs import Authority
 from conftest import rich_error
 from gateways import health_status, key_file, openai_model, running
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_cli import run_cli
 from vendors import FakeVendor
 
@@ -164,6 +165,20 @@ def with_token(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+async def reflected_services(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
+) -> str:
+    """The services reflection lists, or the code it failed with."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    try:
+        async for reply in stub.ServerReflectionInfo(iter([ask]), metadata=metadata, timeout=5):
+            return " ".join(s.name for s in reply.list_services_response.service)
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return ""
+
+
 @pytest_asyncio.fixture
 async def guarded(
     fake: FakeVendor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -209,8 +224,12 @@ async def test_calls_without_a_valid_bearer_token_are_unauthenticated(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             _ = [reply async for reply in stream]
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # Health answers without a token: probes carry none.
+        # Health answers without a token: probes carry none. Reflection needs one.
         assert await health_status(channel) == "SERVING"
+        assert await reflected_services(channel, ()) == "UNAUTHENTICATED"
+        assert "embedgate.v1.EmbeddingService" in await reflected_services(
+            channel, with_token(TOKEN)
+        )
         # The right token, in any case of "Bearer".
         reply = await stub.Embed(
             embed_request(), metadata=(("authorization", f"bearer {TOKEN}"),), timeout=5
@@ -218,7 +237,7 @@ async def test_calls_without_a_valid_bearer_token_are_unauthenticated(
     assert len(reply.embeddings) == 1
     assert len(fake.received) == 1  # the refused calls never reached the vendor
     refusals = [event for event in logs if event.get("reason") in cases]
-    assert len(refusals) == 7
+    assert len(refusals) == 8  # 3 x (Embed, ListModels), the stream, reflection
     assert all(TOKEN not in repr(event) for event in logs)
 
 
