@@ -155,7 +155,10 @@ class Guard:
             inner_unary: Any = handler.unary_unary  # async under grpc.aio
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await self._enter(context, name)
+                if self._tokens is None and self._active < self._max:
+                    self._active += 1  # the common case, without a coroutine
+                else:
+                    await self._enter(context, name)
                 gauge.inc()
                 try:
                     return await inner_unary(request, context)

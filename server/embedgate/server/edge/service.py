@@ -65,8 +65,11 @@ def _internal(exc: Exception) -> EmbedgateError:
     return InternalError(f"internal error ({type(exc).__name__})")
 
 
-def _header_id(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """The caller's ``x-request-id`` metadata, if it sent one."""
+def _header_id(context: grpc.aio.ServicerContext[object, object], given: str) -> str:
+    """The caller's ``x-request-id`` metadata, if it sent one and the request has no id
+    of its own (then the metadata is not read)."""
+    if given:
+        return ""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str):
             return value
@@ -182,7 +185,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
         async def work() -> pb.EmbedResponse:
             response = pb.EmbedResponse()
-            await self._embed_into(response, request, access, _header_id(context))
+            await self._embed_into(
+                response, request, access, _header_id(context, request.request_id)
+            )
             return response
 
         return await self._run(context, access, work)
@@ -217,7 +222,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         provider, inputs, options = await self._run(
             context,
             access,
-            lambda: self._prepare_embed(request.request, access, _header_id(context)),
+            lambda: self._prepare_embed(
+                request.request, access, _header_id(context, request.request.request_id)
+            ),
             finishes=False,
         )
         model = provider.info.name
@@ -283,7 +290,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         access = Access("Rerank", self._metrics)
 
         async def work() -> pb.RerankResponse:
-            parsed = parse_rerank(request, _header_id(context))
+            parsed = parse_rerank(request, _header_id(context, request.request_id))
             access.fields.update(
                 model=parsed.model,
                 inputs=len(parsed.documents) + 1,
