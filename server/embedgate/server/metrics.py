@@ -241,10 +241,6 @@ class VendorMeter:
         if self._serving:
             self._set(False)
 
-    @property
-    def serving(self) -> bool:
-        return self._serving
-
     def _set(self, serving: bool) -> None:
         self._serving = serving
         self._metrics.health_changed(self._model, serving)

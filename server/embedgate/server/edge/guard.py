@@ -79,7 +79,7 @@ class Tokens:
             if key == "authorization" and isinstance(value, str):
                 presented = value
                 break
-        if presented is None or not presented[: len(BEARER)].lower() == BEARER:
+        if presented is None or presented[: len(BEARER)].lower() != BEARER:
             raise UnauthenticatedError(
                 "this server requires a bearer token: send metadata "
                 "'authorization: Bearer <token>'",
@@ -104,10 +104,6 @@ class Guard:
         self._max = max_concurrent
         self._tokens = tokens
         self._active = 0
-
-    @property
-    def active(self) -> int:
-        return self._active
 
     def register(
         self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
