@@ -10,6 +10,7 @@ import grpc
 import pytest
 from conftest import LOCAL, Served
 from gateways import key_file, openai_model, running, samples, value
+from vendor_world import texts
 from vendors import FakeVendor, Fault
 
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -24,10 +25,6 @@ async def scrape(port: int) -> str:
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith("text/plain")
         return await reply.text()
-
-
-def texts(*values: str) -> list[pb.Input]:
-    return [pb.Input(text=value) for value in values]
 
 
 async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> None:

@@ -51,7 +51,6 @@ async def test_the_cap_holds_wave_after_wave(fake: FakeVendor, tmp_path: Path) -
     """Two waves of slow calls, each larger than the cap: each time exactly the cap is
     served, the rest are refused at once, the vendor never sees more than the cap in
     flight, and health answers throughout."""
-    fake.always(Fault.delay(0.6))
     model = openai_model(fake, key_file(tmp_path))
     async with (
         running([model], max_concurrent_rpcs=CAP, metrics_port=0) as gateway,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-from pathlib import Path
 
 import structlog
 
@@ -13,7 +11,8 @@ from embedgate.server.config import AuthConfig, CacheConfig, Config, ConfigError
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.registry import build_providers
+from embedgate.server.providers.dialect import SettingError
+from embedgate.server.providers.registry import build_providers, read_secret
 from embedgate.server.routing.cache import VectorCache
 from embedgate.server.routing.router import Router
 
@@ -39,23 +38,11 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
     callers: dict[str, Caller] = {}
     for position, entry in enumerate(auth.tokens):
         where = f"server.auth.tokens[{position}]"
-        if entry.token_env:
-            token = os.environ.get(entry.token_env, "").strip()
-            if not token:
-                raise ConfigError(
-                    f"{where}.token_env: environment variable {entry.token_env} is not set or empty"
-                )
-        else:
-            assert entry.token_file is not None  # one of the two, by validation
-            try:
-                token = Path(entry.token_file).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ConfigError(
-                    f"{where}.token_file: cannot read {entry.token_file}: "
-                    f"{getattr(error, 'strerror', None) or type(error).__name__}"
-                ) from None
-            if not token:
-                raise ConfigError(f"{where}.token_file: {entry.token_file} is empty")
+        try:
+            token = read_secret(entry.token_env, entry.token_file, prefix="token")
+        except SettingError as problem:
+            raise ConfigError(f"{where}.{problem.field}: {problem}") from None
+        assert token is not None  # one of the two sources is given, by validation
         if token in callers:
             raise ConfigError(f"{where}: the same token as {callers[token].name!r}")
         models = frozenset(entry.models) if entry.models is not None else None
@@ -64,13 +51,9 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
 
 
 def build_gateway(config: Config) -> Gateway:
-    metrics = Metrics()
+    metrics = Metrics(unhealthy_after=config.server.unhealthy_after_failures)
     router = Router(
-        build_providers(
-            config.models,
-            metrics=metrics,
-            unhealthy_after=config.server.unhealthy_after_failures,
-        ),
+        build_providers(config.models, metrics=metrics),
         coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
         cache=build_cache(config.cache),
     )

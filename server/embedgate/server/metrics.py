@@ -49,7 +49,12 @@ HealthListener = Callable[[str, bool], None]
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """``unhealthy_after``: vendor calls failing in a row before a model is NOT_SERVING."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, unhealthy_after: int = 3
+    ) -> None:
+        self.unhealthy_after = unhealthy_after
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
@@ -153,8 +158,8 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def vendor(self, vendor: str, model: str, *, unhealthy_after: int = 3) -> VendorMeter:
-        return VendorMeter(self, vendor, model, unhealthy_after)
+    def vendor(self, vendor: str, model: str) -> VendorMeter:
+        return VendorMeter(self, vendor, model)
 
     def on_health_change(self, listener: HealthListener) -> None:
         self._health_listeners.append(listener)
@@ -177,7 +182,7 @@ class Metrics:
 
 class VendorMeter:
     """One vendor model's instruments, and its health: NOT_SERVING when the vendor
-    refuses the key, or after ``unhealthy_after`` failed calls in a row; SERVING again
+    refuses the key, or after the metrics' ``unhealthy_after`` failed calls in a row; SERVING again
     after a call that succeeds."""
 
     __slots__ = (
@@ -187,7 +192,6 @@ class VendorMeter:
         "_metrics",
         "_model",
         "_requests",
-        "_serving",
         "_unhealthy_after",
         "duration",
         "in_flight",
@@ -196,7 +200,7 @@ class VendorMeter:
         "retries",
     )
 
-    def __init__(self, metrics: Metrics, vendor: str, model: str, unhealthy_after: int) -> None:
+    def __init__(self, metrics: Metrics, vendor: str, model: str) -> None:
         self._metrics = metrics
         self._model = model
         self._requests = metrics.vendor_requests
@@ -208,9 +212,8 @@ class VendorMeter:
         self.inputs = metrics.vendor_inputs.labels(vendor, model)
         self.retries = metrics.vendor_retries.labels(vendor, model)
         self.rate_limited = metrics.vendor_rate_limited.labels(vendor, model)
-        self._unhealthy_after = unhealthy_after
+        self._unhealthy_after = metrics.unhealthy_after
         self._failures = 0
-        self._serving = True
         metrics.model_serving.labels(model).set(1)
 
     def attempt(self, outcome: int | str, seconds: float) -> None:
@@ -227,23 +230,20 @@ class VendorMeter:
 
     def succeeded(self) -> None:
         self._failures = 0
-        if not self._serving:
-            self._set(True)
+        self._mark(serving=True)
 
     def failed(self) -> None:
         """A call failed for the vendor's sake (no reply, 5xx, timeouts), retries spent."""
         self._failures += 1
-        if self._serving and self._failures >= self._unhealthy_after:
-            self._set(False)
+        if self._failures >= self._unhealthy_after:
+            self._mark(serving=False)
 
     def key_refused(self) -> None:
-        self._failures = max(self._failures, self._unhealthy_after)
-        if self._serving:
-            self._set(False)
+        self._mark(serving=False)
 
-    def _set(self, serving: bool) -> None:
-        self._serving = serving
-        self._metrics.health_changed(self._model, serving)
+    def _mark(self, *, serving: bool) -> None:
+        if self._metrics.serving(self._model) != serving:
+            self._metrics.health_changed(self._model, serving)
 
 
 class MetricsServer:

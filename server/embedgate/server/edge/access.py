@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import grpc
 import structlog
@@ -13,6 +14,14 @@ from embedgate.server.metrics import Metrics
 log = structlog.get_logger("embedgate.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+
+
+def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str | None:
+    """The first text value of ``key`` in a call's metadata (keys arrive lower-cased)."""
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str):
+            return value
+    return None
 
 
 class Access:

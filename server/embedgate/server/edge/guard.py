@@ -18,7 +18,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from embedgate.server.edge.access import Access
+from embedgate.server.edge.access import Access, metadata_value
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.errors import (
     EmbedgateError,
@@ -74,11 +74,7 @@ class Tokens:
         self._callers = [(_digest(token), caller) for token, caller in tokens.items()]
 
     def caller(self, metadata: Any) -> Caller:
-        presented = None
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                presented = value
-                break
+        presented = metadata_value(metadata, "authorization")
         if presented is None or presented[: len(BEARER)].lower() != BEARER:
             raise UnauthenticatedError(
                 "this server requires a bearer token: send metadata "

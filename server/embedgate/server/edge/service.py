@@ -11,7 +11,7 @@ import structlog
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, OutputType, Usage
-from embedgate.server.edge.access import REQUEST_ID_HEADER, Access
+from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
 from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.guard import allowed_models, check_model
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
@@ -70,10 +70,7 @@ def _header_id(context: grpc.aio.ServicerContext[object, object], given: str) ->
     of its own (then the metadata is not read)."""
     if given:
         return ""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            return value
-    return ""
+    return metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER) or ""
 
 
 def _count_calls(access: Access, provider: Provider, calls: int) -> None:

@@ -41,7 +41,6 @@ def build_providers(
     driver: HttpDriver | None = None,
     source: str = "config",
     metrics: Metrics | None = None,
-    unhealthy_after: int = 3,
 ) -> list[Provider]:
     """One provider per configured model; vendor models share one HTTP driver."""
     shared = driver or HttpDriver()
@@ -49,17 +48,13 @@ def build_providers(
     providers: list[Provider] = []
     for position, model in enumerate(models):
         try:
-            providers.append(
-                build_provider(model, shared, metrics, unhealthy_after=unhealthy_after)
-            )
+            providers.append(build_provider(model, shared, metrics))
         except SettingError as problem:
             raise ConfigError(f"{source}: models[{position}].{problem.field}: {problem}") from None
     return providers
 
 
-def build_provider(
-    model: ModelConfig, driver: HttpDriver, metrics: Metrics, *, unhealthy_after: int = 3
-) -> Provider:
+def build_provider(model: ModelConfig, driver: HttpDriver, metrics: Metrics) -> Provider:
     if isinstance(model, LocalModelConfig):
         from embedgate.server.providers.local import LocalProvider, LocalSettings
 
@@ -74,15 +69,13 @@ def build_provider(
             ),
             metrics,
         )
-    return build_vendor_provider(model, driver, metrics, unhealthy_after=unhealthy_after)
+    return build_vendor_provider(model, driver, metrics)
 
 
 def build_vendor_provider(
     model: VendorModelConfig,
     driver: HttpDriver,
     metrics: Metrics | None = None,
-    *,
-    unhealthy_after: int = 3,
 ) -> VendorProvider:
     dialect_class = DIALECTS[model.provider]
     modalities = getattr(model, "modalities", None)
@@ -120,31 +113,36 @@ def build_vendor_provider(
         dialect,
         driver,
         metrics,
-        unhealthy_after=unhealthy_after,
     )
 
 
 def read_key(model: VendorModelConfig) -> str | None:
     """The vendor key from the environment or a file (a mounted Kubernetes secret)."""
-    if model.api_key_env:
-        key = os.environ.get(model.api_key_env, "").strip()
-        if not key:
-            raise SettingError(
-                "api_key_env", f"environment variable {model.api_key_env} is not set or empty"
-            )
-        return key
-    if model.api_key_file:
-        path = Path(model.api_key_file)
+    return read_secret(model.api_key_env, model.api_key_file, prefix="api_key")
+
+
+def read_secret(env: str | None, file: str | None, *, prefix: str) -> str | None:
+    """A secret (a vendor key, a caller's token) from environment variable ``env`` or
+    from ``file``, read once at start-up; None when neither is given. A problem raises
+    ``SettingError`` on ``<prefix>_env`` or ``<prefix>_file``, naming the variable or
+    the file, never the secret."""
+    if env:
+        secret = os.environ.get(env, "").strip()
+        if not secret:
+            raise SettingError(f"{prefix}_env", f"environment variable {env} is not set or empty")
+        return secret
+    if file:
+        path = Path(file)
         try:
-            # Secret files often end with a newline; the key never does.
-            key = path.read_text(encoding="utf-8").strip()
+            # Secret files often end with a newline; the secret never does.
+            secret = path.read_text(encoding="utf-8").strip()
         except OSError as error:
             raise SettingError(
-                "api_key_file", f"cannot read {path}: {error.strerror or error}"
+                f"{prefix}_file", f"cannot read {path}: {error.strerror or error}"
             ) from None
         except UnicodeDecodeError:
-            raise SettingError("api_key_file", f"{path} is not UTF-8 text") from None
-        if not key:
-            raise SettingError("api_key_file", f"{path} is empty")
-        return key
+            raise SettingError(f"{prefix}_file", f"{path} is not UTF-8 text") from None
+        if not secret:
+            raise SettingError(f"{prefix}_file", f"{path} is empty")
+        return secret
     return None

@@ -64,15 +64,11 @@ class VendorProvider:
         dialect: Dialect,
         driver: HttpDriver,
         metrics: Metrics | None = None,
-        *,
-        unhealthy_after: int = 3,
     ) -> None:
         self._settings = settings
         self._dialect = dialect
         self._driver = driver
-        self._meter = (metrics or Metrics()).vendor(
-            dialect.vendor, settings.name, unhealthy_after=unhealthy_after
-        )
+        self._meter = (metrics or Metrics()).vendor(dialect.vendor, settings.name)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         caps = dialect.capabilities
         self._info = ModelInfo(
