@@ -5,9 +5,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG WITH_LOCAL_MODEL=false
-# torch goes in first and pinned so sentence-transformers keeps it (see the Makefile);
-# point PIP_EXTRA_ARGS at a CPU-only index if yours serves CUDA builds by default.
+# torch goes in first and pinned so sentence-transformers keeps it, from PyTorch's CPU-only
+# index (as scripts/setup does): TORCH_INDEX_URL= takes it from your usual index instead.
 ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_EXTRA_ARGS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/embedgate
@@ -16,11 +17,14 @@ WORKDIR /src
 COPY clients/python ./clients/python
 COPY pyproject.toml README.md ./
 COPY server ./server
+# The server's distribution carries the client packages and the `embedgate` command.
 RUN if [ "$WITH_LOCAL_MODEL" = "true" ]; then \
-      pip install $PIP_EXTRA_ARGS "$TORCH_SPEC" && \
-      pip install ./clients/python ".[local]"; \
+      pip install $PIP_EXTRA_ARGS ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        "$TORCH_SPEC" && \
+      pip install $PIP_EXTRA_ARGS ".[local]" && \
+      python -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'; \
     else \
-      pip install ./clients/python .; \
+      pip install $PIP_EXTRA_ARGS .; \
     fi
 
 FROM ${PYTHON_IMAGE}

@@ -1,52 +1,40 @@
-# embedgate: `make run` starts the server on the embedded model; `make test` runs every check.
+# embedgate: `make run` sets up and serves the embedded model; `make test` sets up and runs
+# every check. scripts/setup does the setting up (system packages, .venv, npm tools).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-# torch first, pinned, so sentence-transformers keeps this CPU build instead of pulling
-# a CUDA one. Override (e.g. TORCH_SPEC= to skip) when your index serves another.
+# torch is installed first and pinned, from PyTorch's CPU-only wheel index, so the local
+# model needs no GPU libraries. TORCH_INDEX_URL= takes torch from your usual index instead;
+# TORCH_SPEC= leaves the choice to pip.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL
 
-.PHONY: run test check generate install tools clean
+.PHONY: run test check generate install clean bench
 
-run: $(STAMP)
+run:
+	scripts/setup run
 	$(VENV)/bin/embedgate serve $(ARGS)
 
-test: check
-
-check: $(STAMP) tools
+test:
+	scripts/setup test
 	PYTHON=$(PY) scripts/check
 
-generate: $(STAMP) tools
+check: test
+
+generate:
+	scripts/setup test
 	PYTHON=$(PY) scripts/generate
 
-install: $(STAMP)
-
-$(STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_SPEC),$(PY) -m pip install "$(TORCH_SPEC)")
-	$(PY) -m pip install -e ./clients/python -e '.[local]' -r requirements-dev.txt
-	touch $@
-
-tools: node_modules/.bin/buf clients/typescript/node_modules/.bin/tsc
-
-# `npm install --no-save` rather than `npm ci`: the lock pins buf, but npm ci refuses a
-# lock written without the other platforms' optional buf binaries.
-node_modules/.bin/buf: package.json package-lock.json
-	npm install --no-audit --no-fund --no-save
-	touch $@
-
-# The TypeScript client's dependencies, protoc-gen-es and tsc among them.
-clients/typescript/node_modules/.bin/tsc: clients/typescript/package.json clients/typescript/package-lock.json
-	npm ci --prefix clients/typescript --no-audit --no-fund
-	touch $@
+install:
+	scripts/setup run
 
 clean:
 	rm -rf $(VENV) node_modules build clients/typescript/node_modules clients/typescript/dist
 
 # The side-by-side benchmark behind docs/benchmarks.md (needs h2load: nghttp2-client).
 # `make bench ARGS=--quick` is the few-second smoke run.
-.PHONY: bench
-bench: $(STAMP)
-	$(PY) -m pip install -r bench/requirements.txt
+bench:
+	scripts/setup test
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench $(ARGS)
