@@ -83,6 +83,8 @@ class ScriptedProvider:
     delay_s: float = 0.0
     fail_texts: set[str] = field(default_factory=set)
     calls: list[int] = field(default_factory=list)
+    # Every input its own checks were given (the router's checks come first).
+    checked: list[Input] = field(default_factory=list)
     in_flight: int = 0
     started_since_delay: int = 0
 
@@ -115,6 +117,7 @@ class ScriptedProvider:
         return None
 
     async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+        self.checked.extend(inputs)
         return [
             InputProblem(i, "is the word the test model refuses", "TEST_REFUSED")
             for i, item in enumerate(inputs)

@@ -602,10 +602,10 @@ def docker_section() -> str:
 
 def test_the_dockerfile_does_what_the_readme_says() -> None:
     """The README's Docker section and the Dockerfile agree: the `embedgate` entry point
-    (the console script of the distribution the image installs), `serve` on the address and port the README
-    gives and `docker run -p` publishes, the build argument for the local model, a
-    non-root user, and a health check that is a real `embedgate health` command asking
-    the gRPC health service on that port within Docker's timeout."""
+    (the console script of the distribution the image installs), `serve` on the address
+    and port the README gives and `docker run -p` publishes, the build argument for the
+    local model, a non-root user, and a health check that is a real `embedgate health`
+    command asking the gRPC health service on that port within Docker's timeout."""
     section = docker_section()
     entry = exec_form(final("ENTRYPOINT")["value"])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))

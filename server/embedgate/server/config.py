@@ -113,6 +113,10 @@ class LocalModelConfig(_Strict):
     threads: int | None = Field(default=None, ge=1, le=256)
     # The model merges calls that arrive while it computes; a wait adds to that.
     coalesce_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    # Characters per text, checked before the tokenizer sees it: tokenizing runs in this
+    # process, at about 0.3 ms per 1,000 characters, and a 256-token window holds about
+    # 1,200 characters of prose.
+    max_text_chars: int = Field(default=8192, ge=1, le=10_000_000)
 
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
@@ -147,6 +151,9 @@ class _VendorModelConfig(_Strict):
     matryoshka: bool = False
     # Unit vectors unless a call says otherwise.
     normalize: bool = True
+    # Characters per text, checked before anything else: above an 8,192-token text in
+    # any language. The vendor's own (smaller) documented limits apply after it.
+    max_text_chars: int = Field(default=65536, ge=1, le=10_000_000)
 
     # Vendors whose documents say every request carries a key.
     key_required: ClassVar[bool] = True

@@ -132,6 +132,8 @@ class ModelInfo:
     modalities: frozenset[Modality]
     max_inputs_per_call: int
     dimensions: Dimensions
+    # Characters per text (and instruction), checked before any tokenizer or vendor.
+    max_text_chars: int = 65536
     embeds: bool = True
     reranks: bool = False
     # Reranks with its vendor's own reranker, not by comparing embeddings.

@@ -4,6 +4,7 @@
 
     EmbedgateError                 (reason: a stable UPPER_SNAKE string)
     ├── InvalidRequestError        INVALID_ARGUMENT, with field violations
+    ├── MalformedRequestError      INVALID_ARGUMENT   bytes that are not the request message
     ├── ModelNotFoundError         NOT_FOUND
     ├── ModelUnavailableError      UNAVAILABLE
     ├── DeadlineExceededError      DEADLINE_EXCEEDED
@@ -23,13 +24,26 @@
         └── VendorFailedError      UNKNOWN            any other status
 
 An error that belongs to one input carries its position (``input_index``), so the
-caller is told which input failed.
+caller is told which input failed. A value the caller sent is quoted in a message only
+through ``echo``, cut to a bounded length, so no request can make its own error too big
+to deliver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# How much of a caller's own value (a model name, a media type, an id) an error quotes.
+ECHO_LIMIT = 128
+
+
+def echo(value: str, limit: int = ECHO_LIMIT) -> str:
+    """``value`` quoted for an error message or its metadata: as is when short, else its
+    first ``limit`` characters marked as cut, with the full length."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…[cut: {len(value)} characters]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +113,12 @@ class InvalidRequestError(EmbedgateError):
             reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
             metadata=metadata,
         )
+
+
+class MalformedRequestError(EmbedgateError):
+    """The bytes of a request message do not parse as the message the method takes."""
+
+    reason = "MALFORMED_REQUEST"
 
 
 class ModelNotFoundError(EmbedgateError):

@@ -234,7 +234,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "provider", "modalities", "max_inputs_per_call", "default_dimensions", "allowed_dimensions", "min_dimensions", "max_dimensions", "embeds", "reranks", "accepts_instruction")
+    __slots__ = ("name", "provider", "modalities", "max_inputs_per_call", "default_dimensions", "allowed_dimensions", "min_dimensions", "max_dimensions", "embeds", "reranks", "accepts_instruction", "max_text_chars")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class ModelInfo(_message.Message):
     EMBEDS_FIELD_NUMBER: _ClassVar[int]
     RERANKS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     name: str
     provider: str
     modalities: _containers.RepeatedScalarFieldContainer[Modality]
@@ -257,7 +258,8 @@ class ModelInfo(_message.Message):
     embeds: bool
     reranks: bool
     accepts_instruction: bool
-    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., max_inputs_per_call: _Optional[int] = ..., default_dimensions: _Optional[int] = ..., allowed_dimensions: _Optional[_Iterable[int]] = ..., min_dimensions: _Optional[int] = ..., max_dimensions: _Optional[int] = ..., embeds: _Optional[bool] = ..., reranks: _Optional[bool] = ..., accepts_instruction: _Optional[bool] = ...) -> None: ...
+    max_text_chars: int
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., max_inputs_per_call: _Optional[int] = ..., default_dimensions: _Optional[int] = ..., allowed_dimensions: _Optional[_Iterable[int]] = ..., min_dimensions: _Optional[int] = ..., max_dimensions: _Optional[int] = ..., embeds: _Optional[bool] = ..., reranks: _Optional[bool] = ..., accepts_instruction: _Optional[bool] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -22,7 +22,7 @@ from embedgate.server.domain import (
     VideoInput,
 )
 from embedgate.server.edge.images import KNOWN_FORMATS, canonical_media_type, sniff_image
-from embedgate.server.errors import Violation
+from embedgate.server.errors import Violation, echo
 from embedgate.v1 import embedding_service_pb2 as pb
 
 
@@ -87,6 +87,29 @@ def request_id_or_new(given: str, header: str, violations: list[Violation]) -> s
     return given
 
 
+# Longer than any URL a browser or an HTTP server takes (they stop near 8 KiB).
+MAX_URI_CHARS = 8192
+# RFC 3986 has no spaces or control characters in a URI.
+_URI_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with an image URI the gateway passes to a vendor, or None. It must
+    be an absolute http(s) URL that parses: the vendor fetches it, the gateway never."""
+    if len(uri) > MAX_URI_CHARS:
+        return f"is {len(uri)} characters long; at most {MAX_URI_CHARS}"
+    if _URI_FORBIDDEN.search(uri):
+        return "has a space or a control character: percent-encode it"
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - a port out of range or not a number raises here
+    except ValueError as exc:  # e.g. "https://[::1/x.png": an unclosed IPv6 bracket
+        return f"is not a valid URL ({echo(str(exc))})"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http or https URL"
+    return None
+
+
 def _check_model(model: str, violations: list[Violation]) -> None:
     if not model:
         violations.append(
@@ -101,7 +124,7 @@ def _parse_image(image: pb.Image, path: str, violations: list[Violation]) -> Ima
         violations.append(
             Violation(
                 f"{path}.mime_type",
-                f"must be an image media type, not {image.mime_type!r}",
+                f"must be an image media type, not {echo(image.mime_type)!r}",
                 "INVALID_IMAGE",
             )
         )
@@ -110,13 +133,9 @@ def _parse_image(image: pb.Image, path: str, violations: list[Violation]) -> Ima
         violations.append(Violation(path, "has neither uri nor data: set one", "MISSING_FIELD"))
         return None
     if which == "uri":
-        parts = urlsplit(image.uri)
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            violations.append(
-                Violation(
-                    f"{path}.uri", "must be an absolute http or https URL", "INVALID_IMAGE_URI"
-                )
-            )
+        problem = uri_problem(image.uri)
+        if problem is not None:
+            violations.append(Violation(f"{path}.uri", problem, "INVALID_IMAGE_URI"))
         return None if len(violations) > before else Image(uri=image.uri, mime_type=mime)
     sniffed = sniff_image(image.data)
     if not image.data:

@@ -1,6 +1,11 @@
-"""What every RPC passes before it is served: the caller's bearer token, and the cap
-on RPCs served at once. Health checks pass freely (their service is not registered
-through the guard), so probes work under load.
+"""What every RPC passes before it is served: request bytes that parse, the caller's
+bearer token, and the cap on RPCs served at once. Health checks pass freely (their
+service is registered with ``register_lenient``: parsing only), so probes work under load.
+
+Bytes that do not parse as the method's request message are INVALID_ARGUMENT
+(``MALFORMED_REQUEST``) and one access line, rather than grpc's UNKNOWN and a traceback
+in the log for every such message: the deserializer hands back a ``Malformed`` marker
+instead of raising, and the wrapped handler answers it.
 
 An RPC over the cap is refused at once with RESOURCE_EXHAUSTED (the caller retries,
 or its balancer picks another replica) rather than queued behind work it would wait
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -22,9 +28,11 @@ from embedgate.server.edge.access import Access, metadata_value
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.errors import (
     EmbedgateError,
+    MalformedRequestError,
     OverloadedError,
     PermissionDeniedError,
     UnauthenticatedError,
+    echo,
 )
 from embedgate.server.metrics import Metrics
 
@@ -51,8 +59,8 @@ def check_model(model: str) -> None:
         return
     allowed = ", ".join(sorted(caller.models))
     raise PermissionDeniedError(
-        f"token {caller.name!r} may not use model {model!r} (it may use: {allowed})",
-        metadata={"model": model, "token": caller.name},
+        f"token {caller.name!r} may not use model {echo(model)!r} (it may use: {allowed})",
+        metadata={"model": echo(model), "token": caller.name},
     )
 
 
@@ -60,6 +68,53 @@ def allowed_models() -> frozenset[str] | None:
     """The models the RPC's token may use; None: every model."""
     caller = _CALLER.get()
     return None if caller is None else caller.models
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """What the deserializer returns for bytes that are not a request message."""
+
+    problem: str
+
+    def error(self) -> MalformedRequestError:
+        return MalformedRequestError(
+            f"the request does not parse as the message this method takes ({self.problem})"
+        )
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # protobuf's DecodeError; no parse failure is ours
+            return Malformed(str(exc))
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose malformed message raises ``MalformedRequestError``."""
+    async for item in requests:
+        if type(item) is Malformed:
+            raise item.error()
+        yield item
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext[Any, Any],
+    name: str,
+    metrics: Metrics,
+    error: EmbedgateError,
+) -> None:
+    """End an RPC that is not served, with its access line (raises, as abort does)."""
+    access = Access(name, metrics)
+    access.fields["reason"] = error.reason
+    access.emit(grpc_code(error))
+    status = to_rpc_status(error)
+    await context.abort(grpc_code(error), status.message, trailing_metadata(status))
 
 
 def _digest(token: str) -> bytes:
@@ -108,6 +163,49 @@ class Guard:
         function would, each of its methods behind the guard."""
         add_to_server(servicer, _Registrar(server, self._wrap))
 
+    def register_lenient(
+        self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+    ) -> None:
+        """Register ``servicer`` with only malformed requests refused: no token, no cap,
+        not counted (health checks)."""
+        add_to_server(servicer, _Registrar(server, self._wrap_lenient))
+
+    def _wrap_lenient(self, name: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None and handler.unary_stream is None:
+            raise ValueError(f"{name}: only unary requests are registered leniently")
+        codec = {
+            "request_deserializer": _lenient(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner_unary: Any = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if type(request) is Malformed:
+                    await refuse(context, name, self._metrics, request.error())
+                return await inner_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **codec)
+        inner_stream: Any = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_stream):  # it writes with context.write
+
+            async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                if type(request) is Malformed:
+                    await refuse(context, name, self._metrics, request.error())
+                await inner_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(writer, **codec)
+
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if type(request) is Malformed:
+                await refuse(context, name, self._metrics, request.error())
+            async for reply in inner_stream(request, context):
+                yield reply
+
+        return grpc.unary_stream_rpc_method_handler(stream, **codec)
+
     async def _enter(self, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
         """Let the RPC in and count it, or end it with why not."""
         try:
@@ -125,17 +223,13 @@ class Guard:
                     metadata={"max_concurrent_rpcs": str(self._max)},
                 )
         except EmbedgateError as error:
-            access = Access(name, self._metrics)
-            access.fields["reason"] = error.reason
-            access.emit(grpc_code(error))
-            status = to_rpc_status(error)
-            await context.abort(grpc_code(error), status.message, trailing_metadata(status))
+            await refuse(context, name, self._metrics, error)
         self._active += 1
 
     def _wrap(self, name: str, handler: Handler) -> Handler:
         gauge = self._metrics.rpcs_in_flight.labels(name)
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
 
@@ -147,6 +241,8 @@ class Guard:
             inner_unary: Any = handler.unary_unary  # async under grpc.aio
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if type(request) is Malformed:
+                    await refuse(context, name, self._metrics, request.error())
                 if self._tokens is None and self._active < self._max:
                     self._active += 1  # the common case, without a coroutine
                 else:
@@ -159,24 +255,34 @@ class Guard:
 
             return grpc.unary_unary_rpc_method_handler(unary, **codec)
 
-        def streaming(inner: Any) -> Callable[..., Any]:
+        def streaming(inner: Any, streamed: bool) -> Callable[..., Any]:
             async def behavior(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
+                if streamed:
+                    request = _checked(request)
+                elif type(request) is Malformed:
+                    await refuse(context, name, self._metrics, request.error())
                 await self._enter(context, name)
                 gauge.inc()
                 try:
                     async for reply in inner(request, context):
                         yield reply
+                except MalformedRequestError as error:  # a servicer that let it through
+                    await refuse(context, name, self._metrics, error)
                 finally:
                     leave()
 
             return behavior
 
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **codec)
+            return grpc.unary_stream_rpc_method_handler(
+                streaming(handler.unary_stream, False), **codec
+            )
         if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **codec)
+            return grpc.stream_stream_rpc_method_handler(
+                streaming(handler.stream_stream, True), **codec
+            )
         raise ValueError(f"{name}: client-streaming methods are not guarded")
 
 

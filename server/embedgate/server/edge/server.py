@@ -118,7 +118,7 @@ class Gateway:
             ),
             server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        guard.register_lenient(health_pb2_grpc.add_HealthServicer_to_server, self._health, server)
         address = _address(settings.host, settings.port)
         if settings.tls is not None:
             self.port = server.add_secure_port(address, server_credentials(settings.tls))
@@ -129,7 +129,9 @@ class Gateway:
             server.add_insecure_port(f"unix:{settings.uds_path}")
         if settings.health_port is not None:
             self._health_server = grpc.aio.server(options=self._options())
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            guard.register_lenient(
+                health_pb2_grpc.add_HealthServicer_to_server, self._health, self._health_server
+            )
             self.health_port = self._health_server.add_insecure_port(
                 _address(settings.health_host or settings.host, settings.health_port)
             )

@@ -16,7 +16,13 @@ from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.guard import allowed_models, check_model
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.edge.wire import embedding_bytes, embeddings_field
-from embedgate.server.errors import EmbedgateError, InternalError, InvalidRequestError, Violation
+from embedgate.server.errors import (
+    EmbedgateError,
+    InternalError,
+    InvalidRequestError,
+    Violation,
+    echo,
+)
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import Provider
 from embedgate.server.routing.router import Router
@@ -56,6 +62,7 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
         embeds=info.embeds,
         reranks=info.reranks,
         accepts_instruction=info.accepts_instruction,
+        max_text_chars=info.max_text_chars,
     )
 
 
@@ -165,7 +172,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         parsed = parse_embed(request, header_id)
         access.request_id = parsed.options.request_id
         access.fields.update(
-            model=parsed.model, inputs=len(request.inputs), request_id=parsed.options.request_id
+            model=echo(parsed.model),
+            inputs=len(request.inputs),
+            request_id=parsed.options.request_id,
         )
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
@@ -289,7 +298,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         async def work() -> pb.RerankResponse:
             parsed = parse_rerank(request, _header_id(context, request.request_id))
             access.fields.update(
-                model=parsed.model,
+                model=echo(parsed.model),
                 inputs=len(parsed.documents) + 1,
                 request_id=parsed.options.request_id,
             )
@@ -343,6 +352,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         in_flight: set[str] = set()
         workers: set[asyncio.Task[None]] = set()
         served = failed = 0
+        ended: list[EmbedgateError] = []
 
         async def serve(item: pb.EmbedPipelineRequest) -> None:
             await results.put(await self._pipeline_one(item, context, in_flight))
@@ -355,6 +365,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                     try:
                         item = await anext(requests)
                     except StopAsyncIteration:
+                        break
+                    except EmbedgateError as error:  # bytes that do not parse: the requests
+                        ended.append(error)  # before them are still answered, then it ends
                         break
                     worker = asyncio.create_task(serve(item))
                     workers.add(worker)
@@ -372,9 +385,14 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 yield reply
                 slots.release()
             await reader  # a failure to read the stream surfaces here
+            if ended:
+                raise ended[0]
         except asyncio.CancelledError:
             access.emit(_ended_by(context))
             raise
+        except EmbedgateError as error:
+            access.fields.update(requests=served, failed_requests=failed)
+            await self._abort(context, access, error)
         finally:
             reader.cancel()
             for worker in list(workers):
@@ -408,7 +426,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                     [
                         Violation(
                             "correlation_id",
-                            f"{correlation!r} is already in flight on this stream",
+                            f"{echo(correlation)!r} is already in flight on this stream",
                             "DUPLICATE_CORRELATION_ID",
                         )
                     ]

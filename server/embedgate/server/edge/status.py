@@ -1,4 +1,10 @@
-"""Domain errors → gRPC status with ``google.rpc`` details. The one mapping table."""
+"""Domain errors → gRPC status with ``google.rpc`` details. The one mapping table.
+
+Every status fits in the caller's trailers whatever the request was: gRPC clients refuse
+trailers over 8 KiB (``grpc-message`` is percent-encoded, the details base64-encoded), so
+the message, each metadata value and each violation are cut to a byte budget, and
+violations beyond the budget are counted instead of listed.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from embedgate.server.errors import (
     EmbedgateError,
     InternalError,
     InvalidRequestError,
+    MalformedRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
     OverloadedError,
@@ -33,6 +40,7 @@ ERROR_DOMAIN = "embedgate"
 # The most specific class wins: lookups walk each error's MRO.
 _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    MalformedRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -55,6 +63,14 @@ _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+# Byte budgets (UTF-8). Worst case on the wire: the message percent-encoded (x3) once as
+# grpc-message and once inside the details, the details base64-encoded (x4/3): about
+# 5 KiB in all, well under the 8 KiB clients accept.
+MAX_MESSAGE_BYTES = 320
+MAX_METADATA_VALUE_BYTES = 200
+MAX_DESCRIPTION_BYTES = 300
+MAX_VIOLATIONS_BYTES = 1800
+
 
 def grpc_code(error: EmbedgateError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
@@ -69,17 +85,55 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, marked as cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    marker = f"…[cut: {len(text)} characters]"
+    keep = raw[: max(0, limit - len(marker.encode()))].decode("utf-8", "ignore")
+    return keep + marker
+
+
+def _field_violations(
+    error: InvalidRequestError, metadata: dict[str, str]
+) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """The violations that fit the budget, in order; the rest are counted in
+    ``metadata`` (``violations``, ``violations_listed``)."""
+    listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+    used = 0
+    for violation in error.violations:
+        item = error_details_pb2.BadRequest.FieldViolation(
+            field=bounded(violation.field, MAX_METADATA_VALUE_BYTES),
+            description=bounded(violation.description, MAX_DESCRIPTION_BYTES),
+            reason=violation.reason,
+        )
+        used += item.ByteSize() + 4  # the repeated field's tag and length
+        if used > MAX_VIOLATIONS_BYTES:
+            metadata["violations"] = str(len(error.violations))
+            metadata["violations_listed"] = str(len(listed))
+            break
+        listed.append(item)
+    return listed
+
+
 def to_rpc_status(error: EmbedgateError, *, index: int | None = None) -> status_pb2.Status:
     """The ``google.rpc.Status`` for ``error``: code, message, ``ErrorInfo`` always,
     ``BadRequest`` for invalid requests. ``index`` names the input it concerns."""
     code = grpc_code(error)
     index = error.input_index if index is None else index
     message = error.message
-    metadata = dict(error.metadata)
+    metadata = {
+        key: bounded(value, MAX_METADATA_VALUE_BYTES) for key, value in error.metadata.items()
+    }
     if index is not None:
         metadata["input_index"] = str(index)
         if not message.startswith("inputs["):
             message = f"inputs[{index}]: {message}"
+    message = bounded(message, MAX_MESSAGE_BYTES)
+    violations = (
+        _field_violations(error, metadata) if isinstance(error, InvalidRequestError) else None
+    )
     details = [
         _pack(
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
@@ -89,19 +143,8 @@ def to_rpc_status(error: EmbedgateError, *, index: int | None = None) -> status_
         delay = duration_pb2.Duration()
         delay.FromTimedelta(timedelta(seconds=error.retry_after_s))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    if isinstance(error, InvalidRequestError):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description, reason=v.reason
-                        )
-                        for v in error.violations
-                    ]
-                )
-            )
-        )
+    if violations is not None:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 

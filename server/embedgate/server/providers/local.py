@@ -49,6 +49,7 @@ class LocalSettings:
     max_batch: int = 32
     truncate: bool = False
     threads: int | None = None
+    max_text_chars: int = 8192
 
 
 @dataclass(slots=True)
@@ -166,6 +167,7 @@ class LocalProvider:
             provider="local",
             modalities=frozenset({Modality.TEXT}),
             max_inputs_per_call=self._settings.max_inputs,
+            max_text_chars=self._settings.max_text_chars,
             # Matryoshka-style: any prefix of the vector, renormalised.
             dimensions=Dimensions(default=self._dims, minimum=1, maximum=self._dims),
             embeds=True,

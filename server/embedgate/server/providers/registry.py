@@ -66,6 +66,7 @@ def build_provider(model: ModelConfig, driver: HttpDriver, metrics: Metrics) -> 
                 max_batch=model.max_batch,
                 truncate=model.truncate,
                 threads=model.threads,
+                max_text_chars=model.max_text_chars,
             ),
             metrics,
         )
@@ -102,6 +103,7 @@ def build_vendor_provider(
             api_key=read_key(model),
             max_inputs=model.max_inputs,
             max_concurrency=model.max_concurrency,
+            max_text_chars=model.max_text_chars,
             normalize=model.normalize,
             retry=RetryPolicy(
                 max_retries=model.max_retries,

@@ -51,6 +51,7 @@ class VendorSettings:
     api_key: str | None = field(repr=False)
     max_inputs: int = 256
     max_concurrency: int = 16
+    max_text_chars: int = 65536
     normalize: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -76,6 +77,7 @@ class VendorProvider:
             provider=dialect.vendor,
             modalities=caps.modalities,
             max_inputs_per_call=settings.max_inputs,
+            max_text_chars=settings.max_text_chars,
             dimensions=caps.dimensions,
             embeds=caps.embeds,
             # Embedding models rerank by cosine similarity; rerank models natively.

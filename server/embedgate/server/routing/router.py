@@ -29,6 +29,7 @@ from embedgate.server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     Violation,
+    echo,
 )
 from embedgate.server.providers.base import Provider, Reranker
 from embedgate.server.routing.cache import VectorCache, entry_key, vector_keys
@@ -171,8 +172,8 @@ class Router:
         if provider is None:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise ModelNotFoundError(
-                f"no model named {name!r} is configured (models: {known})",
-                metadata={"model": name},
+                f"no model named {echo(name)!r} is configured (models: {known})",
+                metadata={"model": echo(name)},
             )
         return provider
 
@@ -233,12 +234,22 @@ class Router:
                     "INSTRUCTION_NOT_SUPPORTED",
                 )
             )
+        elif len(options.instruction) > info.max_text_chars:
+            violations.append(_too_long("instruction", len(options.instruction), info))
         accepted: list[int] = []
+        subset: list[Input] = []
         for index, item in enumerate(inputs):
             if item is None:
                 continue
             if item.modality in info.modalities:
-                accepted.append(index)
+                # Bounded before the model's own checks: a tokenizer's time grows with
+                # the text, whatever its count of tokens.
+                text = item.text if isinstance(item, TextInput | TextImageInput) else None
+                if text is not None and len(text) > info.max_text_chars:
+                    violations.append(_too_long(path_of(index, item, True), len(text), info))
+                else:
+                    accepted.append(index)
+                    subset.append(item)
                 continue
             others = self._accepting(item.modality)
             where = (
@@ -255,9 +266,6 @@ class Router:
                 )
             )
         if accepted:
-            subset = [
-                item for item in inputs if item is not None and item.modality in info.modalities
-            ]
             for problem in await provider.check(subset, options):
                 index = accepted[problem.index]
                 item = inputs[index]
@@ -562,6 +570,15 @@ def _as_error(error: BaseException) -> EmbedgateError:
 
 def _describe(modalities: frozenset[Modality]) -> str:
     return ", ".join(m.value for m in Modality if m in modalities)
+
+
+def _too_long(field: str, length: int, info: ModelInfo) -> Violation:
+    return Violation(
+        field,
+        f"has {length} characters; model {info.name} takes at most {info.max_text_chars} "
+        "(its max_text_chars)",
+        "INPUT_TOO_LONG",
+    )
 
 
 def _violation_order(violation: Violation) -> tuple[int, str]:
