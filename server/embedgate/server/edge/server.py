@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class Gateway:
         self._metrics_server: MetricsServer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
         self._serving = False
+        self._uds_bound = False
         self.port = 0
         self.health_port: int | None = None
         self.metrics_port: int | None = None
@@ -86,6 +89,9 @@ class Gateway:
 
     def _options(self) -> list[tuple[str, int]]:
         return [
+            # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
+            # start quietly and take half of the first one's connections.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", self._settings.max_request_bytes),
             ("grpc.max_send_message_length", self._settings.max_response_bytes),
             # Keepalive pings from clients are allowed.
@@ -120,27 +126,33 @@ class Gateway:
         )
         guard.register_lenient(health_pb2_grpc.add_HealthServicer_to_server, self._health, server)
         address = _address(settings.host, settings.port)
-        if settings.tls is not None:
-            self.port = server.add_secure_port(address, server_credentials(settings.tls))
-        else:
-            self.port = server.add_insecure_port(address)
+        credentials = server_credentials(settings.tls) if settings.tls is not None else None
+        self.port = _listen(server, address, "gRPC", credentials)
         if settings.uds_path is not None:
             _clear_stale_socket(settings.uds_path)
-            server.add_insecure_port(f"unix:{settings.uds_path}")
+            _listen(server, f"unix:{settings.uds_path}", "gRPC")
+            self._uds_bound = True
         if settings.health_port is not None:
             self._health_server = grpc.aio.server(options=self._options())
             guard.register_lenient(
                 health_pb2_grpc.add_HealthServicer_to_server, self._health, self._health_server
             )
-            self.health_port = self._health_server.add_insecure_port(
-                _address(settings.health_host or settings.host, settings.health_port)
+            self.health_port = _listen(
+                self._health_server,
+                _address(settings.health_host or settings.host, settings.health_port),
+                "health",
             )
             await self._health_server.start()
         if settings.metrics_port is not None:
-            self._metrics_server = MetricsServer(
-                self._metrics, settings.metrics_host or settings.host, settings.metrics_port
-            )
-            self.metrics_port = await self._metrics_server.start()
+            host = settings.metrics_host or settings.host
+            self._metrics_server = MetricsServer(self._metrics, host, settings.metrics_port)
+            try:
+                self.metrics_port = await self._metrics_server.start()
+            except OSError as error:
+                raise ListenError(
+                    f"cannot listen for metrics on {_address(host, settings.metrics_port)}: "
+                    f"{error.strerror or error}"
+                ) from None
         await self._router.start()
         models = [info.name for info in self._router.models()]
         self._metrics.serve_models(models)
@@ -178,13 +190,37 @@ class Gateway:
             await self._health_server.stop(0)
         if self._metrics_server is not None:
             await self._metrics_server.stop()
-        if self._settings.uds_path is not None:
-            _clear_stale_socket(self._settings.uds_path)
+        if self._uds_bound and self._settings.uds_path is not None:
+            with contextlib.suppress(FileNotFoundError):  # ours, and nothing listens on it now
+                os.unlink(self._settings.uds_path)
+            self._uds_bound = False
         log.info("server_stopped")
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+class ListenError(OSError):
+    """A listener could not be opened (the message names the address)."""
+
+
+def _listen(
+    server: grpc.aio.Server,
+    address: str,
+    what: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Open ``address`` on ``server``; the port it got (for a TCP address)."""
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"; the usual cause is:
+        raise ListenError(
+            f"cannot listen for {what} on {address}: the address is in use "
+            "(another server there?) or not this machine's"
+        ) from None
 
 
 def _address(host: str, port: int) -> str:
@@ -217,11 +253,17 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 
 def _clear_stale_socket(path: str) -> None:
     """Remove a socket file left by an earlier run (bind fails on it); refuse to remove
-    anything that is not a socket."""
+    anything that is not a socket, or a socket a live server still answers on."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"server.uds_path: {path} exists and is not a socket")
-    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:  # refused: nothing listens there any more
+            os.unlink(path)
+            return
+    raise ListenError(f"cannot listen on unix:{path}: another server is listening there")
