@@ -9,14 +9,11 @@ import asyncio
 import base64
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import structlog
-import yaml
 from conftest import PNG_1X1, rich_error, unpack_status
 from vendor_world import (
     CANARY,
@@ -35,10 +32,7 @@ from vendor_world import (
 )
 from vendors import FakeVendor, Fault, fake_vector, item_key, rerank_score
 
-from embedgate.server.app import build_gateway
-from embedgate.server.config import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
-from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 # -- each dialect, served --------------------------------------------------------------
 
@@ -684,64 +678,3 @@ async def test_the_key_never_reaches_logs_or_error_details(world: VendorWorld) -
     assert logs
     assert all(CANARY not in str(event) for event in logs)
     assert all(CANARY not in text for text in seen)
-
-
-# -- the README's configuration ------------------------------------------------------
-
-
-def readme_vendor_config() -> dict[str, Any]:
-    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    after = text.split("<!-- vendor-config:", 1)[1]
-    block = after.split("```yaml\n", 1)[1].split("```", 1)[0]
-    loaded: dict[str, Any] = yaml.safe_load(block)
-    return loaded
-
-
-async def test_the_readme_configuration_serves_every_vendor(
-    world: VendorWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The README's vendor example, pointed at the loopback fakes, serves Embed and
-    StreamEmbed on every model and Rerank on the reranker."""
-    raw = readme_vendor_config()
-    secret = tmp_path / "key"
-    secret.write_text(CANARY + "\n")
-    for entry in raw["models"]:
-        entry["base_url"] = world.fakes[entry["provider"]].base_url
-        if "api_key_env" in entry:
-            monkeypatch.setenv(entry["api_key_env"], CANARY)
-        else:
-            entry["api_key_file"] = str(secret)
-    raw["server"] = {"host": "127.0.0.1", "port": 0}
-    config = parse_config(raw, "README.md")
-    assert {m.provider for m in config.models} == set(world.fakes)
-    gateway = build_gateway(config)
-    port = await gateway.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.EmbeddingServiceStub(channel)
-            listed = (await stub.ListModels(pb.ListModelsRequest())).models
-            for info in listed:
-                if not info.embeds:
-                    ranked = await stub.Rerank(
-                        pb.RerankRequest(model=info.name, query="q", documents=["a", "b"]),
-                        timeout=10,
-                    )
-                    assert ranked.method == pb.RERANK_METHOD_VENDOR
-                    assert len(ranked.results) == 2
-                    continue
-                inputs = texts("readme one", "readme two")
-                if pb.MODALITY_IMAGE in info.modalities:
-                    inputs.append(pb.Input(image=pb.Image(data=PNG_1X1)))
-                response = await stub.Embed(
-                    pb.EmbedRequest(model=info.name, inputs=inputs), timeout=10
-                )
-                assert len(response.embeddings) == len(inputs)
-                assert len(response.embeddings[0].values) == info.default_dimensions
-                stream = stub.StreamEmbed(
-                    pb.StreamEmbedRequest(request=pb.EmbedRequest(model=info.name, inputs=inputs)),
-                    timeout=10,
-                )
-                indices = sorted([message.index async for message in stream])
-                assert indices == list(range(len(inputs)))
-    finally:
-        await gateway.stop(grace=0)
