@@ -2,7 +2,7 @@
 each example program (clients/go/example, clients/typescript/example) is built with its
 own toolchain and run against the multimodal relay of the vendor world. The example checks
 every answer itself and exits non-zero on a mismatch; a toolchain that is missing fails
-the test (CI installs them: .ci/run, `make tools`)."""
+the test (`scripts/setup test`, run by `make test`, installs them)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ async def build_go(tmp_path: Path) -> list[str]:
 async def build_typescript(tmp_path: Path) -> list[str]:
     """Type-checks (strict) and compiles the TypeScript example into clients/typescript/dist."""
     tsc = TYPESCRIPT / "node_modules" / ".bin" / "tsc"
-    assert tsc.exists(), f"{tsc} is missing: run `make tools`"
+    assert tsc.exists(), f"{tsc} is missing: run scripts/setup test"
     await run(str(tsc), "-p", str(TYPESCRIPT))
     return ["node", str(TYPESCRIPT / "dist" / "example" / "main.js")]
 

@@ -593,17 +593,20 @@ def test_the_dockerfile_parses() -> None:
             stage_names.add(head[2])
 
 
+DEPLOYMENT = ROOT / "docs/deployment.md"
+
+
 def docker_section() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^## Docker\n(.*?)(?=^## )", readme, re.S | re.M)
-    assert match, "README.md has no '## Docker' section"
+    guide = DEPLOYMENT.read_text(encoding="utf-8")
+    match = re.search(r"^## Docker\n(.*?)(?=^## )", guide, re.S | re.M)
+    assert match, "docs/deployment.md has no '## Docker' section"
     return match[1]
 
 
 def test_the_dockerfile_does_what_the_readme_says() -> None:
-    """The README's Docker section and the Dockerfile agree: the `embedgate` entry point
+    """docs/deployment.md's Docker section and the Dockerfile agree: the `embedgate` entry point
     (the console script of the distribution the image installs), `serve` on the address
-    and port the README gives and `docker run -p` publishes, the build argument for the
+    and port the guide gives and `docker run -p` publishes, the build argument for the
     local model, a non-root user, and a health check that is a real `embedgate health`
     command asking the gRPC health service on that port within Docker's timeout."""
     section = docker_section()
@@ -615,7 +618,7 @@ def test_the_dockerfile_does_what_the_readme_says() -> None:
     serve = parse_cli(exec_form(final("CMD")["value"]))
     assert serve.command == "serve"
     address = re.search(r"serves on `([^`]+):(\d+)`", section)
-    assert address, "the README says where the image serves"
+    assert address, "the guide says where the image serves"
     assert (serve.host, serve.port) == (address[1], int(address[2]))
     published = re.findall(r"docker run .*?-p (\d+):(\d+)", section)
     assert published
@@ -628,8 +631,8 @@ def test_the_dockerfile_does_what_the_readme_says() -> None:
     declared = dict(i["value"].split("=", 1) for i in instructions() if i["instruction"] == "ARG")
     runs = " ".join(i["value"] for i in instructions() if i["instruction"] == "RUN")
     for name, value in build_args.items():
-        assert name in declared, f"README passes --build-arg {name}; the Dockerfile has no ARG"
-        assert declared[name] != value, f"the README's --build-arg {name}={value} is the default"
+        assert name in declared, f"the guide passes --build-arg {name}; the Dockerfile has no ARG"
+        assert declared[name] != value, f"the guide's --build-arg {name}={value} is the default"
         assert re.search(rf"\$\{{?{name}\b", runs), f"no RUN uses {name}"
     assert CONFIG_ENV in section
 
@@ -645,16 +648,16 @@ def test_the_dockerfile_does_what_the_readme_says() -> None:
     assert check.timeout < seconds(options["timeout"]), "Docker would kill the check first"
 
 
-# -- the README ---------------------------------------------------------------------------
+# -- the deployment guide -------------------------------------------------------------
 
 
-def test_the_readme_points_to_the_manifests() -> None:
-    """'## Kubernetes' follows '## Docker'; every path it names exists; the deploy
-    README explains every manifest."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    headings = re.findall(r"^## (.+)$", readme, re.M)
+def test_the_guide_points_to_the_manifests() -> None:
+    """docs/deployment.md: '## Kubernetes' follows '## Docker'; every path it names
+    exists; the deploy README explains every manifest."""
+    guide = DEPLOYMENT.read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", guide, re.M)
     assert headings[headings.index("Docker") + 1] == "Kubernetes"
-    section = re.search(r"^## Kubernetes\n(.*?)(?=^## )", readme, re.S | re.M)
+    section = re.search(r"^## Kubernetes\n(.*)", guide, re.S | re.M)
     assert section
     paths = re.findall(r"deploy/kubernetes/[\w./-]*", section[1])
     assert paths

@@ -1,13 +1,14 @@
-"""Installing from a clone, as a user would: the server from a git URL with one pip
-command (it carries the client and the ``embedgate`` command), and the client alone,
-without the server or torch. Each goes into a fresh virtualenv; what is tested is the
-last commit (``git clone`` of this repository)."""
+"""Installing from a clone, as a user would: the README's pip lines, each in a fresh
+virtualenv inside a clone (the server with the client and the ``embedgate`` command; the
+client alone, without the server or torch), and a build from a git URL. What is tested
+is the last commit (``git clone`` of this repository)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_readme import readme_blocks
 
 from embedgate.client.cli import SERVER_MISSING
 
@@ -23,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 PIP_TIMEOUT = 600
 
 
-def _run(*args: str | Path, timeout: float = PIP_TIMEOUT) -> str:
+def _run(*args: str | Path, timeout: float = PIP_TIMEOUT, cwd: Path | None = None) -> str:
     done = subprocess.run(
         [str(a) for a in args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -53,30 +56,37 @@ def _installed(bin_dir: Path) -> set[str]:
     return {line.split("==")[0].lower() for line in listed.splitlines() if "==" in line}
 
 
+def readme_pip_lines() -> list[list[str]]:
+    """The README's pip commands (its `pip` block), as argument lists."""
+    (block,) = readme_blocks("pip")
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.code.splitlines() if line]
+    assert all(words[:2] == ["pip", "install"] for words in commands), commands
+    return commands
+
+
 async def _install_both(clone: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """Both fresh installs at once (each mostly waits on pip)."""
+    """The README's two pip lines, each in its own fresh virtualenv, at once (each
+    mostly waits on pip)."""
+    server_line, client_line = readme_pip_lines()
+    assert server_line[2:] == ["."]
+    assert client_line[2:] == ["./clients/python"]
 
-    def server() -> Path:
-        bin_dir = _venv(tmp_path / "server-venv")
-        _run(bin_dir / "python", "-m", "pip", "install", "-q", f"git+file://{clone}")
+    def install(name: str, words: list[str]) -> Path:
+        bin_dir = _venv(tmp_path / name)
+        _run(bin_dir / "python", "-m", *words, "-q", cwd=clone)
         return bin_dir
 
-    def client() -> Path:
-        bin_dir = _venv(tmp_path / "client-venv")
-        _run(bin_dir / "python", "-m", "pip", "install", "-q", clone / "clients/python")
-        return bin_dir
-
-    server_bin, client_bin = await asyncio.gather(
-        asyncio.to_thread(server), asyncio.to_thread(client)
+    return await asyncio.gather(
+        asyncio.to_thread(install, "server-venv", server_line),
+        asyncio.to_thread(install, "client-venv", client_line),
     )
-    return server_bin, client_bin
 
 
 async def test_server_and_client_install_from_a_clone(clone: Path, tmp_path: Path) -> None:
-    """`pip install git+file://CLONE` gives a server that starts and
-    answers, with the client and the command, and no torch (that is `[local]`).
-    `pip install ./clients/python` gives the client alone: no server, no torch, and a
-    `serve` that says how to get the server."""
+    """`pip install .` in a clone gives a server that starts and answers, with the client
+    and the command, and no torch (that is `[local]`). `pip install ./clients/python`
+    gives the client alone: no server, no torch, and a `serve` that says how to get the
+    server."""
     server_bin, client_bin = await _install_both(clone, tmp_path)
 
     server_packages = _installed(server_bin)
@@ -134,6 +144,16 @@ async def _serve_and_check(bin_dir: Path, tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+def test_the_server_builds_from_a_git_url(clone: Path) -> None:
+    """`pip install git+URL` of the repository: pip clones it and builds the server's
+    distribution (checked with pip's resolver, without installing)."""
+    report = _run(
+        sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet",
+        "--report", "-", f"git+file://{clone}", timeout=300,
+    )  # fmt: skip
+    assert '"name": "embedgate"' in report
 
 
 def test_the_local_extra_resolves_from_the_root() -> None:

@@ -62,6 +62,11 @@ def build_gateway(config: Config) -> Gateway:
     return Gateway(router, config.server, metrics=metrics, tokens=read_tokens(config.server.auth))
 
 
+# A signal sent to a process group reaches the server twice when a parent such as make
+# passes it on too: repeats this close together are one request to stop, not two.
+REPEAT_WINDOW_S = 0.25
+
+
 def _exit_now(sig: signal.Signals) -> None:
     """A second SIGTERM or SIGINT during the drain: leave at once, as 128 + the signal
     (130 for Ctrl-C), without waiting for the RPCs still in flight."""
@@ -78,10 +83,15 @@ async def serve(config: Config) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    first_at: list[float] = []
+
     def on_signal(sig: signal.Signals) -> None:
-        if stopping.is_set():
+        now = loop.time()
+        if not first_at:
+            first_at.append(now)
+            stopping.set()
+        elif now - first_at[0] > REPEAT_WINDOW_S:
             _exit_now(sig)
-        stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
