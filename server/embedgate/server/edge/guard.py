@@ -89,7 +89,7 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     def parse(raw: bytes) -> Any:
         try:
             return deserialize(raw)
-        except Exception as exc:  # protobuf's DecodeError; no parse failure is ours
+        except Exception as exc:  # DecodeError, or whatever a parser raises: the bytes are bad
             return Malformed(str(exc))
 
     return parse
