@@ -3,6 +3,9 @@ for the tests of its operational settings (listeners, auth, overload, health, me
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,6 +60,29 @@ async def running(models: list[dict[str, Any]], **server: Any) -> AsyncIterator[
         yield gateway
     finally:
         await gateway.stop(grace=0)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (for a server started as a process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_serving(target: str, deadline_s: float) -> None:
+    """Until the server at ``target`` (host:port or unix:path) says SERVING."""
+    deadline = time.monotonic() + deadline_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{target} did not become SERVING in {deadline_s} s")
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,6 +21,7 @@ import pytest
 import pytest_asyncio
 import redis
 from conftest import PNG_1X1
+from gateways import free_port
 from vendor_world import rows, texts
 from vendors import FakeVendor, Fault, fake_vector, item_key
 
@@ -468,19 +468,12 @@ async def test_multimodal_documents_are_checked_against_the_model(replica: Repli
 # -- the shared Redis tier -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on loopback, with nothing written to disk."""
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not installed (the CI script installs it)"
-    port = _free_port()
+    port = free_port()
     workdir: Path = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -542,7 +535,7 @@ async def test_an_unreachable_redis_costs_nothing_but_the_cache(
     """With nothing listening at the Redis address, calls are served by the vendor and
     the memory tier; the outage is logged once, without the URL's password."""
     fakes.reset()
-    url = f"redis://:hunter2-secret@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
     replica = await start_replica(fakes, {"redis_url": url, "redis_timeout_s": 0.2})
     try:
         for _ in range(3):

@@ -14,9 +14,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from gateways import wait_serving
 from test_readme import readme_blocks
 
 from embedgate.client.cli import SERVER_MISSING
@@ -130,17 +129,7 @@ async def _serve_and_check(bin_dir: Path, tmp_path: Path) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        async with grpc.aio.insecure_channel(f"unix:{tmp_path / 's.sock'}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(150):
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    await asyncio.sleep(0.2)
-            else:
-                raise AssertionError("the installed server never served")
+        await wait_serving(f"unix:{tmp_path / 's.sock'}", 30)
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 30) == 0

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import yaml
+from gateways import free_port
 from vendors import FakeVendor
 
 from embedgate.client import Client
@@ -103,12 +103,6 @@ def steps(code: str) -> list[Step]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Served:
     target: str
@@ -121,7 +115,7 @@ def _make_run(command: str, args: list[str], log: Path, env: dict[str, str]) -> 
     words = shlex.split(command.split("#", 1)[0])
     assert words[:2] == ["make", "run"], command
     given = [w.removeprefix("ARGS=") for w in words[2:] if w.startswith("ARGS=")]
-    port = _free_port()
+    port = free_port()
     extra = " ".join([*given, *args, "--port", str(port)])
     process = subprocess.Popen(
         ["make", "run", f"ARGS={extra}", f"VENV={VENV}"],

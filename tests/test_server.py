@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import MULTI, ScriptedProvider, Served, server_settings
+from gateways import free_port, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vendors import FakeVendor, Fault
@@ -105,34 +106,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-async def _wait_serving(target: str, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"{target} did not become SERVING in {deadline_s} s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_embedgate_serve_answers_and_exits_0_on_a_signal(sig: signal.Signals) -> None:
     """`embedgate serve` with no config serves the default model with 384-dimension
     vectors, and on SIGTERM/SIGINT drains and exits 0."""
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -147,7 +125,7 @@ async def test_embedgate_serve_answers_and_exits_0_on_a_signal(sig: signal.Signa
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await _wait_serving(f"127.0.0.1:{port}", 60)
+        await wait_serving(f"127.0.0.1:{port}", 60)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.EmbeddingServiceStub(channel)
             response = await stub.Embed(
@@ -279,7 +257,7 @@ async def test_a_second_server_on_a_busy_port_fails_to_start_naming_it(
             "embedgate.client.cli",
             "serve",
             *args,
-            *(["--port", str(_free_port())] if listener != "--port" else []),
+            *(["--port", str(free_port())] if listener != "--port" else []),
             env=_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -325,7 +303,7 @@ async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) ->
     is 30 s); a second signal then ends the process at once, with 128 + the signal."""
     async with FakeVendor("openai") as vendor:
         vendor.always(Fault.hang())
-        port = _free_port()
+        port = free_port()
         config = _vendor_config(tmp_path, vendor.base_url, extra="  default_deadline_s: 60\n")
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -341,7 +319,7 @@ async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) ->
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            await _wait_serving(f"127.0.0.1:{port}", 30)
+            await wait_serving(f"127.0.0.1:{port}", 30)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 call = pb_grpc.EmbeddingServiceStub(channel).Embed(
                     pb.EmbedRequest(model="te", inputs=[pb.Input(text="hangs")]), timeout=60

@@ -83,14 +83,15 @@ async def serve(config: Config) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    first_at: list[float] = []
+    first_at: float | None = None
 
     def on_signal(sig: signal.Signals) -> None:
+        nonlocal first_at
         now = loop.time()
-        if not first_at:
-            first_at.append(now)
+        if first_at is None:
+            first_at = now
             stopping.set()
-        elif now - first_at[0] > REPEAT_WINDOW_S:
+        elif now - first_at > REPEAT_WINDOW_S:
             _exit_now(sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

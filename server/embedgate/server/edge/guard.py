@@ -171,8 +171,13 @@ class Guard:
         add_to_server(servicer, _Registrar(server, self._wrap_lenient))
 
     def _wrap_lenient(self, name: str, handler: Handler) -> Handler:
-        if handler.unary_unary is None and handler.unary_stream is None:
-            raise ValueError(f"{name}: only unary requests are registered leniently")
+        """Unary methods, and server streams written with ``context.write`` (the shapes
+        of grpc.health.v1's servicer)."""
+        stream_writer = handler.unary_stream
+        if handler.unary_unary is None and (
+            stream_writer is None or inspect.isasyncgenfunction(stream_writer)
+        ):
+            raise ValueError(f"{name}: registered leniently only as unary or a stream writer")
         codec = {
             "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
@@ -186,25 +191,14 @@ class Guard:
                 return await inner_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **codec)
-        inner_stream: Any = handler.unary_stream
-        if not inspect.isasyncgenfunction(inner_stream):  # it writes with context.write
+        inner_writer: Any = stream_writer
 
-            async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-                if type(request) is Malformed:
-                    await refuse(context, name, self._metrics, request.error())
-                await inner_stream(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(writer, **codec)
-
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
+        async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             if type(request) is Malformed:
                 await refuse(context, name, self._metrics, request.error())
-            async for reply in inner_stream(request, context):
-                yield reply
+            await inner_writer(request, context)
 
-        return grpc.unary_stream_rpc_method_handler(stream, **codec)
+        return grpc.unary_stream_rpc_method_handler(writer, **codec)
 
     async def _enter(self, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
         """Let the RPC in and count it, or end it with why not."""

@@ -352,12 +352,13 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         in_flight: set[str] = set()
         workers: set[asyncio.Task[None]] = set()
         served = failed = 0
-        ended: list[EmbedgateError] = []
 
         async def serve(item: pb.EmbedPipelineRequest) -> None:
             await results.put(await self._pipeline_one(item, context, in_flight))
 
-        async def read() -> None:
+        async def read() -> EmbedgateError | None:
+            """Read and serve every request; what ended the stream early, if anything."""
+            ended = None
             try:
                 requests = aiter(request_iterator)
                 while True:
@@ -367,7 +368,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                     except StopAsyncIteration:
                         break
                     except EmbedgateError as error:  # bytes that do not parse: the requests
-                        ended.append(error)  # before them are still answered, then it ends
+                        ended = error  # before them are still answered, then it ends
                         break
                     worker = asyncio.create_task(serve(item))
                     workers.add(worker)
@@ -376,6 +377,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                     await asyncio.wait(set(workers))
             finally:
                 await results.put(None)
+            return ended
 
         reader = asyncio.create_task(read())
         try:
@@ -384,20 +386,18 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 failed += reply.HasField("error")
                 yield reply
                 slots.release()
-            await reader  # a failure to read the stream surfaces here
-            if ended:
-                raise ended[0]
+            ended = await reader  # a failure to read the stream surfaces here
         except asyncio.CancelledError:
             access.emit(_ended_by(context))
             raise
-        except EmbedgateError as error:
-            access.fields.update(requests=served, failed_requests=failed)
-            await self._abort(context, access, error)
         finally:
             reader.cancel()
             for worker in list(workers):
                 worker.cancel()
         access.fields.update(requests=served, failed_requests=failed)
+        if ended is not None:
+            await self._abort(context, access, ended)
+            return
         access.emit(grpc.StatusCode.OK)
 
     async def _pipeline_one(
