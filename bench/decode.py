@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.fake_vendor import embeddings_body, unit_vector
-from embedgate.server.providers.dialect import VendorModel, decode_json
-from embedgate.server.providers.openai_compatible import OpenAICompatible
+from embedgate.server.providers.dialect import decode_json
+from embedgate.server.providers.openai_compatible import OpenAICompatible, OpenAISettings
 
 VECTORS = 64
 DIMS = 4096
@@ -41,11 +41,12 @@ class DecodeResult:
 
 def gateway_decoder(encoding: str) -> Callable[[bytes], object]:
     dialect = OpenAICompatible(
-        VendorModel(
+        OpenAISettings(
+            name="decode",
             vendor_model="fake-embedding",
             dimensions=DIMS,
             max_batch=VECTORS,
-            encoding_format=encoding,
+            encoding_format="base64" if encoding == "base64" else "float",
         )
     )
 

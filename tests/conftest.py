@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2, status_pb2
 
-from embedgate.server.config import ServerConfig
+from embedgate.server.config import DEFAULT_MODEL_NAME, ServerConfig
 from embedgate.server.domain import (
     Dimensions,
     EmbedOptions,
@@ -32,7 +32,7 @@ from embedgate.server.edge.server import Gateway
 from embedgate.server.errors import ModelUnavailableError
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, InputProblem
-from embedgate.server.providers.local import DEFAULT_MODEL_NAME, LocalProvider, LocalSettings
+from embedgate.server.providers.local import LocalProvider, LocalSettings
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc

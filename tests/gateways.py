@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from vendors import FakeVendor
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import parse_config
 from embedgate.server.edge.server import Gateway
+from embedgate.server.providers.registry import parse_config
 
 KEY = "vendor-key-for-tests"
 

@@ -26,8 +26,8 @@ from vendor_world import rows, texts
 from vendors import FakeVendor, Fault, fake_vector, item_key
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import parse_config
 from embedgate.server.edge.server import Gateway
+from embedgate.server.providers.registry import parse_config
 from embedgate.server.routing.cache import REDIS_PREFIX
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc

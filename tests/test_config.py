@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    ConfigError,
+from embedgate.server.config import DEFAULT_MAX_REQUEST_BYTES, ConfigError
+from embedgate.server.providers.registry import (
+    DIALECTS,
+    MODEL_SETTINGS,
+    PROVIDERS,
     default_config,
     load_config,
     parse_config,
@@ -58,6 +62,35 @@ def test_bad_configs_name_the_bad_key(raw: object, message: str) -> None:
         parse_config(raw, "embedgate.yaml")
     assert str(caught.value).startswith("embedgate.yaml: ")
     assert message in str(caught.value)
+
+
+def test_every_provider_is_derived_from_the_one_list_of_dialects() -> None:
+    """The provider names and the settings classes the file may use come from the
+    registry's one list of dialects: each dialect's settings are tagged with its name."""
+    assert ("local", *DIALECTS) == PROVIDERS
+    assert [settings.model_fields["provider"].default for settings in MODEL_SETTINGS] == list(
+        PROVIDERS
+    )
+    for name, dialect in DIALECTS.items():
+        assert dialect.vendor == name
+        assert dialect.settings_type.__module__ == dialect.__module__, "one home per vendor"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"models": [{"name": "a", "provider": "nope"}]})
+    assert f"(known: {', '.join(PROVIDERS)})" in str(caught.value)
+
+
+def test_reading_the_configuration_loads_no_provider() -> None:
+    """`embedgate.server.config` is the bottom of the house: importing it loads neither
+    the HTTP stack, nor Prometheus, nor numpy (the CLI imports it for every command)."""
+    probe = (
+        "import sys, embedgate.server.config\n"
+        "heavy = ('numpy', 'aiohttp', 'httpx', 'prometheus_client', 'grpc', 'torch')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == ""
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

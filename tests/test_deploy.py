@@ -27,8 +27,9 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 
 from embedgate.client.cli import build_parser
 from embedgate.server.cli import CONFIG_ENV
-from embedgate.server.config import CacheConfig, ConfigError, ServerConfig, parse_config
+from embedgate.server.config import CacheConfig, ConfigError, ServerConfig
 from embedgate.server.edge.service import SERVICE_NAME
+from embedgate.server.providers.registry import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"

@@ -8,12 +8,12 @@ import base64
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
-from embedgate.server.config import ConfigError, parse_config
+from embedgate.server.config import ConfigError
 from embedgate.server.domain import (
     EmbedOptions,
     Image,
@@ -27,19 +27,30 @@ from embedgate.server.providers.aggregator import Aggregator
 from embedgate.server.providers.ctyun import CTyun
 from embedgate.server.providers.dialect import (
     BadReply,
+    Dialect,
     ErrorInReply,
-    SettingError,
-    VendorModel,
     WireOptions,
     parse_data_list,
 )
 from embedgate.server.providers.http import HttpDriver, parse_retry_after, retryable_status
 from embedgate.server.providers.openai_compatible import OpenAICompatible
 from embedgate.server.providers.qianfan import Qianfan
-from embedgate.server.providers.registry import build_providers
+from embedgate.server.providers.registry import build_providers, parse_config
 from embedgate.server.providers.rzenembed import RzenEmbed
 from embedgate.server.providers.scnet import SCNet
-from embedgate.server.providers.vendor import VendorProvider, VendorSettings
+from embedgate.server.providers.settings import SettingError
+from embedgate.server.providers.vendor import VendorProvider
+
+D = TypeVar("D", bound=Dialect)
+
+
+def make(dialect: type[D], **keys: Any) -> D:
+    """A dialect built from its vendor's settings, validated as the file's would be."""
+    settings = dialect.settings_type.model_validate(
+        {"name": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "UNUSED", **keys}
+    )
+    return dialect(settings)
+
 
 WIRE = WireOptions(dimensions=None, instruction="", request_id="rid-1", user="", normalize=True)
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
@@ -55,7 +66,7 @@ def b64(values: list[float]) -> str:
 
 
 class TestRzenEmbed:
-    dialect = RzenEmbed(VendorModel(vendor_model="RzenEmbed"))
+    dialect = make(RzenEmbed, vendor_model="RzenEmbed")
 
     def test_each_modality_becomes_its_own_field(self) -> None:
         """Text goes in texts, an image in images (URL as given, bytes as base64), a
@@ -123,11 +134,11 @@ class TestRzenEmbed:
         """A default size outside the six documented ones is a setting error; one request
         per input is the only batch size."""
         with pytest.raises(SettingError) as caught:
-            RzenEmbed(VendorModel(vendor_model="RzenEmbed", dimensions=1000))
+            make(RzenEmbed, vendor_model="RzenEmbed", dimensions=1000)
         assert caught.value.field == "dimensions"
         with pytest.raises(SettingError):
-            RzenEmbed(VendorModel(vendor_model="RzenEmbed", max_batch=2))
-        caps = RzenEmbed(VendorModel(vendor_model="RzenEmbed", dimensions=1024)).capabilities
+            make(RzenEmbed, vendor_model="RzenEmbed", max_batch=2)
+        caps = make(RzenEmbed, vendor_model="RzenEmbed", dimensions=1024).capabilities
         assert caps.max_batch == 1
         assert caps.native.default == 1024
         assert caps.modalities == frozenset(Modality)
@@ -164,7 +175,7 @@ class TestReplies:
     def test_ctyun_reads_embeddings_and_embedding_as_floats_or_base64(self) -> None:
         """CTyun's document names the field embeddings; OpenAI's embedding is accepted
         too; a base64 string is little-endian float32."""
-        dialect = CTyun(VendorModel(vendor_model="4b38a36c", dimensions=2))
+        dialect = make(CTyun, vendor_model="4b38a36c", dimensions=2)
         payload = {
             "data": [item(0, b64([0.5, -1.5]), "embeddings"), item(1, [2.0, 3.0], "embedding")],
             "usage": {"prompt_tokens": 7, "total_tokens": 7},
@@ -175,7 +186,7 @@ class TestReplies:
 
     def test_an_error_object_in_a_200_reply_is_an_error(self) -> None:
         """An OpenAI-style error object is an error even in an HTTP 200 reply."""
-        dialect = OpenAICompatible(VendorModel(vendor_model="text-embedding-3-small"))
+        dialect = make(OpenAICompatible, vendor_model="text-embedding-3-small")
         payload = {"error": {"message": "overloaded", "type": "server_error", "code": "x1"}}
         with pytest.raises(ErrorInReply) as caught:
             dialect.parse_embeddings(payload, 1, 1536)
@@ -186,14 +197,14 @@ class TestTextVendors:
     def test_scnet_splits_by_five_and_never_sends_a_size(self) -> None:
         """SCNet takes 5 texts per request and its size cannot change: no size field is
         sent (its document spells it three ways), and a larger max_batch is refused."""
-        dialect = SCNet(VendorModel(vendor_model="Qwen3-Embedding-8B"))
+        dialect = make(SCNet, vendor_model="Qwen3-Embedding-8B")
         assert dialect.capabilities.max_batch == 5
         assert dialect.capabilities.native.default == 4096
         body = dialect.embed_body([TextInput("a")], WireOptions(4096, "", "r", "", normalize=True))
         assert not {"dimension", "dimensions"} & body.keys()
         assert body["input"] == ["a"]
         with pytest.raises(SettingError, match="at most 5"):
-            SCNet(VendorModel(vendor_model="Qwen3-Embedding-8B", max_batch=6))
+            make(SCNet, vendor_model="Qwen3-Embedding-8B", max_batch=6)
 
     @pytest.mark.parametrize(
         ("model", "batch", "chars", "size"),
@@ -209,7 +220,7 @@ class TestTextVendors:
     ) -> None:
         """Each Qianfan text model has its own texts per request and characters per
         text, checked before sending."""
-        dialect = Qianfan(VendorModel(vendor_model=model))
+        dialect = make(Qianfan, vendor_model=model)
         assert dialect.capabilities.max_batch == batch
         assert dialect.capabilities.native.default == size
         assert dialect.capabilities.modalities == {Modality.TEXT}
@@ -221,7 +232,7 @@ class TestTextVendors:
 
     def test_qianfan_multimodal_model_sends_objects(self) -> None:
         """gme-qwen2-vl-2b-instruct takes one {text, image} object per request."""
-        dialect = Qianfan(VendorModel(vendor_model="gme-qwen2-vl-2b-instruct"))
+        dialect = make(Qianfan, vendor_model="gme-qwen2-vl-2b-instruct")
         assert dialect.capabilities.max_batch == 1
         assert Modality.TEXT_IMAGE in dialect.capabilities.modalities
         body = dialect.embed_body([TextImageInput("cat", Image(data=PNG))], WIRE)
@@ -229,7 +240,7 @@ class TestTextVendors:
 
     def test_qianfan_errors_are_read_at_the_top_level(self) -> None:
         """Qianfan's document lists code, message and type at the top of the body."""
-        dialect = Qianfan(VendorModel(vendor_model="embedding-v1"))
+        dialect = make(Qianfan, vendor_model="embedding-v1")
         fault = dialect.parse_error({"id": "as-1", "code": 336003, "message": "bad", "type": "t"})
         assert (fault.code, fault.message, fault.request_id) == ("336003", "bad", "as-1")
         with pytest.raises(ErrorInReply):
@@ -237,11 +248,11 @@ class TestTextVendors:
 
     def test_openai_sends_dimensions_only_where_the_model_takes_them(self) -> None:
         """text-embedding-3 models take a size; others don't, unless configured so."""
-        small = OpenAICompatible(VendorModel(vendor_model="text-embedding-3-small"))
+        small = make(OpenAICompatible, vendor_model="text-embedding-3-small")
         body = small.embed_body([TextInput("a")], WireOptions(256, "", "", "u1", normalize=True))
         assert (body["dimensions"], body["user"], body["encoding_format"]) == (256, "u1", "base64")
         assert small.capabilities.dimensions.accepts(256)
-        ada = OpenAICompatible(VendorModel(vendor_model="text-embedding-ada-002"))
+        ada = make(OpenAICompatible, vendor_model="text-embedding-ada-002")
         assert "dimensions" not in ada.embed_body([TextInput("a")], WIRE)
         assert not ada.capabilities.dimensions.accepts(256)
 
@@ -249,16 +260,16 @@ class TestTextVendors:
         """The gateway checks every reply's size, so a model whose size it cannot know
         must be given one."""
         with pytest.raises(SettingError) as caught:
-            OpenAICompatible(VendorModel(vendor_model="my-embedder"))
+            make(OpenAICompatible, vendor_model="my-embedder")
         assert caught.value.field == "dimensions"
         with pytest.raises(SettingError):
-            CTyun(VendorModel(vendor_model="4b38a36c"))
+            make(CTyun, vendor_model="4b38a36c")
 
 
 class TestAggregator:
     def test_embed_body_has_objects_normalized_and_type(self) -> None:
         """Inputs are {text, image} objects; the normalize option travels as normalized."""
-        dialect = Aggregator(VendorModel(vendor_model="jina-clip-v2", dimensions=8))
+        dialect = make(Aggregator, vendor_model="jina-clip-v2", dimensions=8)
         body = dialect.embed_body(
             [TextInput("a"), ImageInput(Image(uri=URL))],
             WireOptions(None, "", "", "", normalize=False),
@@ -273,7 +284,7 @@ class TestAggregator:
     def test_rerank_replies_are_checked(self) -> None:
         """A ranking with fewer results than asked, a repeated or unknown document, or a
         non-finite score is an error; extra results beyond top_n are fine."""
-        dialect = Aggregator(VendorModel(vendor_model="bge-reranker", task="rerank"))
+        dialect = make(Aggregator, vendor_model="bge-reranker", task="rerank")
         assert dialect.capabilities.reranks
         assert not dialect.capabilities.embeds
 
@@ -321,17 +332,17 @@ class TestSizes:
     def test_a_matryoshka_model_asks_for_the_next_larger_size(self) -> None:
         """A size the vendor doesn't give is served from the next larger one it does,
         cut later; a model that isn't Matryoshka-trained doesn't offer it at all."""
-        plain = RzenEmbed(VendorModel(vendor_model="RzenEmbed"))
+        plain = make(RzenEmbed, vendor_model="RzenEmbed")
         assert not plain.capabilities.dimensions.accepts(300)
-        cut = RzenEmbed(VendorModel(vendor_model="RzenEmbed", matryoshka=True))
+        cut = make(RzenEmbed, vendor_model="RzenEmbed", matryoshka=True)
         assert cut.capabilities.dimensions.accepts(300)
-        settings = VendorSettings(name="m", base_url="http://127.0.0.1:9", api_key=None)
-        provider = VendorProvider(settings, cut, HttpDriver())
+        at = "http://127.0.0.1:9"
+        provider = VendorProvider(cut, HttpDriver(), base_url=at, api_key=None)
         assert provider.sizes(300) == (512, 512)
         assert provider.sizes(None) == (2048, 2048)
         assert provider.info.dimensions.describe() == "from 1 to 2048"
-        fixed = SCNet(VendorModel(vendor_model="Qwen3-Embedding-8B", matryoshka=True))
-        provider = VendorProvider(settings, fixed, HttpDriver())
+        fixed = make(SCNet, vendor_model="Qwen3-Embedding-8B", matryoshka=True)
+        provider = VendorProvider(fixed, HttpDriver(), base_url=at, api_key=None)
         assert provider.sizes(1024) == (None, 4096)
 
 
@@ -364,7 +375,7 @@ class TestKeys:
         config = parse_config({"models": self.models(api_key_file=str(secret))})
         (provider,) = build_providers(config.models, driver=HttpDriver())
         assert isinstance(provider, VendorProvider)
-        assert provider._settings.api_key == "canary-key-123"
+        assert provider._api_key == "canary-key-123"
         assert "canary" not in repr(provider._settings)
 
     def test_vendors_that_need_a_key_say_so(self) -> None:

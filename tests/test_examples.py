@@ -14,7 +14,7 @@ from conftest import PNG_1X1
 from vendor_world import CANARY, VendorWorld, texts
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import load_config, parse_config
+from embedgate.server.providers.registry import load_config, parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 

@@ -33,8 +33,8 @@ from proto_strategies import MessageStrategies
 from vendors import FakeVendor
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import parse_config
 from embedgate.server.edge.server import Gateway
+from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 
 SERVICE = "/embedgate.v1.EmbeddingService/"

@@ -25,7 +25,7 @@ from gateways import free_port
 from vendors import FakeVendor
 
 from embedgate.client import Client
-from embedgate.server.config import parse_config
+from embedgate.server.providers.registry import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

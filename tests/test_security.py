@@ -20,7 +20,8 @@ from vendors import FakeVendor
 
 from embedgate import client as eg
 from embedgate.server.app import build_gateway
-from embedgate.server.config import ConfigError, parse_config
+from embedgate.server.config import ConfigError
+from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 

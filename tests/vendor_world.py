@@ -21,8 +21,8 @@ from google.rpc import error_details_pb2, status_pb2
 from vendors import FakeVendor, fake_vector, item_key
 
 from embedgate.server.app import build_gateway
-from embedgate.server.config import parse_config
 from embedgate.server.edge.server import Gateway
+from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 

@@ -9,12 +9,12 @@ import sys
 
 import structlog
 
-from embedgate.server.config import AuthConfig, CacheConfig, Config, ConfigError
+from embedgate.server.config import AuthConfig, CacheConfig, ConfigError
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.dialect import SettingError
-from embedgate.server.providers.registry import build_providers, read_secret
+from embedgate.server.providers.registry import GatewayConfig, build_providers, read_secret
+from embedgate.server.providers.settings import SettingError
 from embedgate.server.routing.cache import VectorCache
 from embedgate.server.routing.router import Router
 
@@ -52,7 +52,7 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
     return Tokens(callers)
 
 
-def build_gateway(config: Config) -> Gateway:
+def build_gateway(config: GatewayConfig) -> Gateway:
     metrics = Metrics(unhealthy_after=config.server.unhealthy_after_failures)
     router = Router(
         build_providers(config.models, metrics=metrics),
@@ -76,7 +76,7 @@ def _exit_now(sig: signal.Signals) -> None:
     os._exit(128 + sig.value)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain within the grace period and return. A
     second signal ends the process at once."""
     gateway = build_gateway(config)

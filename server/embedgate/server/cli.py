@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from embedgate.server.config import ConfigError, ServerConfig, load_config
+from embedgate.server.config import ConfigError, ServerConfig
 from embedgate.server.errors import EmbedgateError
 from embedgate.server.logs import configure_logging
 
@@ -68,6 +68,9 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level,
         json={"auto": None, "json": True, "console": False}[args.log_format],
     )
+    # The providers (and their HTTP stack) load only when serving: --help stays quick.
+    from embedgate.server.providers.registry import load_config
+
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -1,20 +1,22 @@
 """The YAML configuration, validated at start-up.
 
 A bad file fails start-up with a message naming the bad key (``models[1].provider``).
-With no file at all, the server serves the embedded default model.
+This module holds the file's frame (server, cache, the shape of a model entry); each
+provider's own keys live in its module, gathered by ``providers/registry.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, Generic, Self, TypeVar, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from embedgate.server.providers.local import DEFAULT_MODEL_NAME
-
 MIB = 1024 * 1024
+# The embedded local model's well-known name: what serves when there is no file.
+DEFAULT_MODEL_NAME = "all-minilm-l6-v2"
 
 # A 64-frame video of 1 MiB frames is 64 MiB of image bytes plus a few bytes of
 # framing per frame: 72 MiB leaves room for that and the rest of the request.
@@ -26,11 +28,13 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * MIB
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:/-]*$")]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Settings: unknown keys are errors, values never change after loading."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TlsConfig(_Strict):
+class TlsConfig(Strict):
     """TLS for the main listener; with ``client_ca_file``, mutual TLS."""
 
     cert_file: str = Field(min_length=1)
@@ -39,7 +43,7 @@ class TlsConfig(_Strict):
     client_ca_file: str | None = Field(default=None, min_length=1)
 
 
-class TokenConfig(_Strict):
+class TokenConfig(Strict):
     """One bearer token callers may present (``authorization: Bearer <token>``)."""
 
     # Named in logs and metrics in place of the token, which never is.
@@ -56,7 +60,7 @@ class TokenConfig(_Strict):
         return self
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     """Callers must present one of these tokens (health checks excepted)."""
 
     tokens: list[TokenConfig] = Field(min_length=1)
@@ -70,7 +74,7 @@ class AuthConfig(_Strict):
         return self
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     # Also listen on this Unix domain socket (plaintext: the socket file's permissions
@@ -101,134 +105,25 @@ class ServerConfig(_Strict):
     pipeline_max_in_flight: int = Field(default=64, ge=1, le=4096)
 
 
-class LocalModelConfig(_Strict):
-    name: ModelName
-    provider: Literal["local"]
-    # A sentence-transformers model directory; default: the packaged all-MiniLM-L6-v2.
-    path: str | None = None
-    max_inputs: int = Field(default=512, ge=1, le=4096)
-    max_batch: int = Field(default=32, ge=1, le=1024)
-    # Cut texts longer than the model's window instead of rejecting them.
-    truncate: bool = False
-    threads: int | None = Field(default=None, ge=1, le=256)
-    # The model merges calls that arrive while it computes; a wait adds to that.
-    coalesce_wait_ms: float = Field(default=0.0, ge=0, le=1000)
-    # Characters per text, checked before the tokenizer sees it: tokenizing runs in this
-    # process, at about 0.3 ms per 1,000 characters, and a 256-token window holds about
-    # 1,200 characters of prose.
-    max_text_chars: int = Field(default=8192, ge=1, le=10_000_000)
-
-
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
-Modality = Literal["text", "image", "video", "text_image"]
+EnvName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
-class _VendorModelConfig(_Strict):
-    """What every vendor-served model has (see the README's configuration reference)."""
+class ModelSettings(Strict):
+    """What every configured model has. Each provider subclasses it with its own keys
+    and a ``provider`` tag of its own (``Literal["scnet"]``); the composition root
+    (``providers/registry.py``) makes the union of them that ``models`` holds."""
 
     name: ModelName
-    # OpenAI-SDK style: the dialect appends /embeddings or /rerank.
-    base_url: HttpUrl | None = None
-    vendor_model: str = Field(min_length=1, max_length=256)
-    # Where the key is read from, once, at start-up.
-    api_key_env: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    api_key_file: str | None = Field(default=None, min_length=1)
-    # Inputs per vendor request (at most what the vendor documents) and per RPC.
-    max_batch: int | None = Field(default=None, ge=1, le=4096)
-    max_inputs: int = Field(default=256, ge=1, le=4096)
-    # Vendor requests in flight at once for this model.
-    max_concurrency: int = Field(default=16, ge=1, le=1024)
-    # How long a vendor batch waits for concurrent calls to join it (0: never merge).
-    coalesce_wait_ms: float = Field(default=5.0, ge=0, le=1000)
-    # One vendor attempt's limit; retries of 408/429/5xx/connection errors with backoff.
-    timeout_s: float = Field(default=30.0, gt=0, le=600)
-    max_retries: int = Field(default=2, ge=0, le=10)
-    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
-    retry_backoff_max_s: float = Field(default=8.0, ge=0, le=600)
-    # The size of the vectors when a call asks for none (required where unknown).
-    dimensions: int | None = Field(default=None, ge=1, le=65536)
-    # The model is Matryoshka-trained: other sizes are served by a local cut.
-    matryoshka: bool = False
-    # Unit vectors unless a call says otherwise.
-    normalize: bool = True
-    # Characters per text, checked before anything else: above an 8,192-token text in
-    # any language. The vendor's own (smaller) documented limits apply after it.
-    max_text_chars: int = Field(default=65536, ge=1, le=10_000_000)
-
-    # Vendors whose documents say every request carries a key.
-    key_required: ClassVar[bool] = True
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> Self:
-        if self.api_key_env and self.api_key_file:
-            raise ValueError("give api_key_env or api_key_file, not both")
-        if self.key_required and not (self.api_key_env or self.api_key_file):
-            raise ValueError(
-                f"api_key_env or api_key_file is required: {getattr(self, 'provider', '')} "
-                "authenticates every request with a key"
-            )
-        return self
-
-
-class RzenEmbedModelConfig(_VendorModelConfig):
-    provider: Literal["rzenembed"]
-    vendor_model: str = Field(default="RzenEmbed", min_length=1, max_length=256)
-    # Sent when a call gives none (the vendor's own default otherwise).
-    instruction: str | None = Field(default=None, min_length=1, max_length=4096)
-    modalities: list[Modality] | None = Field(default=None, min_length=1)
-
-
-class CTyunModelConfig(_VendorModelConfig):
-    provider: Literal["ctyun"]
-    accepts_dimensions: bool | None = None
-    encoding_format: Literal["float", "base64"] | None = None
-
-
-class SCNetModelConfig(_VendorModelConfig):
-    provider: Literal["scnet"]
-    vendor_model: str = Field(default="Qwen3-Embedding-8B", min_length=1, max_length=256)
-    encoding_format: Literal["float", "base64"] | None = None
-
-
-class QianfanModelConfig(_VendorModelConfig):
-    provider: Literal["qianfan"]
-
-
-class AggregatorModelConfig(_VendorModelConfig):
-    provider: Literal["aggregator"]
-    base_url: HttpUrl  # the relay has no well-known address
-    task: Literal["embed", "rerank"] = "embed"
-    modalities: list[Literal["text", "image", "text_image"]] | None = Field(
-        default=None, min_length=1
-    )
-    encoding_format: Literal["float", "base64"] | None = None
-    key_required: ClassVar[bool] = False
-
-
-class OpenAIModelConfig(_VendorModelConfig):
-    provider: Literal["openai"]
-    accepts_dimensions: bool | None = None
-    encoding_format: Literal["float", "base64"] | None = None
-    # Self-hosted OpenAI-compatible servers often take no key.
-    key_required: ClassVar[bool] = False
-
-
-VendorModelConfig = (
-    RzenEmbedModelConfig
-    | CTyunModelConfig
-    | SCNetModelConfig
-    | QianfanModelConfig
-    | AggregatorModelConfig
-    | OpenAIModelConfig
-)
-ModelConfig = Annotated[LocalModelConfig | VendorModelConfig, Field(discriminator="provider")]
-PROVIDERS = ("local", "rzenembed", "ctyun", "scnet", "qianfan", "aggregator", "openai")
+    provider: str
+    # How long a batch waits for concurrent calls to join it (0: never merge).
+    coalesce_wait_ms: float = Field(default=0.0, ge=0, le=1000)
 
 
 RedisUrl = Annotated[str, Field(pattern=r"^(redis|rediss|unix)://\S+$")]
 
 
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     """The per-input vector cache: in memory, optionally backed by a shared Redis."""
 
     enabled: bool = True
@@ -242,19 +137,36 @@ class CacheConfig(_Strict):
     redis_timeout_s: float = Field(default=0.05, gt=0, le=10)
 
 
-class Config(_Strict):
+M = TypeVar("M", bound=ModelSettings)
+
+
+class Config(Strict, Generic[M]):
+    """The whole file. ``M`` is the union of every provider's settings, which only the
+    composition root knows: this module imports no provider."""
+
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[M] = Field(min_length=1)
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
-def default_config() -> Config:
-    """No file: the embedded default model, under its well-known name."""
-    return Config(models=[LocalModelConfig(name=DEFAULT_MODEL_NAME, provider="local")])
+@functools.cache
+def config_schema(providers: tuple[type[ModelSettings], ...]) -> type[Config[Any]]:
+    """The file's schema when ``providers`` are the settings classes of the providers
+    there are (one each, told apart by their ``provider`` tag)."""
+    # A union built at run time from a tuple: no static type checker can follow it.
+    union: Any = Annotated[Union[providers], Field(discriminator="provider")]  # noqa: UP007
+    schema: type[Config[Any]] = Config[union]
+    return schema
+
+
+def provider_tag(settings: type[ModelSettings]) -> str:
+    """The ``provider`` value that selects ``settings`` (its one-value Literal)."""
+    (tag,) = get_args(settings.model_fields["provider"].annotation)
+    return str(tag)
 
 
 def _key_path(loc: tuple[int | str, ...], raw: Any) -> str:
@@ -277,13 +189,17 @@ def _key_path(loc: tuple[int | str, ...], raw: Any) -> str:
     return out or "(top level)"
 
 
-def parse_config(raw: Any, source: str = "config") -> Config:
+def parse_config(
+    raw: Any, providers: tuple[type[ModelSettings], ...], source: str = "config"
+) -> Config[Any]:
+    """Validate the file's contents ``raw`` (parsed YAML) against ``providers``' settings;
+    a problem raises ``ConfigError`` naming every bad key."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with a 'models' key")
     try:
-        config = Config.model_validate(raw)
+        config = config_schema(providers).model_validate(raw)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -293,7 +209,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
                 where += ".provider"
                 message = (
                     f"unknown provider {error['input'].get('provider')!r} "
-                    f"(known: {', '.join(PROVIDERS)})"
+                    f"(known: {', '.join(map(provider_tag, providers))})"
                 )
             problems.append(f"{where}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
@@ -316,17 +232,14 @@ def parse_config(raw: Any, source: str = "config") -> Config:
     return config
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate ``path``, or return the default when ``path`` is None."""
-    if path is None:
-        return default_config()
+def read_config_file(path: str | Path) -> Any:
+    """The YAML file at ``path``, parsed but not yet validated."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the config file: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    return parse_config(raw, str(file))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
+from embedgate.server.config import HttpUrl
 from embedgate.server.domain import Dimensions, Input, Modality
 from embedgate.server.providers.base import Ranked, Ranking
 from embedgate.server.providers.dialect import (
@@ -20,8 +23,7 @@ from embedgate.server.providers.dialect import (
     Capabilities,
     Dialect,
     ErrorInReply,
-    SettingError,
-    VendorModel,
+    Reranking,
     WireOptions,
     batch_limit,
     fixed_size,
@@ -29,49 +31,56 @@ from embedgate.server.providers.dialect import (
     text_and_image,
     usage_tokens,
 )
+from embedgate.server.providers.settings import VendorSettings, modality_set
 
-TASKS = ("embed", "rerank")
-EMBEDDING_TYPES = ("float", "base64")
 DEFAULT_BATCH = 32
 DEFAULT_RERANK_BATCH = 100
 
 
-class Aggregator(Dialect):
+class AggregatorSettings(VendorSettings):
+    provider: Literal["aggregator"] = "aggregator"
+    base_url: HttpUrl  # the relay has no well-known address
+    # What the model behind the relay does: embeddings, or ranking documents.
+    task: Literal["embed", "rerank"] = "embed"
+    modalities: list[Literal["text", "image", "text_image"]] | None = Field(
+        default=None, min_length=1
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    key_required: ClassVar[bool] = False
+
+
+class Aggregator(Dialect, Reranking):
     vendor: ClassVar[str] = "aggregator"
     title: ClassVar[str] = "aggregator"
+    settings_type: ClassVar[type[VendorSettings]] = AggregatorSettings
+    settings: AggregatorSettings
     default_base_url: ClassVar[str | None] = None
 
-    def describe(self, model: VendorModel) -> Capabilities:
-        if model.task not in TASKS:
-            raise SettingError("task", f"must be one of {', '.join(TASKS)}")
-        if model.task == "rerank":
+    def describe(self) -> Capabilities:
+        settings = self.settings
+        if settings.task == "rerank":
             return Capabilities(
                 modalities=frozenset({Modality.TEXT}),
-                max_batch=batch_limit(model, None, self.title, DEFAULT_RERANK_BATCH),
+                max_batch=batch_limit(settings, None, self.title, DEFAULT_RERANK_BATCH),
                 native=fixed_size(1),
                 embeds=False,
                 reranks=True,
             )
-        self.embedding_type = model.encoding_format or "float"
-        if self.embedding_type not in EMBEDDING_TYPES:
-            raise SettingError("encoding_format", f"must be one of {', '.join(EMBEDDING_TYPES)}")
-        allowed = frozenset({Modality.TEXT, Modality.IMAGE, Modality.TEXT_IMAGE})
-        modalities = model.modalities or allowed
-        if not modalities <= allowed:
-            raise SettingError(
-                "modalities", "the aggregator takes text, image and text_image inputs only"
-            )
-        size = require_dimensions(model, {}, self.title)
+        self.embedding_type = settings.encoding_format or "float"
+        modalities = modality_set(settings.modalities) or frozenset(
+            {Modality.TEXT, Modality.IMAGE, Modality.TEXT_IMAGE}
+        )
+        size = require_dimensions(settings, {}, self.title)
         return Capabilities(
             modalities=modalities,
-            max_batch=batch_limit(model, None, self.title, DEFAULT_BATCH),
+            max_batch=batch_limit(settings, None, self.title, DEFAULT_BATCH),
             native=Dimensions(default=size, minimum=size, maximum=size),
-            matryoshka=model.matryoshka,
+            matryoshka=settings.matryoshka,
         )
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
         return {
-            "model": self.model.vendor_model,
+            "model": self.settings.vendor_model,
             "input": [text_and_image(item) for item in inputs],
             "normalized": wire.normalize,
             "embedding_type": self.embedding_type,
@@ -81,7 +90,7 @@ class Aggregator(Dialect):
         self, query: str, documents: Sequence[str], top_n: int | None
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model.vendor_model,
+            "model": self.settings.vendor_model,
             "query": query,
             "documents": list(documents),
         }

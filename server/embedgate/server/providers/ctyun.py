@@ -10,14 +10,20 @@ field ``embeddings`` (OpenAI says ``embedding``): both are accepted. Errors are
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from embedgate.server.providers.openai_compatible import OpenAICompatible
+from embedgate.server.providers.openai_compatible import OpenAICompatible, OpenAIShapeSettings
+from embedgate.server.providers.settings import VendorSettings
+
+
+class CTyunSettings(OpenAIShapeSettings):
+    provider: Literal["ctyun"] = "ctyun"
 
 
 class CTyun(OpenAICompatible):
     vendor: ClassVar[str] = "ctyun"
     title: ClassVar[str] = "CTyun Wishub"
+    settings_type: ClassVar[type[VendorSettings]] = CTyunSettings
     default_base_url: ClassVar[str | None] = "https://wishub-x1.ctyun.cn/v1"
     vector_fields: ClassVar[tuple[str, ...]] = ("embeddings", "embedding")
     # Model IDs are opaque hashes: the vector size is always configured.

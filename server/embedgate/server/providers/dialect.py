@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,14 +31,7 @@ from embedgate.server.domain import (
     VideoInput,
 )
 from embedgate.server.providers.base import InputProblem, Ranking, Vectors
-
-
-class SettingError(ValueError):
-    """A model's settings cannot work with its vendor; ``field`` names the setting."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+from embedgate.server.providers.settings import SettingError, VendorSettings
 
 
 class BadReply(Exception):  # noqa: N818 - a condition, reported as VendorBadReplyError
@@ -60,24 +54,6 @@ class ErrorInReply(Exception):  # noqa: N818 - a condition, reported as VendorEr
     def __init__(self, fault: VendorFault) -> None:
         super().__init__(fault.message or "the vendor reported an error")
         self.fault = fault
-
-
-@dataclass(frozen=True, slots=True)
-class VendorModel:
-    """A configured vendor model, as the dialect needs it (no keys, no URLs)."""
-
-    vendor_model: str
-    # The size of the vectors the model gives when not asked for another one.
-    dimensions: int | None = None
-    # The vendor takes a size parameter (None: the dialect decides from the model).
-    accepts_dimensions: bool | None = None
-    # Cut and renormalise locally to give sizes the vendor doesn't.
-    matryoshka: bool = False
-    max_batch: int | None = None
-    encoding_format: str | None = None
-    modalities: frozenset[Modality] | None = None
-    instruction: str | None = None
-    task: str = "embed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,30 +110,39 @@ class Limits:
     max_frames: int | None = None
 
 
-class Dialect:
-    """Base of the vendor dialects. Subclasses set the class attributes and override
-    what their vendor does differently from the OpenAI embeddings shape."""
+class Dialect(ABC):
+    """Base of the vendor dialects, built from one model's settings (the vendor's own
+    settings class, ``settings_type``). Subclasses set the class attributes, say what
+    the model can do (``describe``), build the request body (``embed_body``), and
+    override what their vendor does differently from the OpenAI embeddings shape."""
 
     vendor: ClassVar[str]  # the provider name in the configuration
     title: ClassVar[str]  # how messages name the vendor
+    settings_type: ClassVar[type[VendorSettings]]
     default_base_url: ClassVar[str | None]
     embed_path: ClassVar[str] = "/embeddings"
-    rerank_path: ClassVar[str] = "/rerank"
     # Where the vendor puts the vector of each ``data[]`` item.
     vector_fields: ClassVar[tuple[str, ...]] = ("embedding",)
     extra_headers: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, model: VendorModel) -> None:
-        self.model = model
-        self.capabilities = self.describe(model)
-        self.limits = self.input_limits(model)
+    def __init__(self, settings: VendorSettings) -> None:
+        if not isinstance(settings, self.settings_type):
+            raise TypeError(
+                f"{type(self).__name__} takes {self.settings_type.__name__}, "
+                f"not {type(settings).__name__}"
+            )
+        self.settings = settings
+        self.capabilities = self.describe()
+        self.limits = self.input_limits()
 
     # -- what the model can do -------------------------------------------------
 
-    def describe(self, model: VendorModel) -> Capabilities:
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> Capabilities:
+        """What the configured model can do; ``SettingError`` if the settings cannot
+        work with the vendor's document."""
 
-    def input_limits(self, model: VendorModel) -> Limits:
+    def input_limits(self) -> Limits:
         return Limits()
 
     # -- before sending --------------------------------------------------------
@@ -173,7 +158,7 @@ class Dialect:
                     InputProblem(
                         index,
                         f"has {len(text)} characters; {self.title} model "
-                        f"{self.model.vendor_model} takes at most {limits.max_chars}",
+                        f"{self.settings.vendor_model} takes at most {limits.max_chars}",
                         "INPUT_TOO_LONG",
                     )
                 )
@@ -191,13 +176,9 @@ class Dialect:
                     )
         return problems
 
+    @abstractmethod
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def rerank_body(
-        self, query: str, documents: Sequence[str], top_n: int | None
-    ) -> dict[str, Any]:
-        raise NotImplementedError(f"{self.title} has no rerank endpoint")
+        """The JSON body of one embeddings request for ``inputs``."""
 
     # -- after sending ---------------------------------------------------------
 
@@ -212,9 +193,6 @@ class Dialect:
             request_id=_string(payload, "request_id") or _string(payload, "id"),
         )
 
-    def parse_ranking(self, payload: Any, documents: int, top_n: int | None) -> Ranking:
-        raise NotImplementedError(f"{self.title} has no rerank endpoint")
-
     def error_in_reply(self, payload: Any) -> VendorFault | None:
         """An error carried by an HTTP 200 reply, if any."""
         if isinstance(payload, dict) and payload.get("error"):
@@ -224,6 +202,23 @@ class Dialect:
     def parse_error(self, payload: Any) -> VendorFault:
         """The vendor's error body; ``{"error": {...}}`` by default (OpenAI style)."""
         return error_object(payload)
+
+
+class Reranking(ABC):
+    """The capability of a dialect whose vendor ranks documents itself (a rerank
+    endpoint): only the dialects that have one inherit it."""
+
+    rerank_path: ClassVar[str] = "/rerank"
+
+    @abstractmethod
+    def rerank_body(
+        self, query: str, documents: Sequence[str], top_n: int | None
+    ) -> dict[str, Any]:
+        """The JSON body of one rerank request."""
+
+    @abstractmethod
+    def parse_ranking(self, payload: Any, documents: int, top_n: int | None) -> Ranking:
+        """The checked ranking of ``documents`` documents."""
 
 
 # -- shared pieces -------------------------------------------------------------
@@ -352,31 +347,31 @@ def fixed_size(size: int) -> Dimensions:
     return Dimensions(default=size, minimum=size, maximum=size)
 
 
-def require_dimensions(model: VendorModel, known: Mapping[str, int], title: str) -> int:
+def require_dimensions(settings: VendorSettings, known: Mapping[str, int], title: str) -> int:
     """The model's vector size: configured, or known from the vendor's document."""
-    if model.dimensions is not None:
-        return model.dimensions
-    size = known.get(model.vendor_model.lower())
+    if settings.dimensions is not None:
+        return settings.dimensions
+    size = known.get(settings.vendor_model.lower())
     if size is None:
         raise SettingError(
             "dimensions",
-            f"is required: the size of {title} model {model.vendor_model!r}'s vectors "
+            f"is required: the size of {title} model {settings.vendor_model!r}'s vectors "
             "is not known to the gateway",
         )
     return size
 
 
-def batch_limit(model: VendorModel, documented: int | None, title: str, default: int) -> int:
+def batch_limit(settings: VendorSettings, documented: int | None, title: str, default: int) -> int:
     """Inputs per vendor request: configured ``max_batch`` up to the documented limit."""
-    if model.max_batch is None:
+    if settings.max_batch is None:
         return documented if documented is not None else default
-    if documented is not None and model.max_batch > documented:
+    if documented is not None and settings.max_batch > documented:
         raise SettingError(
             "max_batch",
-            f"{title} model {model.vendor_model!r} takes at most {documented} inputs per "
-            f"request, not {model.max_batch}",
+            f"{title} model {settings.vendor_model!r} takes at most {documented} inputs per "
+            f"request, not {settings.max_batch}",
         )
-    return model.max_batch
+    return settings.max_batch
 
 
 def dumps(body: Mapping[str, Any]) -> bytes:

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
+from pydantic import Field
 
+from embedgate.server.config import ModelSettings
 from embedgate.server.domain import (
     Dimensions,
     EmbedOptions,
@@ -36,20 +38,24 @@ from embedgate.server.providers.base import EmbedBatch, InputProblem, Vectors
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_MODEL_NAME = "all-minilm-l6-v2"
 
+class LocalSettings(ModelSettings):
+    """How to run one local model (``provider: local``)."""
 
-@dataclass(frozen=True, slots=True)
-class LocalSettings:
-    """How to run one local model (validated by the config layer)."""
-
-    name: str
+    provider: Literal["local"] = "local"
+    # A sentence-transformers model directory; default: the packaged all-MiniLM-L6-v2.
     path: str | None = None
-    max_inputs: int = 512
-    max_batch: int = 32
+    max_inputs: int = Field(default=512, ge=1, le=4096)
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    # Cut texts longer than the model's window instead of rejecting them.
     truncate: bool = False
-    threads: int | None = None
-    max_text_chars: int = 8192
+    threads: int | None = Field(default=None, ge=1, le=256)
+    # The model merges calls that arrive while it computes; a wait adds to that.
+    coalesce_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    # Characters per text, checked before the tokenizer sees it: tokenizing runs in this
+    # process, at about 0.3 ms per 1,000 characters, and a 256-token window holds about
+    # 1,200 characters of prose.
+    max_text_chars: int = Field(default=8192, ge=1, le=10_000_000)
 
 
 @dataclass(slots=True)

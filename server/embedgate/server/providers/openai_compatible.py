@@ -10,27 +10,41 @@ as base64 unless configured otherwise; errors are
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from embedgate.server.domain import Dimensions, Input, Modality
 from embedgate.server.providers.dialect import (
     Capabilities,
     Dialect,
-    SettingError,
-    VendorModel,
     WireOptions,
     batch_limit,
     fixed_size,
     require_dimensions,
     texts_only,
 )
+from embedgate.server.providers.settings import VendorSettings
 
-ENCODINGS = ("float", "base64")
+
+class OpenAIShapeSettings(VendorSettings):
+    """The keys of every vendor that follows OpenAI's embeddings shape."""
+
+    # How vectors travel; default: base64, a third of the bytes of JSON floats.
+    encoding_format: Literal["float", "base64"] | None = None
+    # The vendor takes a size parameter (None: decided from the model's name).
+    accepts_dimensions: bool | None = None
+
+
+class OpenAISettings(OpenAIShapeSettings):
+    provider: Literal["openai"] = "openai"
+    # Self-hosted OpenAI-compatible servers often take no key.
+    key_required: ClassVar[bool] = False
 
 
 class OpenAICompatible(Dialect):
     vendor: ClassVar[str] = "openai"
     title: ClassVar[str] = "OpenAI-compatible endpoint"
+    settings_type: ClassVar[type[VendorSettings]] = OpenAISettings
+    settings: OpenAIShapeSettings
     default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
     known_sizes: ClassVar[Mapping[str, int]] = {
         "text-embedding-3-small": 1536,
@@ -42,28 +56,27 @@ class OpenAICompatible(Dialect):
     documented_batch: ClassVar[int | None] = None
     default_batch: ClassVar[int] = 128
 
-    def describe(self, model: VendorModel) -> Capabilities:
-        size = require_dimensions(model, self.known_sizes, self.title)
-        self.encoding = model.encoding_format or "base64"
-        if self.encoding not in ENCODINGS:
-            raise SettingError("encoding_format", f"must be one of {', '.join(ENCODINGS)}")
-        sends = self.takes_dimensions(model)
+    def describe(self) -> Capabilities:
+        settings = self.settings
+        size = require_dimensions(settings, self.known_sizes, self.title)
+        self.encoding = settings.encoding_format or "base64"
+        sends = self.takes_dimensions()
         return Capabilities(
             modalities=frozenset({Modality.TEXT}),
-            max_batch=batch_limit(model, self.documented_batch, self.title, self.default_batch),
+            max_batch=batch_limit(settings, self.documented_batch, self.title, self.default_batch),
             native=Dimensions(default=size, minimum=1, maximum=size) if sends else fixed_size(size),
             sends_dimensions=sends,
-            matryoshka=model.matryoshka,
+            matryoshka=settings.matryoshka,
         )
 
-    def takes_dimensions(self, model: VendorModel) -> bool:
-        if model.accepts_dimensions is not None:
-            return model.accepts_dimensions
-        return model.vendor_model.lower().startswith("text-embedding-3")
+    def takes_dimensions(self) -> bool:
+        if self.settings.accepts_dimensions is not None:
+            return self.settings.accepts_dimensions
+        return self.settings.vendor_model.lower().startswith("text-embedding-3")
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model.vendor_model,
+            "model": self.settings.vendor_model,
             "input": texts_only(inputs),
             "encoding_format": self.encoding,
         }

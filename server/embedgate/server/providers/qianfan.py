@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from embedgate.server.domain import Input, Modality
 from embedgate.server.providers.dialect import (
@@ -20,7 +20,6 @@ from embedgate.server.providers.dialect import (
     Dialect,
     Limits,
     VendorFault,
-    VendorModel,
     WireOptions,
     batch_limit,
     fixed_size,
@@ -28,6 +27,7 @@ from embedgate.server.providers.dialect import (
     text_and_image,
     texts_only,
 )
+from embedgate.server.providers.settings import VendorSettings
 
 MULTIMODAL = "gme-qwen2-vl-2b-instruct"
 # Unknown (e.g. custom-trained) text models: the common limit of the documented ones.
@@ -52,14 +52,20 @@ KNOWN = {
 }
 
 
+class QianfanSettings(VendorSettings):
+    provider: Literal["qianfan"] = "qianfan"
+
+
 class Qianfan(Dialect):
     vendor: ClassVar[str] = "qianfan"
     title: ClassVar[str] = "Qianfan"
+    settings_type: ClassVar[type[VendorSettings]] = QianfanSettings
     default_base_url: ClassVar[str | None] = "https://qianfan.baidubce.com/v2"
 
-    def describe(self, model: VendorModel) -> Capabilities:
-        known = KNOWN.get(model.vendor_model.lower())
-        multimodal = model.vendor_model.lower() == MULTIMODAL
+    def describe(self) -> Capabilities:
+        settings = self.settings
+        known = KNOWN.get(settings.vendor_model.lower())
+        multimodal = settings.vendor_model.lower() == MULTIMODAL
         modalities = (
             frozenset({Modality.TEXT, Modality.IMAGE, Modality.TEXT_IMAGE})
             if multimodal
@@ -68,17 +74,19 @@ class Qianfan(Dialect):
         sizes = {name: entry.size for name, entry in KNOWN.items()}
         return Capabilities(
             modalities=modalities,
-            max_batch=batch_limit(model, known.texts if known else None, self.title, DEFAULT_BATCH),
-            native=fixed_size(require_dimensions(model, sizes, self.title)),
-            matryoshka=model.matryoshka,
+            max_batch=batch_limit(
+                settings, known.texts if known else None, self.title, DEFAULT_BATCH
+            ),
+            native=fixed_size(require_dimensions(settings, sizes, self.title)),
+            matryoshka=settings.matryoshka,
         )
 
-    def input_limits(self, model: VendorModel) -> Limits:
-        known = KNOWN.get(model.vendor_model.lower())
+    def input_limits(self) -> Limits:
+        known = KNOWN.get(self.settings.vendor_model.lower())
         return Limits(max_chars=known.chars if known else None)
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model.vendor_model}
+        body: dict[str, Any] = {"model": self.settings.vendor_model}
         if Modality.IMAGE in self.capabilities.modalities:
             body["input"] = [text_and_image(item) for item in inputs]
         else:

@@ -1,7 +1,10 @@
-"""Configured models → provider instances. Heavy providers are imported only when used.
+"""The composition root of the providers: every dialect is listed here once, and every
+other list of them (the provider names, the configuration's model union, the tests'
+fakes) is derived from this one.
 
-Vendor keys are read here, once, at start-up: a key that cannot be read stops the
-server with a message naming the variable or file (never the key).
+Configured models become provider instances here. Vendor keys are read here, once, at
+start-up: a key that cannot be read stops the server with a message naming the variable
+or file (never the key).
 """
 
 from __future__ import annotations
@@ -9,34 +12,60 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
-from embedgate.server.config import (
-    ConfigError,
-    LocalModelConfig,
-    ModelConfig,
-    VendorModelConfig,
-)
-from embedgate.server.domain import Modality
+from embedgate.server import config
+from embedgate.server.config import DEFAULT_MODEL_NAME, Config, ConfigError, ModelSettings
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.aggregator import Aggregator
 from embedgate.server.providers.base import Provider
 from embedgate.server.providers.ctyun import CTyun
-from embedgate.server.providers.dialect import Dialect, SettingError, VendorModel
-from embedgate.server.providers.http import HttpDriver, RetryPolicy
+from embedgate.server.providers.dialect import Dialect, Reranking
+from embedgate.server.providers.http import HttpDriver
+from embedgate.server.providers.local import LocalProvider, LocalSettings
 from embedgate.server.providers.openai_compatible import OpenAICompatible
 from embedgate.server.providers.qianfan import Qianfan
 from embedgate.server.providers.rzenembed import RzenEmbed
 from embedgate.server.providers.scnet import SCNet
-from embedgate.server.providers.vendor import VendorProvider, VendorSettings
+from embedgate.server.providers.settings import SettingError, VendorSettings
+from embedgate.server.providers.vendor import RerankingVendorProvider, VendorProvider
 
+# Every vendor dialect, once. Adding a vendor: its module, and one entry here.
 DIALECTS: dict[str, type[Dialect]] = {
     dialect.vendor: dialect
     for dialect in (RzenEmbed, CTyun, SCNet, Qianfan, Aggregator, OpenAICompatible)
 }
+# What a model entry's ``provider`` may be: the local model, then each vendor.
+PROVIDERS: tuple[str, ...] = ("local", *DIALECTS)
+# The settings class of each, as the configuration's model union.
+MODEL_SETTINGS: tuple[type[ModelSettings], ...] = (
+    LocalSettings,
+    *(dialect.settings_type for dialect in DIALECTS.values()),
+)
+
+# A loaded file: each entry of ``models`` is one of ``MODEL_SETTINGS``.
+GatewayConfig: TypeAlias = Config[ModelSettings]
+
+
+def parse_config(raw: Any, source: str = "config") -> GatewayConfig:
+    """Validate a parsed configuration file against every provider's settings."""
+    return config.parse_config(raw, MODEL_SETTINGS, source)
+
+
+def default_config() -> GatewayConfig:
+    """No file: the embedded default model, under its well-known name."""
+    return parse_config({"models": [{"name": DEFAULT_MODEL_NAME, "provider": "local"}]})
+
+
+def load_config(path: str | Path | None) -> GatewayConfig:
+    """Read and validate ``path``, or return the default when ``path`` is None."""
+    if path is None:
+        return default_config()
+    return parse_config(config.read_config_file(path), str(path))
 
 
 def build_providers(
-    models: Sequence[ModelConfig],
+    models: Sequence[ModelSettings],
     *,
     driver: HttpDriver | None = None,
     source: str = "config",
@@ -54,71 +83,30 @@ def build_providers(
     return providers
 
 
-def build_provider(model: ModelConfig, driver: HttpDriver, metrics: Metrics) -> Provider:
-    if isinstance(model, LocalModelConfig):
-        from embedgate.server.providers.local import LocalProvider, LocalSettings
-
-        return LocalProvider(
-            LocalSettings(
-                name=model.name,
-                path=model.path,
-                max_inputs=model.max_inputs,
-                max_batch=model.max_batch,
-                truncate=model.truncate,
-                threads=model.threads,
-                max_text_chars=model.max_text_chars,
-            ),
-            metrics,
-        )
-    return build_vendor_provider(model, driver, metrics)
+def build_provider(model: ModelSettings, driver: HttpDriver, metrics: Metrics) -> Provider:
+    if isinstance(model, LocalSettings):
+        return LocalProvider(model, metrics)
+    if isinstance(model, VendorSettings):
+        return build_vendor_provider(model, driver, metrics)
+    raise TypeError(f"no provider is registered for {type(model).__name__}")
 
 
 def build_vendor_provider(
-    model: VendorModelConfig,
+    model: VendorSettings,
     driver: HttpDriver,
     metrics: Metrics | None = None,
 ) -> VendorProvider:
-    dialect_class = DIALECTS[model.provider]
-    modalities = getattr(model, "modalities", None)
-    dialect = dialect_class(
-        VendorModel(
-            vendor_model=model.vendor_model,
-            dimensions=model.dimensions,
-            accepts_dimensions=getattr(model, "accepts_dimensions", None),
-            matryoshka=model.matryoshka,
-            max_batch=model.max_batch,
-            encoding_format=getattr(model, "encoding_format", None),
-            modalities=frozenset(Modality(m) for m in modalities) if modalities else None,
-            instruction=getattr(model, "instruction", None),
-            task=getattr(model, "task", "embed"),
-        )
-    )
-    base_url = model.base_url or dialect_class.default_base_url
+    dialect = DIALECTS[model.provider](model)
+    base_url = model.base_url or dialect.default_base_url
     if base_url is None:  # config validation requires one where there is no default
-        raise SettingError("base_url", f"is required for {dialect_class.title}")
-    return VendorProvider(
-        VendorSettings(
-            name=model.name,
-            base_url=base_url,
-            api_key=read_key(model),
-            max_inputs=model.max_inputs,
-            max_concurrency=model.max_concurrency,
-            max_text_chars=model.max_text_chars,
-            normalize=model.normalize,
-            retry=RetryPolicy(
-                max_retries=model.max_retries,
-                backoff_initial_s=model.retry_backoff_s,
-                backoff_max_s=model.retry_backoff_max_s,
-                attempt_timeout_s=model.timeout_s,
-            ),
-        ),
-        dialect,
-        driver,
-        metrics,
-    )
+        raise SettingError("base_url", f"is required for {dialect.title}")
+    api_key = read_key(model)
+    if isinstance(dialect, Reranking) and dialect.capabilities.reranks:
+        return RerankingVendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key)
+    return VendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key)
 
 
-def read_key(model: VendorModelConfig) -> str | None:
+def read_key(model: VendorSettings) -> str | None:
     """The vendor key from the environment or a file (a mounted Kubernetes secret)."""
     return read_secret(model.api_key_env, model.api_key_file, prefix="api_key")
 

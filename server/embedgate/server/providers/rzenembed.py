@@ -12,7 +12,9 @@ whatever its HTTP status.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from embedgate.server.domain import (
     Dimensions,
@@ -26,13 +28,17 @@ from embedgate.server.providers.dialect import (
     Capabilities,
     Dialect,
     Limits,
-    SettingError,
     VendorFault,
-    VendorModel,
     WireOptions,
     batch_limit,
     error_object,
     image_string,
+)
+from embedgate.server.providers.settings import (
+    ModalityName,
+    SettingError,
+    VendorSettings,
+    modality_set,
 )
 
 SIZES = (256, 512, 768, 1024, 1536, 2048)
@@ -42,38 +48,49 @@ MIN_FRAMES = 2
 MAX_FRAMES = 64
 
 
+class RzenEmbedSettings(VendorSettings):
+    provider: Literal["rzenembed"] = "rzenembed"
+    vendor_model: str = Field(default="RzenEmbed", min_length=1, max_length=256)
+    # Sent when a call gives none (the vendor's own default otherwise).
+    instruction: str | None = Field(default=None, min_length=1, max_length=4096)
+    modalities: list[ModalityName] | None = Field(default=None, min_length=1)
+
+
 class RzenEmbed(Dialect):
     vendor: ClassVar[str] = "rzenembed"
     title: ClassVar[str] = "RzenEmbed"
+    settings_type: ClassVar[type[VendorSettings]] = RzenEmbedSettings
+    settings: RzenEmbedSettings
     default_base_url: ClassVar[str | None] = "https://api.research.360.cn/v1"
     # The document lists `accept: application/json` as a required header.
     extra_headers: ClassVar[dict[str, str]] = {"accept": "application/json"}
 
-    def describe(self, model: VendorModel) -> Capabilities:
-        default = model.dimensions if model.dimensions is not None else DEFAULT_SIZE
+    def describe(self) -> Capabilities:
+        settings = self.settings
+        default = settings.dimensions if settings.dimensions is not None else DEFAULT_SIZE
         if default not in SIZES:
             raise SettingError(
                 "dimensions", f"RzenEmbed gives {', '.join(map(str, SIZES))}, not {default}"
             )
         return Capabilities(
-            modalities=model.modalities or frozenset(Modality),
-            max_batch=batch_limit(model, 1, self.title, 1),
+            modalities=modality_set(settings.modalities) or frozenset(Modality),
+            max_batch=batch_limit(settings, 1, self.title, 1),
             native=Dimensions(default=default, minimum=SIZES[0], maximum=SIZES[-1], allowed=SIZES),
             sends_dimensions=True,
             accepts_instruction=True,
-            matryoshka=model.matryoshka,
+            matryoshka=settings.matryoshka,
         )
 
-    def input_limits(self, model: VendorModel) -> Limits:
+    def input_limits(self) -> Limits:
         return Limits(min_frames=MIN_FRAMES, max_frames=MAX_FRAMES)
 
     def embed_body(self, inputs: Sequence[Input], wire: WireOptions) -> dict[str, Any]:
         (item,) = inputs  # one embedding per request
         body: dict[str, Any] = {
-            "model": self.model.vendor_model,
+            "model": self.settings.vendor_model,
             "input": [],
             "dimensions": wire.dimensions or self.capabilities.native.default,
-            "instruction": wire.instruction or self.model.instruction or DEFAULT_INSTRUCTION,
+            "instruction": wire.instruction or self.settings.instruction or DEFAULT_INSTRUCTION,
         }
         if wire.request_id:
             body["request_id"] = wire.request_id

@@ -11,18 +11,36 @@ sends it: other sizes come only from a local cut on a model configured
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from embedgate.server.providers.dialect import VendorModel
-from embedgate.server.providers.openai_compatible import OpenAICompatible
+from pydantic import Field, field_validator
+
+from embedgate.server.providers.openai_compatible import OpenAICompatible, OpenAIShapeSettings
+from embedgate.server.providers.settings import VendorSettings
+
+
+class SCNetSettings(OpenAIShapeSettings):
+    provider: Literal["scnet"] = "scnet"
+    vendor_model: str = Field(default="Qwen3-Embedding-8B", min_length=1, max_length=256)
+
+    @field_validator("accepts_dimensions")
+    @classmethod
+    def _size_is_fixed(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError(
+                "SCNet's document says the size cannot be changed: the gateway never sends "
+                "one (matryoshka: true gives other sizes by a local cut)"
+            )
+        return value
 
 
 class SCNet(OpenAICompatible):
     vendor: ClassVar[str] = "scnet"
     title: ClassVar[str] = "SCNet"
+    settings_type: ClassVar[type[VendorSettings]] = SCNetSettings
     default_base_url: ClassVar[str | None] = "https://api.scnet.cn/api/llm/v1"
     known_sizes: ClassVar[Mapping[str, int]] = {"qwen3-embedding-8b": 4096}
     documented_batch: ClassVar[int | None] = 5
 
-    def takes_dimensions(self, model: VendorModel) -> bool:
+    def takes_dimensions(self) -> bool:
         return False

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import structlog
@@ -29,6 +28,7 @@ from embedgate.server.providers.dialect import (
     BadReply,
     Dialect,
     ErrorInReply,
+    Reranking,
     VendorFault,
     WireOptions,
     decode_json,
@@ -43,32 +43,32 @@ USER_AGENT = "embedgate/0.1"
 MAX_QUOTED_CHARS = 300
 
 
-@dataclass(frozen=True, slots=True)
-class VendorSettings:
-    name: str
-    base_url: str
-    # Read once at start-up; never logged, never repr'd, never put in an error.
-    api_key: str | None = field(repr=False)
-    max_inputs: int = 256
-    max_concurrency: int = 16
-    max_text_chars: int = 65536
-    normalize: bool = True
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-
 class VendorProvider:
-    """Implements the provider seam for every vendor dialect."""
+    """Implements the provider seam for every vendor dialect: the model's settings are
+    the dialect's; ``api_key`` was read at start-up and ``base_url`` resolved."""
 
     def __init__(
         self,
-        settings: VendorSettings,
         dialect: Dialect,
         driver: HttpDriver,
         metrics: Metrics | None = None,
+        *,
+        base_url: str,
+        api_key: str | None,
     ) -> None:
+        settings = dialect.settings
         self._settings = settings
         self._dialect = dialect
         self._driver = driver
+        self._base_url = base_url
+        # Never logged, never repr'd, never put in an error.
+        self._api_key = api_key
+        self._retry = RetryPolicy(
+            max_retries=settings.max_retries,
+            backoff_initial_s=settings.retry_backoff_s,
+            backoff_max_s=settings.retry_backoff_max_s,
+            attempt_timeout_s=settings.timeout_s,
+        )
         self._meter = (metrics or Metrics()).vendor(dialect.vendor, settings.name)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         caps = dialect.capabilities
@@ -85,7 +85,7 @@ class VendorProvider:
             native_rerank=caps.reranks,
             accepts_instruction=caps.accepts_instruction,
             normalizes_by_default=settings.normalize,
-            source=f"{dialect.vendor} {settings.base_url} {dialect.model.vendor_model}",
+            source=f"{dialect.vendor} {base_url} {settings.vendor_model}",
         )
 
     @property
@@ -142,20 +142,6 @@ class VendorProvider:
             total_tokens=tokens,
         )
 
-    async def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
-    ) -> Ranking:
-        body = self._dialect.rerank_body(query, documents, top_n)
-        payload = await self._call(
-            self._dialect.rerank_path, body, options.request_id, len(documents)
-        )
-        try:
-            ranking = self._dialect.parse_ranking(payload, len(documents), top_n)
-        except (BadReply, ErrorInReply) as problem:
-            self._reply_failed(problem, payload)
-        self._meter.succeeded()
-        return ranking
-
     # -- the call and its failures ---------------------------------------------
 
     def _headers(self, request_id: str) -> dict[str, str]:
@@ -167,12 +153,12 @@ class VendorProvider:
         headers.update(self._dialect.extra_headers)
         if request_id:
             headers["x-request-id"] = request_id
-        if self._settings.api_key:
-            headers["authorization"] = f"Bearer {self._settings.api_key}"
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
         return headers
 
     async def _call(self, path: str, body: Mapping[str, Any], request_id: str, items: int) -> Any:
-        url = self._settings.base_url.rstrip("/") + path
+        url = self._base_url.rstrip("/") + path
         started = time.perf_counter()
         title = self._dialect.title
         meter = self._meter
@@ -182,7 +168,7 @@ class VendorProvider:
                 url,
                 dumps(body),
                 self._headers(request_id),
-                policy=self._settings.retry,
+                policy=self._retry,
                 limit=self._limit,
                 vendor=title,
                 meter=meter,
@@ -225,7 +211,7 @@ class VendorProvider:
         """A vendor's words, shortened, with the key taken out should it echo it."""
         if not text:
             return None
-        key = self._settings.api_key
+        key = self._api_key
         if key:
             text = text.replace(key, "[redacted]")
         if len(text) > MAX_QUOTED_CHARS:
@@ -306,3 +292,36 @@ class VendorProvider:
             f"{title} (model {self._settings.name}) sent an unusable reply: {problem}",
             metadata=metadata,
         )
+
+
+class RerankingVendorProvider(VendorProvider):
+    """A vendor model that ranks documents itself, through its dialect's rerank
+    endpoint (the dialect has the ``Reranking`` capability)."""
+
+    def __init__(
+        self,
+        dialect: Reranking,
+        driver: HttpDriver,
+        metrics: Metrics | None = None,
+        *,
+        base_url: str,
+        api_key: str | None,
+    ) -> None:
+        if not isinstance(dialect, Dialect):
+            raise TypeError(f"{type(dialect).__name__} is not a vendor dialect")
+        super().__init__(dialect, driver, metrics, base_url=base_url, api_key=api_key)
+        self._reranker = dialect
+
+    async def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
+    ) -> Ranking:
+        body = self._reranker.rerank_body(query, documents, top_n)
+        payload = await self._call(
+            self._reranker.rerank_path, body, options.request_id, len(documents)
+        )
+        try:
+            ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
+        except (BadReply, ErrorInReply) as problem:
+            self._reply_failed(problem, payload)
+        self._meter.succeeded()
+        return ranking
