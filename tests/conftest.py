@@ -29,9 +29,9 @@ from embedgate.server.domain import (
     VideoInput,
 )
 from embedgate.server.edge.server import Gateway
-from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.errors import ModelUnavailableError, Part, Problem
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.base import EmbedBatch, InputProblem
+from embedgate.server.providers.base import EmbedBatch
 from embedgate.server.providers.local import LocalProvider, LocalSettings
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -116,10 +116,10 @@ class ScriptedProvider:
     async def close(self) -> None:
         return None
 
-    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         self.checked.extend(inputs)
         return [
-            InputProblem(i, "is the word the test model refuses", "TEST_REFUSED")
+            Problem(Part.TEXT, "is the word the test model refuses", "TEST_REFUSED", i)
             for i, item in enumerate(inputs)
             if isinstance(item, TextInput) and item.text == "refuse"
         ]

@@ -18,7 +18,8 @@ from embedgate.client import AsyncClient, Client
 from embedgate.server.config import ServerConfig
 from embedgate.server.domain import Dimensions, EmbedOptions, Input, Modality, ModelInfo, TextInput
 from embedgate.server.edge.server import Gateway
-from embedgate.server.providers.base import EmbedBatch, InputProblem
+from embedgate.server.errors import Problem
+from embedgate.server.providers.base import EmbedBatch
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -57,7 +58,7 @@ class GatedModel:
     async def close(self) -> None:
         return None
 
-    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         return []
 
     async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:

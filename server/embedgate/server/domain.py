@@ -140,6 +140,8 @@ class ModelInfo:
     native_rerank: bool = False
     accepts_instruction: bool = False
     normalizes_by_default: bool = True
+    # Computed in this process (the local model), not by a vendor.
+    in_process: bool = False
     # What the vectors come from beyond the name (the vendor's address and model, or
     # the local model's directory): a cached vector is reused only for the same source.
     source: str = ""

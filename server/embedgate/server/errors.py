@@ -4,6 +4,8 @@
 
     EmbedgateError                 (reason: a stable UPPER_SNAKE string)
     ├── InvalidRequestError        INVALID_ARGUMENT, with field violations
+    ├── RejectedError              INVALID_ARGUMENT   problems by position, before a door
+    │                                                 turns them into field violations
     ├── MalformedRequestError      INVALID_ARGUMENT   bytes that are not the request message
     ├── ModelNotFoundError         NOT_FOUND
     ├── ModelUnavailableError      UNAVAILABLE
@@ -31,6 +33,7 @@ to deliver.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,11 +52,39 @@ def echo(value: str, limit: int = ECHO_LIMIT) -> str:
 @dataclass(frozen=True, slots=True)
 class Violation:
     """One thing wrong with a request: where (a field path such as
-    ``inputs[2].image.data``), what, and a stable reason."""
+    ``inputs[2].image.data``), what, and a stable reason; ``index`` is the position of
+    the input it concerns (None: the request as a whole), which orders violations."""
 
     field: str
     description: str
     reason: str
+    index: int | None = None
+
+
+class Part(enum.StrEnum):
+    """The part of a request a ``Problem`` concerns. Routing and the providers know
+    inputs by position only; a door turns a part into a field path, because only it
+    knows which field of its request the inputs came in (``inputs``, ``documents``...)."""
+
+    CONTENT = "content"  # the input itself: its image, its video...
+    TEXT = "text"  # its text (of a text input, or of a text+image pair)
+    FRAMES = "frames"  # a video's list of frames
+    INPUTS = "inputs"  # the list of inputs as a whole (how many there are)
+    QUERY = "query"  # a rerank's query
+    MODEL = "model"
+    DIMENSIONS = "dimensions"
+    INSTRUCTION = "instruction"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a request, by position: the input at ``index`` (None for
+    a part of the request as a whole), the part at fault, what, and a stable reason."""
+
+    part: Part
+    description: str
+    reason: str
+    index: int | None = None
 
 
 class EmbedgateError(Exception):
@@ -112,6 +143,26 @@ class InvalidRequestError(EmbedgateError):
             # One shared reason when every violation agrees, else the general one.
             reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
             metadata=metadata,
+        )
+
+
+class RejectedError(EmbedgateError):
+    """What routing found wrong with a request, every problem at once, by position. A
+    door turns it into an ``InvalidRequestError`` with the field paths of its request."""
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, problems: Sequence[Problem], *, model: str) -> None:
+        if not problems:
+            raise ValueError("a RejectedError needs at least one problem")
+        self.problems = tuple(problems)
+        self.model = model
+        first = self.problems[0]
+        reasons = {problem.reason for problem in self.problems}
+        super().__init__(
+            f"{first.part.value}: {first.description}",
+            reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
+            metadata={"model": model},
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from embedgate.server.domain import (
@@ -157,6 +157,14 @@ def _parse_image(image: pb.Image, path: str, violations: list[Violation]) -> Ima
     return Image(data=image.data, mime_type=mime or sniffed)
 
 
+def _input_at(item: pb.Input, field: str, index: int, violations: list[Violation]) -> Input | None:
+    """Input ``index`` of repeated field ``field``; its violations carry its index."""
+    before = len(violations)
+    parsed = _parse_input(item, f"{field}[{index}]", violations)
+    violations[before:] = [replace(v, index=index) for v in violations[before:]]
+    return parsed
+
+
 def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Input | None:
     before = len(violations)
     which = item.WhichOneof("content")
@@ -240,9 +248,7 @@ def parse_embed(request: pb.EmbedRequest, header_id: str = "") -> ParsedEmbed:
     _check_model(request.model, violations)
     if not request.inputs:
         violations.append(Violation("inputs", "is empty: give at least one input", "MISSING_FIELD"))
-    inputs = [
-        _parse_input(item, f"inputs[{i}]", violations) for i, item in enumerate(request.inputs)
-    ]
+    inputs = [_input_at(item, "inputs", i, violations) for i, item in enumerate(request.inputs)]
     options = _options(request, violations, header_id)
     return ParsedEmbed(request.model, inputs, options, violations)
 
@@ -266,7 +272,7 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
         )
     elif request.document_inputs:
         documents = [
-            _parse_input(item, f"document_inputs[{i}]", violations)
+            _input_at(item, "document_inputs", i, violations)
             for i, item in enumerate(request.document_inputs)
         ]
     elif not request.documents:
@@ -282,7 +288,7 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
             if doc.strip():
                 documents.append(TextInput(doc))
             else:
-                violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT"))
+                violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT", i))
                 documents.append(None)
     top_n = request.top_n if request.HasField("top_n") else None
     if top_n == 0:

@@ -14,17 +14,19 @@ from embedgate.server.domain import EmbedOptions, Input, Modality, ModelInfo, Ou
 from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
 from embedgate.server.edge.convert import parse_embed, parse_rerank
 from embedgate.server.edge.guard import allowed_models, check_model
+from embedgate.server.edge.paths import invalid_request
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.edge.wire import embedding_bytes, embeddings_field
 from embedgate.server.errors import (
     EmbedgateError,
     InternalError,
     InvalidRequestError,
+    RejectedError,
     Violation,
     echo,
 )
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.base import Provider
+from embedgate.server.routing.model import Model
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -80,9 +82,9 @@ def _header_id(context: grpc.aio.ServicerContext[object, object], given: str) ->
     return metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER) or ""
 
 
-def _count_calls(access: Access, provider: Provider, calls: int) -> None:
+def _count_calls(access: Access, model: Model, calls: int) -> None:
     """How many requests the RPC cost the model behind it (retries not counted)."""
-    key = "local_batches" if provider.info.provider == "local" else "vendor_calls"
+    key = "local_batches" if model.info.in_process else "vendor_calls"
     access.fields[key] = calls
 
 
@@ -114,7 +116,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         self._default_deadline_s = default_deadline_s
         self._pipeline_max_in_flight = pipeline_max_in_flight
 
-    def _resolve(self, model: str) -> Provider:
+    def _resolve(self, model: str) -> Model:
         check_model(model)
         return self._router.resolve(model)
 
@@ -168,7 +170,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
 
     async def _prepare_embed(
         self, request: pb.EmbedRequest, access: Access, header_id: str = ""
-    ) -> tuple[Provider, list[Input], EmbedOptions]:
+    ) -> tuple[Model, list[Input], EmbedOptions]:
         parsed = parse_embed(request, header_id)
         access.request_id = parsed.options.request_id
         access.fields.update(
@@ -178,11 +180,16 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         )
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
-        provider = self._resolve(parsed.model)
-        inputs = await self._router.validate(
-            provider, parsed.inputs, parsed.options, prior=parsed.violations
-        )
-        return provider, inputs, parsed.options
+        model = self._resolve(parsed.model)
+        try:
+            inputs = await self._router.validate(model, parsed.inputs, parsed.options)
+        except RejectedError as rejected:
+            raise invalid_request(
+                parsed.violations, rejected, parsed.inputs, "inputs", model.name
+            ) from None
+        if parsed.violations:
+            raise invalid_request(parsed.violations, None, parsed.inputs, "inputs", model.name)
+        return model, inputs, parsed.options
 
     async def Embed(  # noqa: N802 - the RPC's name
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
@@ -205,8 +212,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         access: Access,
         header_id: str = "",
     ) -> None:
-        provider, inputs, options = await self._prepare_embed(request, access, header_id)
-        result = await self._router.embed(provider, inputs, options)
+        model, inputs, options = await self._prepare_embed(request, access, header_id)
+        result = await self._router.embed(model, inputs, options)
         response.model = result.model
         response.request_id = options.request_id
         usage = _usage(result.usage)
@@ -219,13 +226,13 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             )
         )
         access.fields["cached_inputs"] = sum(item.cached for item in result.items)
-        _count_calls(access, provider, result.calls)
+        _count_calls(access, model, result.calls)
 
     async def StreamEmbed(  # noqa: N802 - the RPC's name
         self, request: pb.StreamEmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.StreamEmbedResponse]:
         access = Access("StreamEmbed", self._metrics)
-        provider, inputs, options = await self._run(
+        model, inputs, options = await self._run(
             context,
             access,
             lambda: self._prepare_embed(
@@ -233,12 +240,11 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             ),
             finishes=False,
         )
-        model = provider.info.name
         failed = 0
         batches: set[int] = set()
         try:
             with deadline_scope(self._budget(context)):
-                async for message in self._stream(provider, inputs, options, model, batches):
+                async for message in self._stream(model, inputs, options, batches):
                     if message.HasField("error"):
                         failed += 1
                     yield message
@@ -252,23 +258,23 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             await self._abort(context, access, _internal(exc))
             return
         access.fields["failed_inputs"] = failed
-        _count_calls(access, provider, len(batches))
+        _count_calls(access, model, len(batches))
         context.set_trailing_metadata(access.metadata())
         access.emit(grpc.StatusCode.OK)
 
     async def _stream(
         self,
-        provider: Provider,
+        model: Model,
         inputs: list[Input],
         options: EmbedOptions,
-        model: str,
         batches: set[int],
     ) -> AsyncIterator[pb.StreamEmbedResponse]:
         """The stream's messages; the ids of the model requests they came from are added
         to ``batches``."""
-        async for item in self._router.embed_each(provider, inputs, options):
+        name = model.name
+        async for item in self._router.embed_each(model, inputs, options):
             message = pb.StreamEmbedResponse(
-                index=item.index, model=model, request_id=options.request_id
+                index=item.index, model=name, request_id=options.request_id
             )
             if item.error is not None or item.item is None:
                 error = item.error or InternalError("no vector was produced")
@@ -305,17 +311,23 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             access.request_id = parsed.options.request_id
             if not parsed.model:  # nothing to resolve: report what the edge found
                 raise InvalidRequestError(parsed.violations)
-            provider = self._resolve(parsed.model)
+            model = self._resolve(parsed.model)
+            try:
+                inputs = await self._router.validate_rerank(
+                    model, parsed.query, parsed.documents, parsed.options
+                )
+            except RejectedError as rejected:
+                raise invalid_request(
+                    parsed.violations, rejected, parsed.documents, parsed.field, model.name
+                ) from None
+            if parsed.violations:
+                raise invalid_request(
+                    parsed.violations, None, parsed.documents, parsed.field, model.name
+                )
             result = await self._router.rerank(
-                provider,
-                parsed.query,
-                parsed.documents,
-                field=parsed.field,
-                top_n=parsed.top_n,
-                options=parsed.options,
-                prior=parsed.violations,
+                model, inputs, top_n=parsed.top_n, options=parsed.options
             )
-            _count_calls(access, provider, result.calls)
+            _count_calls(access, model, result.calls)
             response = pb.RerankResponse(
                 model=result.model,
                 request_id=parsed.options.request_id,

@@ -24,6 +24,7 @@ from embedgate.server.errors import (
     ModelUnavailableError,
     OverloadedError,
     PermissionDeniedError,
+    RejectedError,
     UnauthenticatedError,
     VendorAuthError,
     VendorBadReplyError,
@@ -40,6 +41,7 @@ ERROR_DOMAIN = "embedgate"
 # The most specific class wins: lookups walk each error's MRO.
 _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectedError: grpc.StatusCode.INVALID_ARGUMENT,
     MalformedRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,

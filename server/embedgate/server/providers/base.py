@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+from embedgate.server.errors import Problem
 
 Vectors = npt.NDArray[np.float32]
 
@@ -31,18 +32,6 @@ class EmbedBatch:
         return sum(self.tokens) if self.tokens is not None else None
 
 
-@dataclass(frozen=True, slots=True)
-class InputProblem:
-    """An input this provider cannot take, found before any model work: which input
-    (its position in the batch), what is wrong, and a stable UPPER_SNAKE reason."""
-
-    index: int
-    description: str
-    reason: str
-    # The part of the input at fault (``frames`` of a video), when not its content.
-    part: str | None = None
-
-
 class Provider(Protocol):
     """One served model.
 
@@ -61,8 +50,9 @@ class Provider(Protocol):
 
     async def close(self) -> None: ...
 
-    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
-        """Per-input limits only this provider knows (such as a token count)."""
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
+        """Per-input limits only this provider knows (such as a token count), each
+        problem at its input's position in ``inputs``."""
         ...
 
     async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch: ...

@@ -30,7 +30,8 @@ from embedgate.server.domain import (
     TextInput,
     VideoInput,
 )
-from embedgate.server.providers.base import InputProblem, Ranking, Vectors
+from embedgate.server.errors import Part, Problem
+from embedgate.server.providers.base import Ranking, Vectors
 from embedgate.server.providers.settings import SettingError, VendorSettings
 
 
@@ -147,31 +148,32 @@ class Dialect(ABC):
 
     # -- before sending --------------------------------------------------------
 
-    def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+    def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         """Per-input limits, found before any vendor call."""
-        problems: list[InputProblem] = []
+        problems: list[Problem] = []
         limits = self.limits
         for index, item in enumerate(inputs):
             text = item.text if isinstance(item, TextInput | TextImageInput) else None
             if text is not None and limits.max_chars is not None and len(text) > limits.max_chars:
                 problems.append(
-                    InputProblem(
-                        index,
+                    Problem(
+                        Part.TEXT,
                         f"has {len(text)} characters; {self.title} model "
                         f"{self.settings.vendor_model} takes at most {limits.max_chars}",
                         "INPUT_TOO_LONG",
+                        index,
                     )
                 )
             if isinstance(item, VideoInput) and limits.max_frames is not None:
                 frames = len(item.frames)
                 if not limits.min_frames <= frames <= limits.max_frames:
                     problems.append(
-                        InputProblem(
-                            index,
+                        Problem(
+                            Part.FRAMES,
                             f"has {frames} frames; {self.title} takes {limits.min_frames} to "
                             f"{limits.max_frames} frames per video",
                             "FRAME_COUNT_OUT_OF_RANGE",
-                            part="frames",
+                            index,
                         )
                     )
         return problems

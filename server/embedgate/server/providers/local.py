@@ -32,9 +32,9 @@ from embedgate.server.domain import (
     ModelInfo,
     TextInput,
 )
-from embedgate.server.errors import ModelUnavailableError
+from embedgate.server.errors import ModelUnavailableError, Part, Problem
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.base import EmbedBatch, InputProblem, Vectors
+from embedgate.server.providers.base import EmbedBatch, Vectors
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +179,7 @@ class LocalProvider:
             embeds=True,
             reranks=True,
             accepts_instruction=False,
+            in_process=True,
             source=f"local {path}",
         )
         log.info(
@@ -189,10 +190,10 @@ class LocalProvider:
             max_tokens=self._max_tokens,
         )
 
-    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         if self._settings.truncate:
             return []
-        # Keep each text's position in the batch: InputProblem.index is that position.
+        # Keep each text's position in the batch: Problem.index is that position.
         texts_at = [(i, item.text) for i, item in enumerate(inputs) if isinstance(item, TextInput)]
         if not texts_at:
             return []
@@ -204,7 +205,8 @@ class LocalProvider:
         for index, count in zip(positions, counts, strict=True):
             if count > self._max_tokens:
                 problems.append(
-                    InputProblem(
+                    Problem(
+                        Part.TEXT,
                         index=index,
                         description=(
                             f"is {count} tokens long; model {self._settings.name} takes at most "

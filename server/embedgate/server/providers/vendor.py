@@ -13,6 +13,7 @@ import structlog
 
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
 from embedgate.server.errors import (
+    Problem,
     VendorAuthError,
     VendorBadReplyError,
     VendorError,
@@ -23,7 +24,7 @@ from embedgate.server.errors import (
     VendorUnavailableError,
 )
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.base import EmbedBatch, InputProblem, Ranking
+from embedgate.server.providers.base import EmbedBatch, Ranking
 from embedgate.server.providers.dialect import (
     BadReply,
     Dialect,
@@ -102,7 +103,7 @@ class VendorProvider:
     async def close(self) -> None:
         await self._driver.close()
 
-    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[InputProblem]:
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         return self._dialect.check(inputs, options)
 
     def sizes(self, asked: int | None) -> tuple[int | None, int]:
