@@ -159,7 +159,7 @@ async def _drive(
     url: str, transport: Transport, concurrency: int, requests: int, cap_s: float
 ) -> Cell:
     # Imported here, not at the top: the fake vendor's process has no use for it.
-    from embedgate.server.providers.http import HttpDriver, RetryPolicy
+    from embedgate.server.providers.http import HttpDriver, RetryPolicy, post
 
     driver = HttpDriver(transport=transport)
     policy = RetryPolicy(max_retries=0, attempt_timeout_s=10)
@@ -173,7 +173,7 @@ async def _drive(
 
     async def one() -> None:
         started = time.perf_counter()
-        reply = await driver.post(url, payload, headers, policy=policy, limit=limit, vendor="b")
+        reply = await post(driver, url, payload, headers, policy=policy, limit=limit, vendor="b")
         latencies.append(time.perf_counter() - started)
         if reply.status != 200 or len(reply.content) != expected:
             raise RuntimeError(f"unexpected reply: HTTP {reply.status}, {len(reply.content)} B")

@@ -20,6 +20,7 @@ from vendors import FakeVendor, Fault, fake_vector, item_key
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
+from embedgate.server.providers import http
 from embedgate.server.providers.http import (
     DEFAULT_TRANSPORT,
     TRANSPORTS,
@@ -69,8 +70,8 @@ async def driver(transport: Transport) -> AsyncIterator[HttpDriver]:
 async def post(
     driver: HttpDriver, url: str, policy: RetryPolicy = FAST, body: bytes = BODY
 ) -> HttpReply:
-    return await driver.post(
-        url, body, HEADERS, policy=policy, limit=asyncio.Semaphore(4), vendor="Fake"
+    return await http.post(
+        driver, url, body, HEADERS, policy=policy, limit=asyncio.Semaphore(4), vendor="Fake"
     )
 
 
@@ -139,8 +140,14 @@ async def test_many_calls_share_the_pool(fake: FakeVendor, driver: HttpDriver) -
     limit = asyncio.Semaphore(3)
     replies = await asyncio.gather(
         *(
-            driver.post(
-                fake.base_url + "/embeddings", BODY, HEADERS, policy=FAST, limit=limit, vendor="F"
+            http.post(
+                driver,
+                fake.base_url + "/embeddings",
+                BODY,
+                HEADERS,
+                policy=FAST,
+                limit=limit,
+                vendor="F",
             )
             for _ in range(20)
         )

@@ -1,40 +1,33 @@
-"""The one HTTP driver every vendor dialect is sent through.
+"""Sending vendor requests: one attempt behind a small seam, and the retries around it.
 
-One ``httpx.AsyncClient`` (one connection pool) for the whole process. The driver knows
-HTTP, not vendors: it sends a JSON body, retries what HTTP says may be retried (408,
-429, 5xx, connection errors, attempts that took too long) with exponential backoff and
-full jitter, honours ``Retry-After``, and never waits or sends past the caller's
-deadline. What a reply means is the dialect's business.
+A ``Sender`` makes exactly one attempt. ``HttpDriver`` is the real one: one
+``httpx.AsyncClient`` (one connection pool) for the whole process, and the only place
+where httpx's and aiohttp's exceptions are translated (``TransportFailure``: no reply
+came). Tests script a sender in memory.
 
-Under the client the bytes travel on one of two transports, httpx's own (httpcore) or
-aiohttp's (through ``httpx-aiohttp``); the driver turns the failures of either into the
-same ``TransportFailure``.
+``post`` is the retry loop around a sender: it retries what HTTP says may be retried
+(408, 429, 5xx, connection errors, attempts that took too long) with exponential
+backoff and full jitter, honours ``Retry-After``, and never waits or sends past the
+caller's deadline. It knows HTTP, not vendors: what a reply means is the dialect's
+business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
-from collections.abc import AsyncIterator, Mapping
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import aiohttp
 import httpx
 import structlog
 from httpx_aiohttp import HttpxAiohttpClient
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    retry_if_result,
-    stop_after_attempt,
-    stop_any,
-    wait_random_exponential,
-)
-from tenacity.stop import stop_base
 
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
@@ -86,12 +79,13 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HttpReply:
-    """The last HTTP reply of a call (after any retries)."""
+    """An HTTP reply, whole; from ``post``, the last one of a call and the attempts it
+    took. ``headers`` look names up in any case (``httpx.Headers``)."""
 
     status: int
     content: bytes
-    headers: httpx.Headers
-    attempts: int
+    headers: Mapping[str, str]
+    attempts: int = 1
 
     @property
     def retry_after_s(self) -> float | None:
@@ -100,12 +94,29 @@ class HttpReply:
 
 class TransportFailure(Exception):  # noqa: N818 - a condition, reported through VendorError
     """No HTTP reply at all: the connection failed, was reset, or an attempt ran out of
-    time. Retried; raised once the retries are spent."""
+    time. Retried; raised once the retries are spent, with the attempts made."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, *, attempts: int = 1) -> None:
         super().__init__(description)
         self.description = description
-        self.attempts = 1
+        self.attempts = attempts
+
+
+class Sender(Protocol):
+    """What carries vendor requests: one attempt per ``send``."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpReply:
+        """POST ``body`` once: the whole reply, whatever its status. Raises
+        ``TransportFailure`` when no reply came, ``VendorBadReplyError`` when one came
+        that cannot be read (too big, or a body that does not decompress)."""
+        ...
+
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 def retryable_status(status: int) -> bool:
@@ -151,8 +162,8 @@ def _describe(error: Exception) -> str:
 
 
 class HttpDriver:
-    """Owns the shared ``httpx.AsyncClient``; opened by the first provider that starts,
-    closed when the last one closes.
+    """The ``Sender`` that speaks HTTP: owns the shared ``httpx.AsyncClient``, opened by
+    the first provider that starts, closed when the last one closes.
 
     ``transport`` picks what carries the bytes: ``"httpx"`` (httpcore) or ``"aiohttp"``
     (aiohttp's connection pool under the same httpx client, through ``httpx-aiohttp``).
@@ -206,132 +217,7 @@ class HttpDriver:
             client, self._client = self._client, None
             await client.aclose()
 
-    async def post(
-        self,
-        url: str,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        policy: RetryPolicy,
-        limit: asyncio.Semaphore,
-        vendor: str,
-        meter: VendorMeter | None = None,
-    ) -> HttpReply:
-        """POST ``body`` until a final reply: one that is not retryable, or the last one
-        when retries are spent or the next wait would pass the deadline. Raises
-        ``TransportFailure`` when no reply came at all, ``DeadlineExceededError`` when
-        the caller's deadline passed."""
-        loop = asyncio.get_running_loop()
-        deadline = current_deadline()
-        attempts = 0
-
-        async def attempt() -> HttpReply:
-            nonlocal attempts
-            attempts += 1
-            async with limit:
-                bound = policy.attempt_timeout_s
-                if deadline is not None:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        raise _deadline_passed(vendor)
-                    bound = min(bound, left)
-                if meter is not None:
-                    meter.in_flight.inc()
-                started = loop.time()
-                outcome: int | str = "error"  # the HTTP status, or why there is none
-                try:
-                    async with asyncio.timeout(bound):
-                        status, content, reply_headers = await self._send(url, body, headers)
-                    outcome = status
-                except TimeoutError:
-                    outcome = "timeout"
-                    if deadline is not None and loop.time() >= deadline - 0.001:
-                        raise _deadline_passed(vendor) from None
-                    raise TransportFailure(
-                        f"no complete reply within {policy.attempt_timeout_s:g} s"
-                    ) from None
-                except self._no_reply as error:
-                    raise TransportFailure(_describe(error)) from None
-                finally:
-                    if meter is not None:
-                        meter.in_flight.dec()
-                        meter.attempt(outcome, loop.time() - started)
-            return HttpReply(status, content, reply_headers, attempts)
-
-        # Most calls end with their first attempt: only a retryable outcome pays for
-        # the retry machinery (building it costs about 35 µs per call).
-        first: HttpReply | TransportFailure
-        try:
-            first = await attempt()
-        except TransportFailure as failure:
-            first = failure
-        if isinstance(first, HttpReply) and not retryable_status(first.status):
-            return first
-        replayed = False
-
-        async def next_attempt() -> HttpReply:
-            """The first outcome again (so the retry rules judge it as they would
-            have), then fresh attempts."""
-            nonlocal replayed
-            if replayed:
-                return await attempt()
-            replayed = True
-            if isinstance(first, TransportFailure):
-                raise first
-            return first
-
-        backoff = wait_random_exponential(
-            multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
-        )
-
-        def wait(state: RetryCallState) -> float:
-            outcome = state.outcome
-            if outcome is not None and not outcome.failed:
-                asked = outcome.result().retry_after_s
-                if asked is not None:
-                    return float(asked)
-            return float(backoff(state))
-
-        def give_up(state: RetryCallState) -> HttpReply:
-            assert state.outcome is not None
-            result: HttpReply = state.outcome.result()  # raises the last exception, if any
-            return result
-
-        def before_sleep(state: RetryCallState) -> None:
-            outcome = state.outcome
-            assert outcome is not None
-            failure = outcome.exception()
-            if meter is not None:
-                meter.retries.inc()
-            log.warning(
-                "vendor_retry",
-                vendor=vendor,
-                attempt=state.attempt_number,
-                wait_s=round(state.upcoming_sleep, 3),
-                http_status=None if failure is not None else outcome.result().status,
-                error=str(failure) if isinstance(failure, TransportFailure) else None,
-            )
-
-        retrying = AsyncRetrying(
-            retry=(
-                retry_if_result(lambda reply: retryable_status(reply.status))
-                | retry_if_exception_type(TransportFailure)
-            ),
-            wait=wait,
-            stop=stop_any(stop_after_attempt(policy.max_retries + 1), _StopAtDeadline(deadline)),
-            retry_error_callback=give_up,
-            before_sleep=before_sleep,
-        )
-        try:
-            reply: HttpReply = await retrying(next_attempt)
-        except TransportFailure as failure:
-            failure.attempts = attempts
-            raise
-        return reply
-
-    async def _send(
-        self, url: str, body: bytes, headers: Mapping[str, str]
-    ) -> tuple[int, bytes, httpx.Headers]:
+    async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpReply:
         client = self._client
         if client is None:
             raise RuntimeError("the HTTP driver is not started")
@@ -339,17 +225,130 @@ class HttpDriver:
         parsed = self._urls.get(url)
         if parsed is None:
             parsed = self._urls[url] = httpx.URL(url)
-        async with client.stream("POST", parsed, content=body, headers=headers) as response:
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in _decoded(response):
-                size += len(chunk)
-                if size > self._max_reply_bytes:
-                    raise VendorBadReplyError(
-                        f"the reply is larger than {_size(self._max_reply_bytes)}"
-                    )
-                chunks.append(chunk)
-            return response.status_code, b"".join(chunks), response.headers
+        try:
+            async with client.stream("POST", parsed, content=body, headers=headers) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in _decoded(response):
+                    size += len(chunk)
+                    if size > self._max_reply_bytes:
+                        raise VendorBadReplyError(
+                            f"the reply is larger than {_size(self._max_reply_bytes)}"
+                        )
+                    chunks.append(chunk)
+                return HttpReply(response.status_code, b"".join(chunks), response.headers)
+        except self._no_reply as error:
+            raise TransportFailure(_describe(error)) from None
+
+
+async def post(
+    sender: Sender,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    policy: RetryPolicy,
+    limit: asyncio.Semaphore,
+    vendor: str,
+    meter: VendorMeter | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> HttpReply:
+    """POST ``body`` until a final reply: one that is not retryable, or the last one
+    when retries are spent or the next wait would pass the deadline. Raises
+    ``TransportFailure`` when no reply came at all, ``DeadlineExceededError`` when the
+    caller's deadline passed. Written as a plain loop rather than with tenacity: the
+    rules read top to bottom, and the common first-attempt reply builds nothing."""
+    deadline = current_deadline()
+    loop = asyncio.get_running_loop()
+    attempt = 0
+    while True:
+        attempt += 1
+        outcome: HttpReply | TransportFailure
+        try:
+            outcome = await _attempt(sender, url, body, headers, policy, limit, vendor, meter)
+        except TransportFailure as failure:
+            outcome = failure
+        if isinstance(outcome, HttpReply) and not retryable_status(outcome.status):
+            return dataclasses.replace(outcome, attempts=attempt) if attempt > 1 else outcome
+        if attempt > policy.max_retries:
+            return _last(outcome, attempt)
+        delay = _delay(outcome, attempt, policy)
+        if deadline is not None and loop.time() + delay >= deadline:
+            # Waiting only to fail later helps no one: the caller hears the vendor now.
+            return _last(outcome, attempt)
+        if meter is not None:
+            meter.retries.inc()
+        log.warning(
+            "vendor_retry",
+            vendor=vendor,
+            attempt=attempt,
+            wait_s=round(delay, 3),
+            http_status=outcome.status if isinstance(outcome, HttpReply) else None,
+            error=str(outcome) if isinstance(outcome, TransportFailure) else None,
+        )
+        await sleep(delay)
+
+
+async def _attempt(
+    sender: Sender,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    policy: RetryPolicy,
+    limit: asyncio.Semaphore,
+    vendor: str,
+    meter: VendorMeter | None,
+) -> HttpReply:
+    """One attempt, within the attempt's limit and the caller's deadline, counted among
+    the model's requests in flight (``limit``) and metered."""
+    async with limit:
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        bound = policy.attempt_timeout_s
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise _deadline_passed(vendor)
+            bound = min(bound, left)
+        if meter is not None:
+            meter.in_flight.inc()
+        started = loop.time()
+        outcome: int | str = "error"  # the HTTP status, or why there is none
+        try:
+            async with asyncio.timeout(bound):
+                reply = await sender.send(url, body, headers)
+            outcome = reply.status
+            return reply
+        except TimeoutError:
+            outcome = "timeout"
+            if deadline is not None and loop.time() >= deadline - 0.001:
+                raise _deadline_passed(vendor) from None
+            raise TransportFailure(
+                f"no complete reply within {policy.attempt_timeout_s:g} s"
+            ) from None
+        finally:
+            if meter is not None:
+                meter.in_flight.dec()
+                meter.attempt(outcome, loop.time() - started)
+
+
+def _delay(outcome: HttpReply | TransportFailure, attempt: int, policy: RetryPolicy) -> float:
+    """How long to wait before attempt ``attempt + 1``: what the vendor asked for
+    (``Retry-After``), else exponential backoff with full jitter."""
+    if isinstance(outcome, HttpReply):
+        asked = outcome.retry_after_s
+        if asked is not None:
+            return asked
+    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
+
+
+def _last(outcome: HttpReply | TransportFailure, attempts: int) -> HttpReply:
+    """The call's final outcome after ``attempts`` attempts: its reply, or its failure
+    raised."""
+    if isinstance(outcome, TransportFailure):
+        raise TransportFailure(outcome.description, attempts=attempts)
+    return dataclasses.replace(outcome, attempts=attempts)
 
 
 async def _decoded(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -363,20 +362,6 @@ async def _decoded(response: httpx.Response) -> AsyncIterator[bytes]:
             f"the reply's {response.headers.get('content-encoding', '')} body could not be "
             f"decompressed ({type(error).__name__})"
         ) from None
-
-
-class _StopAtDeadline(stop_base):
-    """Stop when the next wait would end past the caller's deadline: waiting only to
-    fail later helps no one, and the caller is told the vendor's answer now."""
-
-    def __init__(self, deadline: float | None) -> None:
-        self._deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        if self._deadline is None:
-            return False
-        now = asyncio.get_running_loop().time()
-        return now + retry_state.upcoming_sleep >= self._deadline
 
 
 def _size(limit: int) -> str:

@@ -1,5 +1,6 @@
-"""A model served by a vendor's HTTP API: a dialect (pure translation) driven through
-the shared HTTP driver, with the vendor's failures turned into the gateway's errors."""
+"""A model served by a vendor's HTTP API: a dialect (pure translation) sent through a
+``Sender`` (the shared HTTP driver) with retries, and the vendor's failures turned into
+the gateway's errors by one table."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from embedgate.server.providers.dialect import (
     decode_json,
     dumps,
 )
-from embedgate.server.providers.http import HttpDriver, HttpReply, RetryPolicy, TransportFailure
+from embedgate.server.providers.http import HttpReply, RetryPolicy, Sender, TransportFailure, post
 
 log = structlog.get_logger("embedgate.vendor")
 
@@ -51,7 +52,7 @@ class VendorProvider:
     def __init__(
         self,
         dialect: Dialect,
-        driver: HttpDriver,
+        sender: Sender,
         metrics: Metrics | None = None,
         *,
         base_url: str,
@@ -60,7 +61,7 @@ class VendorProvider:
         settings = dialect.settings
         self._settings = settings
         self._dialect = dialect
-        self._driver = driver
+        self._sender = sender
         self._base_url = base_url
         # Never logged, never repr'd, never put in an error.
         self._api_key = api_key
@@ -98,10 +99,10 @@ class VendorProvider:
         return self._dialect.capabilities.max_batch
 
     async def start(self) -> None:
-        await self._driver.start()
+        await self._sender.start()
 
     async def close(self) -> None:
-        await self._driver.close()
+        await self._sender.close()
 
     async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         return self._dialect.check(inputs, options)
@@ -165,7 +166,8 @@ class VendorProvider:
         meter = self._meter
         meter.inputs.observe(items)
         try:
-            reply = await self._driver.post(
+            reply = await post(
+                self._sender,
                 url,
                 dumps(body),
                 self._headers(request_id),
@@ -239,35 +241,17 @@ class VendorProvider:
         metadata = self._metadata(fault, status)
         if reply.attempts > 1:
             metadata["attempts"] = str(reply.attempts)
-        said = f": {metadata['vendor_message']}" if "vendor_message" in metadata else ""
-        where = f"{self._dialect.title} (model {self._settings.name}) answered HTTP {status}"
         log.warning("vendor_call_failed", model=self._settings.name, **metadata)
-        if status in (401, 403):
+        error = vendor_error(
+            f"{self._dialect.title} (model {self._settings.name}) answered HTTP {status}",
+            status,
+            metadata,
+            retry_after_s=reply.retry_after_s if status == 429 else None,
+        )
+        if isinstance(error, VendorAuthError):
             self._meter.key_refused()
-        elif status == 408 or status >= 500:
+        elif isinstance(error, VendorUnavailableError):
             self._meter.failed()
-        error: VendorError
-        if status in (400, 413, 422):
-            error = VendorRejectedError(f"{where}, rejecting the request{said}", metadata=metadata)
-        elif status in (401, 403):
-            error = VendorAuthError(
-                f"{where}: the gateway's credentials for this vendor were refused; "
-                f"the gateway's operator must fix its key{said}",
-                metadata=metadata,
-            )
-        elif status == 404:
-            error = VendorNotFoundError(f"{where}: not found{said}", metadata=metadata)
-        elif status == 429:
-            retry_after = reply.retry_after_s
-            if retry_after is not None:
-                metadata["retry_after_s"] = f"{retry_after:g}"
-            error = VendorRateLimitedError(
-                f"{where}: rate limited{said}", retry_after_s=retry_after, metadata=metadata
-            )
-        elif status == 408 or status >= 500:
-            error = VendorUnavailableError(f"{where}{said}", metadata=metadata)
-        else:
-            error = VendorFailedError(f"{where}{said}", metadata=metadata)
         raise error
 
     def _reply_failed(self, problem: BadReply | ErrorInReply, payload: Any) -> NoReturn:
@@ -302,7 +286,7 @@ class RerankingVendorProvider(VendorProvider):
     def __init__(
         self,
         dialect: Reranking,
-        driver: HttpDriver,
+        sender: Sender,
         metrics: Metrics | None = None,
         *,
         base_url: str,
@@ -310,7 +294,7 @@ class RerankingVendorProvider(VendorProvider):
     ) -> None:
         if not isinstance(dialect, Dialect):
             raise TypeError(f"{type(dialect).__name__} is not a vendor dialect")
-        super().__init__(dialect, driver, metrics, base_url=base_url, api_key=api_key)
+        super().__init__(dialect, sender, metrics, base_url=base_url, api_key=api_key)
         self._reranker = dialect
 
     async def rerank(
@@ -326,3 +310,47 @@ class RerankingVendorProvider(VendorProvider):
             self._reply_failed(problem, payload)
         self._meter.succeeded()
         return ranking
+
+
+# What each HTTP status says went wrong, and how a message puts it after "answered
+# HTTP <status>". Any other 5xx is the vendor being unavailable; any other status, a
+# failure the gateway has no better name for.
+_BY_STATUS: dict[int, tuple[type[VendorError], str]] = {
+    400: (VendorRejectedError, ", rejecting the request"),
+    413: (VendorRejectedError, ", rejecting the request"),
+    422: (VendorRejectedError, ", rejecting the request"),
+    401: (
+        VendorAuthError,
+        ": the gateway's credentials for this vendor were refused; "
+        "the gateway's operator must fix its key",
+    ),
+    403: (
+        VendorAuthError,
+        ": the gateway's credentials for this vendor were refused; "
+        "the gateway's operator must fix its key",
+    ),
+    404: (VendorNotFoundError, ": not found"),
+    408: (VendorUnavailableError, ""),
+    429: (VendorRateLimitedError, ": rate limited"),
+}
+
+
+def vendor_error(
+    where: str,
+    status: int,
+    metadata: dict[str, str],
+    *,
+    retry_after_s: float | None = None,
+) -> VendorError:
+    """The error a vendor's HTTP ``status`` reply is (``where`` says who answered;
+    ``metadata`` holds what the vendor said, quoted in the message)."""
+    kind, phrase = _BY_STATUS.get(
+        status, (VendorUnavailableError if status >= 500 else VendorFailedError, "")
+    )
+    said = f": {metadata['vendor_message']}" if "vendor_message" in metadata else ""
+    message = f"{where}{phrase}{said}"
+    if kind is VendorRateLimitedError:
+        if retry_after_s is not None:
+            metadata = {**metadata, "retry_after_s": f"{retry_after_s:g}"}
+        return VendorRateLimitedError(message, retry_after_s=retry_after_s, metadata=metadata)
+    return kind(message, metadata=metadata)
