@@ -29,7 +29,7 @@ from embedgate.server.domain import (
     VideoInput,
 )
 from embedgate.server.edge.server import Gateway
-from embedgate.server.errors import ModelUnavailableError, Part, Problem
+from embedgate.server.errors import ModelUnavailableError, Part, Problem, Reason
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch
 from embedgate.server.providers.local import LocalProvider, LocalSettings
@@ -119,7 +119,7 @@ class ScriptedProvider:
     async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
         self.checked.extend(inputs)
         return [
-            Problem(Part.TEXT, "is the word the test model refuses", "TEST_REFUSED", i)
+            Problem(Part.TEXT, "is the word the test model refuses", Reason.INPUT_TOO_LONG, i)
             for i, item in enumerate(inputs)
             if isinstance(item, TextInput) and item.text == "refuse"
         ]

@@ -243,7 +243,8 @@ async def test_provider_limits_are_checked_before_any_model_work(served: Served)
         pb.EmbedRequest(model=MULTI, inputs=[pb.Input(text="fine"), pb.Input(text="refuse")]),
     )
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert error.violation_reasons == {"inputs[1].text": "TEST_REFUSED"}
+    assert error.violation_reasons == {"inputs[1].text": "INPUT_TOO_LONG"}
+    assert "refuses" in error.violations["inputs[1].text"]
     assert len(served.multi.calls) == before
 
 

@@ -25,8 +25,10 @@
         ├── VendorBadReplyError    UNAVAILABLE        a reply that breaks the dialect
         └── VendorFailedError      UNKNOWN            any other status
 
-An error that belongs to one input carries its position (``input_index``), so the
-caller is told which input failed. A value the caller sent is quoted in a message only
+Errors are values: made once, never changed. An error that belongs to one input carries
+its position (``input_index``; ``with_input`` makes the copy that says so), so the
+caller is told which input failed. ``unexpected`` turns anything else into the
+internal error, once. A value the caller sent is quoted in a message only
 through ``echo``, cut to a bounded length, so no request can make its own error too big
 to deliver.
 """
@@ -36,6 +38,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Self
 
 # How much of a caller's own value (a model name, a media type, an id) an error quotes.
 ECHO_LIMIT = 128
@@ -49,6 +53,52 @@ def echo(value: str, limit: int = ECHO_LIMIT) -> str:
     return f"{value[:limit]}…[cut: {len(value)} characters]"
 
 
+class Reason(enum.StrEnum):
+    """Every reason a caller can be given (``ErrorInfo.reason``, a violation's reason):
+    stable UPPER_SNAKE strings, listed in docs/errors.md (a test pins the two together)."""
+
+    # A request that breaks a rule (INVALID_ARGUMENT), as violations' reasons.
+    MISSING_FIELD = "MISSING_FIELD"
+    EMPTY_TEXT = "EMPTY_TEXT"
+    INVALID_IMAGE = "INVALID_IMAGE"
+    INVALID_IMAGE_URI = "INVALID_IMAGE_URI"
+    EMPTY_VIDEO = "EMPTY_VIDEO"
+    UNSUPPORTED_MODALITY = "UNSUPPORTED_MODALITY"
+    UNSUPPORTED_DIMENSIONS = "UNSUPPORTED_DIMENSIONS"
+    UNSUPPORTED_OUTPUT_TYPE = "UNSUPPORTED_OUTPUT_TYPE"
+    INSTRUCTION_NOT_SUPPORTED = "INSTRUCTION_NOT_SUPPORTED"
+    TOO_MANY_INPUTS = "TOO_MANY_INPUTS"
+    INPUT_TOO_LONG = "INPUT_TOO_LONG"
+    FRAME_COUNT_OUT_OF_RANGE = "FRAME_COUNT_OUT_OF_RANGE"
+    INVALID_TOP_N = "INVALID_TOP_N"
+    CONFLICTING_FIELDS = "CONFLICTING_FIELDS"
+    RERANK_NOT_SUPPORTED = "RERANK_NOT_SUPPORTED"
+    EMBED_NOT_SUPPORTED = "EMBED_NOT_SUPPORTED"
+    DUPLICATE_CORRELATION_ID = "DUPLICATE_CORRELATION_ID"
+    INVALID_REQUEST_ID = "INVALID_REQUEST_ID"
+    # Violations of several kinds at once.
+    INVALID_REQUEST = "INVALID_REQUEST"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    # The model, the caller, the server.
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    MISSING_TOKEN = "MISSING_TOKEN"  # noqa: S105 - a reason, not a secret
+    INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - a reason, not a secret
+    MODEL_NOT_PERMITTED = "MODEL_NOT_PERMITTED"
+    OVERLOADED = "OVERLOADED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    # The vendor.
+    VENDOR_REJECTED_REQUEST = "VENDOR_REJECTED_REQUEST"
+    VENDOR_NOT_FOUND = "VENDOR_NOT_FOUND"
+    VENDOR_AUTH_FAILED = "VENDOR_AUTH_FAILED"
+    VENDOR_RATE_LIMITED = "VENDOR_RATE_LIMITED"
+    VENDOR_UNAVAILABLE = "VENDOR_UNAVAILABLE"
+    VENDOR_BAD_REPLY = "VENDOR_BAD_REPLY"
+    VENDOR_ERROR_IN_REPLY = "VENDOR_ERROR_IN_REPLY"
+    VENDOR_FAILED = "VENDOR_FAILED"
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     """One thing wrong with a request: where (a field path such as
@@ -57,7 +107,7 @@ class Violation:
 
     field: str
     description: str
-    reason: str
+    reason: Reason
     index: int | None = None
 
 
@@ -83,35 +133,45 @@ class Problem:
 
     part: Part
     description: str
-    reason: str
+    reason: Reason
     index: int | None = None
 
 
 class EmbedgateError(Exception):
-    """Base of every error the gateway reports to a caller."""
+    """Base of every error the gateway reports to a caller. A value: never changed once
+    made (``with_input`` makes a copy)."""
 
-    reason = "INTERNAL_ERROR"
+    reason: Reason = Reason.INTERNAL_ERROR
 
     def __init__(
         self,
         message: str,
         *,
-        reason: str | None = None,
+        reason: Reason | None = None,
         metadata: Mapping[str, str] | None = None,
         input_index: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
-        if reason is not None:
-            self.reason = reason
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.reason = reason or type(self).reason
+        details = dict(metadata or {})
+        if input_index is not None:
+            details["input_index"] = str(input_index)
+        self.metadata: Mapping[str, str] = MappingProxyType(details)
         self.input_index = input_index
 
-    def for_input(self, index: int) -> EmbedgateError:
-        """Say that this error happened on input ``index`` (returns ``self``)."""
-        self.input_index = index
-        self.metadata.setdefault("input_index", str(index))
-        return self
+    def fields(self) -> dict[str, Any]:
+        """What the constructor takes to make this error again (``with_input``)."""
+        return {"message": self.message, "reason": self.reason, "metadata": self.metadata}
+
+    def with_input(self, index: int) -> Self:
+        """A copy of this error that says it happened on input ``index``: callers whose
+        inputs shared a failed batch each get their own."""
+        fields = self.fields()
+        fields["metadata"] = {k: v for k, v in fields["metadata"].items() if k != "input_index"}
+        twin = type(self)(**fields, input_index=index)
+        twin.__cause__ = self.__cause__
+        return twin
 
     def __str__(self) -> str:
         if self.input_index is not None and not self.message.startswith("inputs["):
@@ -119,10 +179,21 @@ class EmbedgateError(Exception):
         return self.message
 
 
+def unexpected(error: BaseException) -> EmbedgateError:
+    """``error`` as the error a caller is given: itself when it is one of the gateway's,
+    else an internal error that names only its type (its text may hold a payload or a
+    setting) and keeps it as its cause, for the log."""
+    if isinstance(error, EmbedgateError):
+        return error
+    internal = InternalError(f"internal error ({type(error).__name__})")
+    internal.__cause__ = error
+    return internal
+
+
 class InvalidRequestError(EmbedgateError):
     """The request is wrong; every violation found is listed at once."""
 
-    reason = "INVALID_REQUEST"
+    reason = Reason.INVALID_REQUEST
 
     def __init__(
         self,
@@ -141,16 +212,19 @@ class InvalidRequestError(EmbedgateError):
         super().__init__(
             summary,
             # One shared reason when every violation agrees, else the general one.
-            reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
+            reason=reasons.pop() if len(reasons) == 1 else Reason.INVALID_REQUEST,
             metadata=metadata,
         )
+
+    def fields(self) -> dict[str, Any]:
+        return {"violations": self.violations, "metadata": self.metadata}
 
 
 class RejectedError(EmbedgateError):
     """What routing found wrong with a request, every problem at once, by position. A
     door turns it into an ``InvalidRequestError`` with the field paths of its request."""
 
-    reason = "INVALID_REQUEST"
+    reason = Reason.INVALID_REQUEST
 
     def __init__(self, problems: Sequence[Problem], *, model: str) -> None:
         if not problems:
@@ -161,43 +235,46 @@ class RejectedError(EmbedgateError):
         reasons = {problem.reason for problem in self.problems}
         super().__init__(
             f"{first.part.value}: {first.description}",
-            reason=reasons.pop() if len(reasons) == 1 else "INVALID_REQUEST",
+            reason=reasons.pop() if len(reasons) == 1 else Reason.INVALID_REQUEST,
             metadata={"model": model},
         )
+
+    def fields(self) -> dict[str, Any]:
+        return {"problems": self.problems, "model": self.model}
 
 
 class MalformedRequestError(EmbedgateError):
     """The bytes of a request message do not parse as the message the method takes."""
 
-    reason = "MALFORMED_REQUEST"
+    reason = Reason.MALFORMED_REQUEST
 
 
 class ModelNotFoundError(EmbedgateError):
-    reason = "MODEL_NOT_FOUND"
+    reason = Reason.MODEL_NOT_FOUND
 
 
 class ModelUnavailableError(EmbedgateError):
-    reason = "MODEL_UNAVAILABLE"
+    reason = Reason.MODEL_UNAVAILABLE
 
 
 class DeadlineExceededError(EmbedgateError):
-    reason = "DEADLINE_EXCEEDED"
+    reason = Reason.DEADLINE_EXCEEDED
 
 
 class InternalError(EmbedgateError):
-    reason = "INTERNAL_ERROR"
+    reason = Reason.INTERNAL_ERROR
 
 
 class UnauthenticatedError(EmbedgateError):
-    reason = "UNAUTHENTICATED"
+    reason = Reason.INVALID_TOKEN
 
 
 class PermissionDeniedError(EmbedgateError):
-    reason = "MODEL_NOT_PERMITTED"
+    reason = Reason.MODEL_NOT_PERMITTED
 
 
 class OverloadedError(EmbedgateError):
-    reason = "OVERLOADED"
+    reason = Reason.OVERLOADED
 
 
 class VendorError(EmbedgateError):
@@ -208,43 +285,40 @@ class VendorError(EmbedgateError):
     key, never a payload.
     """
 
-    reason = "VENDOR_FAILED"
+    reason = Reason.VENDOR_FAILED
 
 
 class VendorRejectedError(VendorError):
-    reason = "VENDOR_REJECTED_REQUEST"
+    reason = Reason.VENDOR_REJECTED_REQUEST
 
 
 class VendorNotFoundError(VendorError):
-    reason = "VENDOR_NOT_FOUND"
+    reason = Reason.VENDOR_NOT_FOUND
 
 
 class VendorAuthError(VendorError):
-    reason = "VENDOR_AUTH_FAILED"
+    reason = Reason.VENDOR_AUTH_FAILED
 
 
 class VendorRateLimitedError(VendorError):
-    reason = "VENDOR_RATE_LIMITED"
+    reason = Reason.VENDOR_RATE_LIMITED
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after_s: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message, metadata=metadata)
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **rest: Any) -> None:
+        super().__init__(message, **rest)
         # How long the vendor asked us to wait (its Retry-After), told to the caller.
         self.retry_after_s = retry_after_s
 
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "retry_after_s": self.retry_after_s}
+
 
 class VendorUnavailableError(VendorError):
-    reason = "VENDOR_UNAVAILABLE"
+    reason = Reason.VENDOR_UNAVAILABLE
 
 
 class VendorBadReplyError(VendorError):
-    reason = "VENDOR_BAD_REPLY"
+    reason = Reason.VENDOR_BAD_REPLY
 
 
 class VendorFailedError(VendorError):
-    reason = "VENDOR_FAILED"
+    reason = Reason.VENDOR_FAILED

@@ -1,7 +1,8 @@
-"""Protobuf requests → domain values, with every structural violation reported at once.
+"""Protobuf ↔ domain values: the one place the contract's messages are read and made.
 
-Model-specific checks (modalities, sizes, limits) belong to the routing layer; what is
-checked here holds whatever the model.
+Requests become domain values with every structural violation reported at once
+(model-specific checks, such as modalities, sizes and limits, belong to routing); results
+become responses (vectors through ``wire.py``, which writes their bytes directly).
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from embedgate.server.domain import (
     Image,
     ImageInput,
     Input,
+    Modality,
+    ModelInfo,
     OutputType,
     TextImageInput,
     TextInput,
+    Usage,
     VideoInput,
 )
 from embedgate.server.edge.images import KNOWN_FORMATS, canonical_media_type, sniff_image
-from embedgate.server.errors import Violation, echo
+from embedgate.server.edge.wire import embedding_bytes, embeddings_field
+from embedgate.server.errors import Reason, Violation, echo
+from embedgate.server.routing.embedding import EmbedResult, Encoded
+from embedgate.server.routing.rerank import RerankResult
 from embedgate.v1 import embedding_service_pb2 as pb
 
 
@@ -80,7 +87,7 @@ def request_id_or_new(given: str, header: str, violations: list[Violation]) -> s
             Violation(
                 field,
                 f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces",
-                "INVALID_REQUEST_ID",
+                Reason.INVALID_REQUEST_ID,
             )
         )
         return os.urandom(16).hex()
@@ -113,7 +120,7 @@ def uri_problem(uri: str) -> str | None:
 def _check_model(model: str, violations: list[Violation]) -> None:
     if not model:
         violations.append(
-            Violation("model", "is required: a model name from ListModels", "MISSING_FIELD")
+            Violation("model", "is required: a model name from ListModels", Reason.MISSING_FIELD)
         )
 
 
@@ -125,31 +132,35 @@ def _parse_image(image: pb.Image, path: str, violations: list[Violation]) -> Ima
             Violation(
                 f"{path}.mime_type",
                 f"must be an image media type, not {echo(image.mime_type)!r}",
-                "INVALID_IMAGE",
+                Reason.INVALID_IMAGE,
             )
         )
     which = image.WhichOneof("source")
     if which is None:
-        violations.append(Violation(path, "has neither uri nor data: set one", "MISSING_FIELD"))
+        violations.append(
+            Violation(path, "has neither uri nor data: set one", Reason.MISSING_FIELD)
+        )
         return None
     if which == "uri":
         problem = uri_problem(image.uri)
         if problem is not None:
-            violations.append(Violation(f"{path}.uri", problem, "INVALID_IMAGE_URI"))
+            violations.append(Violation(f"{path}.uri", problem, Reason.INVALID_IMAGE_URI))
         return None if len(violations) > before else Image(uri=image.uri, mime_type=mime)
     sniffed = sniff_image(image.data)
     if not image.data:
-        violations.append(Violation(f"{path}.data", "is empty", "INVALID_IMAGE"))
+        violations.append(Violation(f"{path}.data", "is empty", Reason.INVALID_IMAGE))
     elif sniffed is None:
         violations.append(
             Violation(
-                f"{path}.data", f"is not an image: expected {KNOWN_FORMATS} bytes", "INVALID_IMAGE"
+                f"{path}.data",
+                f"is not an image: expected {KNOWN_FORMATS} bytes",
+                Reason.INVALID_IMAGE,
             )
         )
     elif mime is not None and mime.startswith("image/") and mime != sniffed:
         violations.append(
             Violation(
-                f"{path}.mime_type", f"says {mime} but the data is {sniffed}", "INVALID_IMAGE"
+                f"{path}.mime_type", f"says {mime} but the data is {sniffed}", Reason.INVALID_IMAGE
             )
         )
     if len(violations) > before:
@@ -171,13 +182,15 @@ def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Inpu
     if which is None:
         violations.append(
             Violation(
-                path, "has no content: set one of text, image, video, text_image", "MISSING_FIELD"
+                path,
+                "has no content: set one of text, image, video, text_image",
+                Reason.MISSING_FIELD,
             )
         )
         return None
     if which == "text":
         if not item.text.strip():
-            violations.append(Violation(f"{path}.text", "is empty", "EMPTY_TEXT"))
+            violations.append(Violation(f"{path}.text", "is empty", Reason.EMPTY_TEXT))
             return None
         return TextInput(item.text)
     if which == "image":
@@ -189,7 +202,7 @@ def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Inpu
                 Violation(
                     f"{path}.video.frames",
                     "is empty: a video needs at least one frame",
-                    "EMPTY_VIDEO",
+                    Reason.EMPTY_VIDEO,
                 )
             )
             return None
@@ -203,9 +216,11 @@ def _parse_input(item: pb.Input, path: str, violations: list[Violation]) -> Inpu
     # text_image
     pair = item.text_image
     if not pair.text.strip():
-        violations.append(Violation(f"{path}.text_image.text", "is empty", "EMPTY_TEXT"))
+        violations.append(Violation(f"{path}.text_image.text", "is empty", Reason.EMPTY_TEXT))
     if not pair.HasField("image"):
-        violations.append(Violation(f"{path}.text_image.image", "is required", "MISSING_FIELD"))
+        violations.append(
+            Violation(f"{path}.text_image.image", "is required", Reason.MISSING_FIELD)
+        )
         return None
     image = _parse_image(pair.image, f"{path}.text_image.image", violations)
     if image is None or len(violations) > before:
@@ -217,7 +232,7 @@ def _options(request: pb.EmbedRequest, violations: list[Violation], header_id: s
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions == 0:
         violations.append(
-            Violation("dimensions", "must be at least 1 when set", "UNSUPPORTED_DIMENSIONS")
+            Violation("dimensions", "must be at least 1 when set", Reason.UNSUPPORTED_DIMENSIONS)
         )
         dimensions = None
     output_type = _OUTPUT_TYPES.get(request.output_type)
@@ -227,7 +242,7 @@ def _options(request: pb.EmbedRequest, violations: list[Violation], header_id: s
             Violation(
                 "output_type",
                 f"is {request.output_type}, not a known output type ({known})",
-                "UNSUPPORTED_OUTPUT_TYPE",
+                Reason.UNSUPPORTED_OUTPUT_TYPE,
             )
         )
     return EmbedOptions(
@@ -247,7 +262,9 @@ def parse_embed(request: pb.EmbedRequest, header_id: str = "") -> ParsedEmbed:
     violations: list[Violation] = []
     _check_model(request.model, violations)
     if not request.inputs:
-        violations.append(Violation("inputs", "is empty: give at least one input", "MISSING_FIELD"))
+        violations.append(
+            Violation("inputs", "is empty: give at least one input", Reason.MISSING_FIELD)
+        )
     inputs = [_input_at(item, "inputs", i, violations) for i, item in enumerate(request.inputs)]
     options = _options(request, violations, header_id)
     return ParsedEmbed(request.model, inputs, options, violations)
@@ -258,7 +275,7 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
     _check_model(request.model, violations)
     query: str | None = request.query
     if not request.query.strip():
-        violations.append(Violation("query", "is empty", "EMPTY_TEXT"))
+        violations.append(Violation("query", "is empty", Reason.EMPTY_TEXT))
         query = None
     documents: list[Input | None] = []
     field = "document_inputs" if request.document_inputs else "documents"
@@ -267,7 +284,7 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
             Violation(
                 "document_inputs",
                 "is set as well as documents: give the documents one way",
-                "CONFLICTING_FIELDS",
+                Reason.CONFLICTING_FIELDS,
             )
         )
     elif request.document_inputs:
@@ -280,7 +297,7 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
             Violation(
                 "documents",
                 "is empty: give at least one document (as documents or document_inputs)",
-                "MISSING_FIELD",
+                Reason.MISSING_FIELD,
             )
         )
     else:
@@ -288,11 +305,11 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
             if doc.strip():
                 documents.append(TextInput(doc))
             else:
-                violations.append(Violation(f"documents[{i}]", "is empty", "EMPTY_TEXT", i))
+                violations.append(Violation(f"documents[{i}]", "is empty", Reason.EMPTY_TEXT, i))
                 documents.append(None)
     top_n = request.top_n if request.HasField("top_n") else None
     if top_n == 0:
-        violations.append(Violation("top_n", "must be at least 1 when set", "INVALID_TOP_N"))
+        violations.append(Violation("top_n", "must be at least 1 when set", Reason.INVALID_TOP_N))
         top_n = None
     options = EmbedOptions(
         request_id=request_id_or_new(request.request_id, header_id, violations),
@@ -309,3 +326,99 @@ def parse_rerank(request: pb.RerankRequest, header_id: str = "") -> ParsedRerank
         options,
         violations,
     )
+
+
+# -- domain → protobuf ------------------------------------------------------------------
+
+_MODALITIES = {
+    Modality.TEXT: pb.MODALITY_TEXT,
+    Modality.IMAGE: pb.MODALITY_IMAGE,
+    Modality.VIDEO: pb.MODALITY_VIDEO,
+    Modality.TEXT_IMAGE: pb.MODALITY_TEXT_IMAGE,
+}
+_RERANK_METHODS = {
+    "vendor": pb.RERANK_METHOD_VENDOR,
+    "embedding_cosine": pb.RERANK_METHOD_EMBEDDING_COSINE,
+}
+
+
+def usage_message(usage: Usage | None) -> pb.Usage | None:
+    if usage is None:
+        return None
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens)
+
+
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        provider=info.provider,
+        modalities=[_MODALITIES[m] for m in Modality if m in info.modalities],
+        max_inputs_per_call=info.max_inputs_per_call,
+        default_dimensions=info.dimensions.default,
+        allowed_dimensions=list(info.dimensions.allowed),
+        min_dimensions=info.dimensions.minimum,
+        max_dimensions=info.dimensions.maximum,
+        embeds=info.embeds,
+        reranks=info.reranks,
+        accepts_instruction=info.accepts_instruction,
+        max_text_chars=info.max_text_chars,
+    )
+
+
+def fill_embed_response(
+    response: pb.EmbedResponse, result: EmbedResult, options: EmbedOptions
+) -> None:
+    response.model = result.model
+    response.request_id = options.request_id
+    usage = usage_message(result.usage)
+    if usage is not None:
+        response.usage.CopyFrom(usage)
+    response.MergeFromString(
+        embeddings_field(
+            ((index, item.payload, item.cached) for index, item in enumerate(result.items)),
+            floats=options.output_type is OutputType.FLOAT32,
+        )
+    )
+
+
+def stream_message(
+    index: int, item: Encoded, model: str, options: EmbedOptions
+) -> pb.StreamEmbedResponse:
+    """One input's vector as a ``StreamEmbed`` message."""
+    message = pb.StreamEmbedResponse(index=index, model=model, request_id=options.request_id)
+    message.embedding.MergeFromString(
+        embedding_bytes(
+            index,
+            item.payload,
+            floats=options.output_type is OutputType.FLOAT32,
+            cached=item.cached,
+        )
+    )
+    if item.tokens is not None:
+        message.usage.prompt_tokens = item.tokens
+        message.usage.total_tokens = item.tokens
+    return message
+
+
+def rerank_response(
+    result: RerankResult, request: pb.RerankRequest, options: EmbedOptions
+) -> pb.RerankResponse:
+    """The ranking, each document given back as the request gave it when asked."""
+    response = pb.RerankResponse(
+        model=result.model,
+        request_id=options.request_id,
+        usage=usage_message(result.usage),
+        method=_RERANK_METHODS[result.method],
+        query_cached=result.query_cached,
+    )
+    for ranked in result.ranked:
+        item = response.results.add(
+            index=ranked.index, relevance_score=ranked.score, cached=ranked.cached
+        )
+        if not request.return_documents:
+            continue
+        if request.document_inputs:
+            item.document_input.CopyFrom(request.document_inputs[ranked.index])
+        else:
+            item.document = request.documents[ranked.index]
+    return response

@@ -31,6 +31,7 @@ from embedgate.server.errors import (
     MalformedRequestError,
     OverloadedError,
     PermissionDeniedError,
+    Reason,
     UnauthenticatedError,
     echo,
 )
@@ -134,7 +135,7 @@ class Tokens:
             raise UnauthenticatedError(
                 "this server requires a bearer token: send metadata "
                 "'authorization: Bearer <token>'",
-                reason="MISSING_TOKEN",
+                reason=Reason.MISSING_TOKEN,
             )
         digest = _digest(presented[len(BEARER) :].strip())
         found = None
@@ -142,7 +143,7 @@ class Tokens:
             if hmac.compare_digest(digest, known):
                 found = caller
         if found is None:
-            raise UnauthenticatedError("the bearer token is not valid", reason="INVALID_TOKEN")
+            raise UnauthenticatedError("the bearer token is not valid", reason=Reason.INVALID_TOKEN)
         return found
 
 

@@ -4,7 +4,7 @@ they came in: only the edge knows whether the inputs were ``inputs``, ``document
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from embedgate.server.domain import Input, TextImageInput
 from embedgate.server.errors import (
@@ -76,3 +76,21 @@ def invalid_request(
     if rejected is not None:
         violations += violations_of(rejected.problems, inputs, field)
     return InvalidRequestError(ordered(violations), metadata={"model": model})
+
+
+async def validated(
+    check: Awaitable[list[Input]],
+    found: Sequence[Violation],
+    inputs: Sequence[Input | None],
+    field: str,
+    model: str,
+) -> list[Input]:
+    """The inputs routing's ``check`` returns, when neither it nor the edge (``found``)
+    found anything wrong; else one ``InvalidRequestError`` with every violation."""
+    try:
+        valid = await check
+    except RejectedError as rejected:
+        raise invalid_request(found, rejected, inputs, field, model) from None
+    if found:
+        raise invalid_request(found, None, inputs, field, model)
+    return valid

@@ -30,7 +30,7 @@ from embedgate.server.domain import (
     TextInput,
     VideoInput,
 )
-from embedgate.server.errors import Part, Problem
+from embedgate.server.errors import Part, Problem, Reason
 from embedgate.server.providers.base import Ranking, Vectors
 from embedgate.server.providers.settings import SettingError, VendorSettings
 
@@ -160,7 +160,7 @@ class Dialect(ABC):
                         Part.TEXT,
                         f"has {len(text)} characters; {self.title} model "
                         f"{self.settings.vendor_model} takes at most {limits.max_chars}",
-                        "INPUT_TOO_LONG",
+                        Reason.INPUT_TOO_LONG,
                         index,
                     )
                 )
@@ -172,7 +172,7 @@ class Dialect(ABC):
                             Part.FRAMES,
                             f"has {frames} frames; {self.title} takes {limits.min_frames} to "
                             f"{limits.max_frames} frames per video",
-                            "FRAME_COUNT_OUT_OF_RANGE",
+                            Reason.FRAME_COUNT_OUT_OF_RANGE,
                             index,
                         )
                     )

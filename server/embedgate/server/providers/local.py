@@ -32,7 +32,7 @@ from embedgate.server.domain import (
     ModelInfo,
     TextInput,
 )
-from embedgate.server.errors import ModelUnavailableError, Part, Problem
+from embedgate.server.errors import ModelUnavailableError, Part, Problem, Reason
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, Vectors
 
@@ -212,7 +212,7 @@ class LocalProvider:
                             f"is {count} tokens long; model {self._settings.name} takes at most "
                             f"{self._max_tokens} (set truncate: true in its config to cut instead)"
                         ),
-                        reason="INPUT_TOO_LONG",
+                        reason=Reason.INPUT_TOO_LONG,
                     )
                 )
         return problems

@@ -15,6 +15,7 @@ import structlog
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
 from embedgate.server.errors import (
     Problem,
+    Reason,
     VendorAuthError,
     VendorBadReplyError,
     VendorError,
@@ -263,7 +264,7 @@ class VendorProvider:
             log.warning("vendor_call_failed", model=self._settings.name, **metadata)
             raise VendorFailedError(
                 f"{title} (model {self._settings.name}) reported an error in a 200 reply: {said}",
-                reason="VENDOR_ERROR_IN_REPLY",
+                reason=Reason.VENDOR_ERROR_IN_REPLY,
                 metadata=metadata,
             )
         metadata = {"vendor": self._dialect.vendor, "http_status": "200"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from embedgate.server.deadlines import current_deadline, deadline_at
 from embedgate.server.domain import EmbedOptions, Input
-from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError
+from embedgate.server.errors import DeadlineExceededError, InternalError, unexpected
 from embedgate.server.providers.base import EmbedBatch, Provider, Vectors
 from embedgate.server.routing.vectors import shape_vectors
 
@@ -272,10 +272,8 @@ class Coalescer:
         key = _batch_key(options)
         try:
             batch, vectors = await self._send(key, inputs, request_id)
-        except EmbedgateError as error:
-            raise error.for_input(indexes[0]) from None
         except Exception as error:
-            raise _unexpected(error).for_input(indexes[0]) from error
+            raise unexpected(error).with_input(indexes[0])  # noqa: B904 - the cause is kept in it
         total = batch.token_total if whole else None
         return [
             ItemVector(
@@ -322,7 +320,7 @@ class Coalescer:
                     waiter.future.cancel()
             raise
         except Exception as error:  # every waiting caller is told, each about its own input
-            failure = error if isinstance(error, EmbedgateError) else _unexpected(error)
+            failure = unexpected(error)
             if isinstance(failure, DeadlineExceededError) and deadline is not None:
                 # Callers that joined after the batch left may have more time than it
                 # had: their inputs go again, under their own deadlines.
@@ -330,7 +328,7 @@ class Coalescer:
             for item in items:
                 for waiter in item.waiters:
                     if not waiter.future.done():
-                        waiter.future.set_exception(_for_input(failure, waiter.index))
+                        waiter.future.set_exception(failure.with_input(waiter.index))
             return
         calls = {waiter.call for item in items for waiter in item.waiters}
         total = batch.token_total if len(calls) == 1 else None
@@ -371,19 +369,3 @@ def part_request_id(request_id: str, start: int, *, whole: bool) -> str:
     if whole or not request_id:
         return request_id
     return f"{request_id}-{start}"
-
-
-def _for_input(error: EmbedgateError, index: int) -> EmbedgateError:
-    """A copy of a batch's error that names one caller's input (callers share the
-    batch, not the error object)."""
-    # Not copy.copy: that rebuilds the exception from its args, which the error
-    # classes' constructors do not all take back.
-    own = type(error).__new__(type(error), *error.args)
-    own.__dict__.update(error.__dict__)
-    own.metadata = {key: value for key, value in error.metadata.items() if key != "input_index"}
-    own.input_index = None
-    return own.for_input(index)
-
-
-def _unexpected(error: BaseException) -> EmbedgateError:
-    return InternalError(f"unexpected failure: {type(error).__name__}")

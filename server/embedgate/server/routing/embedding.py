@@ -12,7 +12,7 @@ import numpy as np
 
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import EmbedOptions, Input, OutputType, Usage
-from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError
+from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError, unexpected
 from embedgate.server.routing.cache import VectorCache, entry_key, vector_keys
 from embedgate.server.routing.coalesce import ItemVector
 from embedgate.server.routing.model import Model
@@ -172,7 +172,7 @@ class Embedder:
                         index = index_of[future]
                         error = future.exception()
                         if error is not None:
-                            yield ItemResult(index=index, error=_as_error(error))
+                            yield ItemResult(index=index, error=unexpected(error))
                             continue
                         (item,) = self._encode(
                             lookup.keys, [index], [future.result()], options.output_type
@@ -213,9 +213,3 @@ async def _until_deadline(model: Model) -> AsyncIterator[None]:
         raise DeadlineExceededError(
             f"the deadline passed while model {name} was working", metadata={"model": name}
         ) from None
-
-
-def _as_error(error: BaseException) -> EmbedgateError:
-    if isinstance(error, EmbedgateError):
-        return error
-    return InternalError(f"unexpected failure: {type(error).__name__}")

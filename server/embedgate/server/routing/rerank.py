@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo, TextInput, Usage
-from embedgate.server.errors import InternalError, Part, Problem, RejectedError
+from embedgate.server.errors import InternalError, Part, Problem, Reason, RejectedError
 from embedgate.server.providers.base import Reranker
 from embedgate.server.routing.coalesce import part_request_id
 from embedgate.server.routing.embedding import Embedder
@@ -71,7 +71,7 @@ async def validate_rerank(
                 Part.MODEL,
                 f"model {info.name} does not rerank (models that do: "
                 f"{', '.join(others) or 'none'})",
-                "RERANK_NOT_SUPPORTED",
+                Reason.RERANK_NOT_SUPPORTED,
             )
         )
     inputs: list[Input | None] = [None if query is None else TextInput(query), *documents]

@@ -17,7 +17,7 @@ from embedgate.server.domain import (
     TextImageInput,
     TextInput,
 )
-from embedgate.server.errors import Part, Problem, RejectedError
+from embedgate.server.errors import Part, Problem, Reason, RejectedError
 from embedgate.server.routing.model import Model
 
 
@@ -46,7 +46,7 @@ async def validate(
                 Part.INPUTS,
                 f"has {how_many} items; model {info.name} takes at most "
                 f"{info.max_inputs_per_call} per call",
-                "TOO_MANY_INPUTS",
+                Reason.TOO_MANY_INPUTS,
             )
         )
     if embedding and not info.embeds:
@@ -56,7 +56,7 @@ async def validate(
                 Part.MODEL,
                 f"model {info.name} ranks documents but does not embed (models that "
                 f"embed: {', '.join(others) or 'none'})",
-                "EMBED_NOT_SUPPORTED",
+                Reason.EMBED_NOT_SUPPORTED,
             )
         )
     if options.dimensions is not None and not info.dimensions.accepts(options.dimensions):
@@ -65,7 +65,7 @@ async def validate(
                 Part.DIMENSIONS,
                 f"model {info.name} gives {info.dimensions.describe()} dimensions, "
                 f"not {options.dimensions}",
-                "UNSUPPORTED_DIMENSIONS",
+                Reason.UNSUPPORTED_DIMENSIONS,
             )
         )
     if options.instruction and not info.accepts_instruction:
@@ -73,7 +73,7 @@ async def validate(
             Problem(
                 Part.INSTRUCTION,
                 f"model {info.name} takes no instruction; leave it empty",
-                "INSTRUCTION_NOT_SUPPORTED",
+                Reason.INSTRUCTION_NOT_SUPPORTED,
             )
         )
     elif len(options.instruction) > info.max_text_chars:
@@ -104,7 +104,7 @@ async def validate(
                 Part.CONTENT,
                 f"is {item.modality.value} input; model {info.name} accepts "
                 f"{_describe(info.modalities)} only ({where})",
-                "UNSUPPORTED_MODALITY",
+                Reason.UNSUPPORTED_MODALITY,
                 index,
             )
         )
@@ -127,6 +127,6 @@ def _too_long(part: Part, index: int | None, length: int, info: ModelInfo) -> Pr
         part,
         f"has {length} characters; model {info.name} takes at most {info.max_text_chars} "
         "(its max_text_chars)",
-        "INPUT_TOO_LONG",
+        Reason.INPUT_TOO_LONG,
         index,
     )
