@@ -9,7 +9,9 @@ returns 2.5 times the unit vector, so a test can see the flag was honoured.
 Rerank (`/rerank`, only this vendor has it): `model` and `query` are required, `documents` a
 non-empty list of strings (at most `max_batch` when set), `top_n` at least 1. The results
 are sorted by `rerank_score`, cut to `top_n` unless `ignore_top_n` plays a relay that
-ignores it, each with its document; `usage` is the document's full OpenAI-style block.
+ignores it, each with its document; `usage` counts the query once per document, with
+OpenAI-style details all zero.
+
 Errors are OpenAI-shaped without `param`. The Authorization header is optional in the
 document, so `api_key=None` is the way to play it.
 """

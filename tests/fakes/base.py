@@ -289,7 +289,7 @@ class FakeVendor(abc.ABC):
         max_batch: int | None = None,
     ) -> None:
         self.api_key = api_key  # None: any caller, with or without a key, is accepted
-        self.dims_override = dims
+        self.dims_override = dims  # None: the vendor's own size (Qianfan's is the model's)
         self.dims = dims or self.default_dims
         self.max_batch = max_batch
         self.base_url = ""

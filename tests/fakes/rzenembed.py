@@ -7,8 +7,9 @@ Rules enforced: the header `accept: application/json` is required; `model` is ex
 `dimensions` is one of six sizes (default 2048). The reply is the OpenAI list plus
 `message: "success"`, `response_status: 0` and the `request_id` (a new uuid when the
 request gave none). Errors are `{"data": [], "message", "response_status", "request_id"}`,
-with the HTTP status as `response_status`; a failed invocation is reported with HTTP 200
-and `response_status` 1002, which is what the `error_body` fault sends.
+with the HTTP status as `response_status`. Only `response_status` and `message` tell a
+failure, whatever the HTTP status: the `error_body` fault plays one with HTTP 200,
+`response_status` 1002 and "model invocation failed".
 """
 
 from __future__ import annotations
