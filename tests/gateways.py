@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from fakes import FakeVendor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from vendors import FakeVendor
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway

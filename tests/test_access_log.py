@@ -12,8 +12,8 @@ import grpc
 import pytest
 import structlog
 from conftest import rich_error
+from fakes import FakeVendor, make_fake
 from gateways import key_file, openai_model, running
-from vendors import FakeVendor
 
 from embedgate.server.logs import configure_logging
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -33,8 +33,8 @@ def rzen_model(fake: FakeVendor, keys: Path) -> dict[str, Any]:
 async def test_request_ids_from_metadata_reach_the_vendor_and_come_back(tmp_path: Path) -> None:
     keys = key_file(tmp_path)
     async with (
-        FakeVendor("openai", api_key="vendor-key-for-tests", max_batch=2) as openai,
-        FakeVendor("rzenembed", api_key="vendor-key-for-tests") as rzen,
+        make_fake("openai", api_key="vendor-key-for-tests", max_batch=2) as openai,
+        make_fake("rzenembed", api_key="vendor-key-for-tests") as rzen,
     ):
         models = [openai_model(openai, keys, max_batch=2), rzen_model(rzen, keys)]
         async with (
@@ -108,7 +108,7 @@ async def test_access_lines_render_as_json_without_the_callers_token(
     # Module loggers would otherwise keep this test's captured stderr after it ends.
     structlog.configure(cache_logger_on_first_use=False)
     try:
-        async with FakeVendor("openai", api_key="vendor-key-for-tests") as fake:
+        async with make_fake("openai", api_key="vendor-key-for-tests") as fake:
             model = openai_model(fake, key_file(tmp_path))
             async with (
                 running([model], auth=auth) as gateway,

@@ -21,9 +21,9 @@ import pytest
 import pytest_asyncio
 import redis
 from conftest import PNG_1X1
+from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import free_port
 from vendor_world import rows, texts
-from vendors import FakeVendor, Fault, fake_vector, item_key
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway
@@ -125,8 +125,8 @@ async def start_replica(fakes: Fakes, cache: dict[str, Any]) -> Replica:
 
 @pytest_asyncio.fixture(scope="module")
 async def fakes() -> AsyncIterator[Fakes]:
-    openai = FakeVendor("openai", api_key=None, dims=DIMS)
-    relay = FakeVendor("aggregator", api_key=None, dims=32)
+    openai = make_fake("openai", api_key=None, dims=DIMS)
+    relay = make_fake("aggregator", api_key=None, dims=32)
     await openai.start()
     await relay.start()
     yield Fakes(openai, relay)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import PNG_1X1
+from fakes import rerank_score
 from vendor_world import VendorWorld
-from vendors import rerank_score
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPESCRIPT = ROOT / "clients" / "typescript"

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import rich_error
+from fakes import Fault, fake_vector, item_key
 from vendor_world import VendorWorld, embed, eventually, texts
-from vendors import Fault, fake_vector, item_key
 
 from embedgate.v1 import embedding_service_pb2 as pb
 

@@ -7,17 +7,30 @@ import asyncio
 import base64
 import json
 import math
+import pkgutil
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import fakes
 import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
 import pytest_asyncio
-from vendors import DIALECTS, FakeVendor, Fault, fake_vector, item_key, rerank_score
+from fakes import (
+    FAKES,
+    MISSING_FAKES,
+    VENDORS,
+    FakeVendor,
+    Fault,
+    fake_vector,
+    item_key,
+    make_fake,
+    rerank_score,
+)
+from fakes.aggregator import AggregatorFake
 
 KEY = "test-key"
 
@@ -126,16 +139,39 @@ def test_item_key_joins_parts_in_order() -> None:
     assert item_key(image="aGk=") == "i:aGk="
 
 
+# -- the registry -------------------------------------------------------------------------
+
+
+def test_every_vendor_the_gateway_registers_has_a_fake_and_no_fake_is_extra() -> None:
+    """Each vendor in the gateway's registry has a fake: module fakes.<vendor>, whose `Fake`
+    is a FakeVendor defined there; each fake module is of a vendor the gateway registers;
+    and each has a valid request in the tests below."""
+    assert MISSING_FAKES == ()
+    assert list(FAKES) == list(VENDORS)
+    for vendor, fake in FAKES.items():
+        assert issubclass(fake, FakeVendor)
+        assert fake.__module__ == f"fakes.{vendor}"
+    modules = {module.name for module in pkgutil.iter_modules(fakes.__path__)}
+    assert modules - {"base"} == set(VENDORS)
+    assert set(VALID) == set(VENDORS)
+
+
+def test_make_fake_refuses_a_vendor_without_a_fake() -> None:
+    """make_fake names the vendor it has no fake of instead of building some other one."""
+    with pytest.raises(ValueError, match="'nope'"):
+        make_fake("nope")
+
+
 # -- every dialect ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("dialect", list(FAKES))
 async def test_valid_request_gets_one_vector_per_item(
     client: httpx.AsyncClient, dialect: str
 ) -> None:
     """A valid request gets fake_vector(item_key) per item, data[i].index = i, JSON replies."""
     body, keys = VALID[dialect]
-    async with FakeVendor(dialect, dims=32) as fake:
+    async with make_fake(dialect, dims=32) as fake:
         reply = await post(client, fake, body)
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"].startswith("application/json")
@@ -148,12 +184,12 @@ async def test_valid_request_gets_one_vector_per_item(
     assert reply.json()["usage"]["total_tokens"] > 0
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("dialect", list(FAKES))
 async def test_wrong_key_is_401_with_the_error_body(
     client: httpx.AsyncClient, dialect: str
 ) -> None:
     """A wrong Bearer key is HTTP 401 with the dialect's error body, and is still recorded."""
-    async with FakeVendor(dialect, dims=8) as fake:
+    async with make_fake(dialect, dims=8) as fake:
         reply = await post(client, fake, VALID[dialect][0], key="wrong")
         missing = await post(client, fake, VALID[dialect][0], key=None)
     assert reply.status_code == 401
@@ -162,12 +198,12 @@ async def test_wrong_key_is_401_with_the_error_body(
     assert len(fake.received) == 2
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("dialect", list(FAKES))
 async def test_status_fault_uses_the_error_body_and_retry_after(
     client: httpx.AsyncClient, dialect: str
 ) -> None:
     """Fault.status replies with that code, the dialect's error body and Retry-After."""
-    async with FakeVendor(dialect, dims=8) as fake:
+    async with make_fake(dialect, dims=8) as fake:
         fake.plan(Fault.status(429, retry_after="3"))
         reply = await post(client, fake, VALID[dialect][0])
     assert reply.status_code == 429
@@ -175,12 +211,23 @@ async def test_status_fault_uses_the_error_body_and_retry_after(
     assert "rate limited" in error_message(dialect, reply, 429)
 
 
-@pytest.mark.parametrize("dialect", [d for d in DIALECTS if d != "rzenembed"])
+@pytest.mark.parametrize("dialect", [d for d in FAKES if d != "aggregator"])
+async def test_only_the_aggregator_serves_rerank(client: httpx.AsyncClient, dialect: str) -> None:
+    """Rerank is the aggregator's document alone: every other fake answers 404 there."""
+    async with make_fake(dialect, dims=8) as fake:
+        reply = await post(
+            client, fake, {"model": "r", "query": "q", "documents": ["a"]}, path="/rerank"
+        )
+    assert reply.status_code == 404
+    assert "no such endpoint" in error_message(dialect, reply, 404)
+
+
+@pytest.mark.parametrize("dialect", [d for d in FAKES if d != "rzenembed"])
 async def test_error_body_fault_is_an_error_object_with_200(
     client: httpx.AsyncClient, dialect: str
 ) -> None:
     """Fault.error_body sends the dialect's documented error object with HTTP 200."""
-    async with FakeVendor(dialect, dims=8) as fake:
+    async with make_fake(dialect, dims=8) as fake:
         fake.plan(Fault.error_body())
         reply = await post(client, fake, VALID[dialect][0])
     assert reply.status_code == 200
@@ -204,7 +251,7 @@ async def test_rzenembed_fuses_text_and_image_and_echoes_request_id(
         "texts": ["two apples"],
         "images": ["http://x/y.png"],
     }
-    async with FakeVendor("rzenembed") as fake:
+    async with make_fake("rzenembed") as fake:
         reply = await post(client, fake, body)
     payload = reply.json()
     assert reply.status_code == 200
@@ -226,7 +273,7 @@ async def test_rzenembed_video_is_one_vector_and_request_id_is_generated(
 ) -> None:
     """RzenEmbed: 2 frames make one video vector; an absent request_id gets a uuid."""
     body = {"model": "RzenEmbed", "video": ["f1", "f2"]}
-    async with FakeVendor("rzenembed", dims=256) as fake:
+    async with make_fake("rzenembed", dims=256) as fake:
         reply = await post(client, fake, body)
     assert reply.status_code == 200
     [got] = vectors(reply)
@@ -251,7 +298,7 @@ async def test_rzenembed_limits_are_400(
     client: httpx.AsyncClient, change: dict[str, Any], named: str
 ) -> None:
     """RzenEmbed: ≤1 text, ≤1 image, 2..64 frames, some content, its sizes, model RzenEmbed."""
-    async with FakeVendor("rzenembed") as fake:
+    async with make_fake("rzenembed") as fake:
         reply = await post(client, fake, VALID["rzenembed"][0] | change)
     assert reply.status_code == 400
     assert named in error_message("rzenembed", reply, 400)
@@ -259,7 +306,7 @@ async def test_rzenembed_limits_are_400(
 
 async def test_rzenembed_requires_accept_json(client: httpx.AsyncClient) -> None:
     """RzenEmbed: the document makes `accept: application/json` a required header."""
-    async with FakeVendor("rzenembed") as fake:
+    async with make_fake("rzenembed") as fake:
         reply = await client.post(
             fake.base_url + "/embeddings",
             json=VALID["rzenembed"][0],
@@ -275,7 +322,7 @@ async def test_rzenembed_requires_accept_json(client: httpx.AsyncClient) -> None
 async def test_ctyun_base64_and_token_arrays(client: httpx.AsyncClient) -> None:
     """CTyun: base64 is little-endian float32 under `embeddings`; token arrays are inputs."""
     body = {"model": "m", "input": [[1, 2, 3], [4]], "encoding_format": "base64"}
-    async with FakeVendor("ctyun", dims=16) as fake:
+    async with make_fake("ctyun", dims=16) as fake:
         reply = await post(client, fake, body)
     assert reply.status_code == 200
     assert all("embedding" not in item for item in reply.json()["data"])
@@ -286,7 +333,7 @@ async def test_ctyun_base64_and_token_arrays(client: httpx.AsyncClient) -> None:
 
 async def test_ctyun_dimensions_only_for_text_embedding_3(client: httpx.AsyncClient) -> None:
     """CTyun: `dimensions` is refused unless the model is text-embedding-3 class."""
-    async with FakeVendor("ctyun", dims=16) as fake:
+    async with make_fake("ctyun", dims=16) as fake:
         refused = await post(client, fake, {"model": "4b38a36c", "input": "a", "dimensions": 8})
         allowed = await post(
             client, fake, {"model": "text-embedding-3-large", "input": "a", "dimensions": 8}
@@ -298,7 +345,7 @@ async def test_ctyun_dimensions_only_for_text_embedding_3(client: httpx.AsyncCli
 
 async def test_ctyun_input_over_8192_tokens_is_400(client: httpx.AsyncClient) -> None:
     """CTyun: an input longer than 8192 tokens (one per character here) is refused."""
-    async with FakeVendor("ctyun", dims=8) as fake:
+    async with make_fake("ctyun", dims=8) as fake:
         reply = await post(client, fake, {"model": "m", "input": ["ok", "x" * 8193]})
     assert reply.status_code == 400
     assert "input[1]" in error_message("ctyun", reply, 400)
@@ -312,7 +359,7 @@ async def test_scnet_accepts_its_dimension_as_string_and_replies_in_shape(
 ) -> None:
     """SCNet: "dimension": "4096" (the curl sample) is accepted; the reply has id and usage."""
     body = {"model": "Qwen3-Embedding-8B", "input": "a", "dimension": "4096"}
-    async with FakeVendor("scnet") as fake:
+    async with make_fake("scnet") as fake:
         reply = await post(client, fake, body)
     payload = reply.json()
     assert reply.status_code == 200
@@ -335,7 +382,7 @@ async def test_scnet_accepts_its_dimension_as_string_and_replies_in_shape(
 )
 async def test_scnet_limits_are_400(client: httpx.AsyncClient, change: dict[str, Any]) -> None:
     """SCNet: at most 5 inputs, ≤8192 tokens, the 4096 size cannot change, float|base64."""
-    async with FakeVendor("scnet") as fake:
+    async with make_fake("scnet") as fake:
         reply = await post(client, fake, VALID["scnet"][0] | change)
     assert reply.status_code == 400
     assert error_message("scnet", reply, 400)
@@ -344,7 +391,7 @@ async def test_scnet_limits_are_400(client: httpx.AsyncClient, change: dict[str,
 async def test_scnet_base64(client: httpx.AsyncClient) -> None:
     """SCNet: encoding_format base64 returns the same vector as little-endian float32."""
     body = {"model": "Qwen3-Embedding-8B", "input": ["a"], "encoding_format": "base64"}
-    async with FakeVendor("scnet", dims=16) as fake:
+    async with make_fake("scnet", dims=16) as fake:
         reply = await post(client, fake, body)
     assert isinstance(reply.json()["data"][0]["embedding"], str)
     assert np.array_equal(vectors(reply)[0], fake_vector("t:a", 16))
@@ -355,7 +402,7 @@ async def test_scnet_base64(client: httpx.AsyncClient) -> None:
 
 async def test_qianfan_native_sizes_and_shape(client: httpx.AsyncClient) -> None:
     """Qianfan: embedding-v1 vectors have 384 values; the reply has an as- id and created."""
-    async with FakeVendor("qianfan") as fake:
+    async with make_fake("qianfan") as fake:
         reply = await post(client, fake, {"model": "embedding-v1", "input": ["White T-shirt"]})
     payload = reply.json()
     assert payload["id"].startswith("as-")
@@ -366,7 +413,7 @@ async def test_qianfan_native_sizes_and_shape(client: httpx.AsyncClient) -> None
 async def test_qianfan_gme_takes_one_text_image_pair(client: httpx.AsyncClient) -> None:
     """Qianfan gme: one {text, image} object makes one fused 1536-value vector."""
     body = {"model": "gme-qwen2-vl-2b-instruct", "input": [{"text": "q", "image": "http://i"}]}
-    async with FakeVendor("qianfan") as fake:
+    async with make_fake("qianfan") as fake:
         reply = await post(client, fake, body)
     assert np.array_equal(vectors(reply)[0], fake_vector("t:q|i:http://i", 1536))
 
@@ -391,7 +438,7 @@ async def test_qianfan_limits_are_400(
     client: httpx.AsyncClient, model: str, inputs: list[Any] | str
 ) -> None:
     """Qianfan: the per-model count and character limits, non-empty texts, one gme object."""
-    async with FakeVendor("qianfan", dims=8) as fake:
+    async with make_fake("qianfan", dims=8) as fake:
         reply = await post(client, fake, {"model": model, "input": inputs})
     assert reply.status_code == 400
     assert error_message("qianfan", reply, 400)
@@ -399,7 +446,7 @@ async def test_qianfan_limits_are_400(
 
 async def test_qianfan_unknown_model_and_base64(client: httpx.AsyncClient) -> None:
     """Qianfan: an unknown model is 404; encoding_format other than float is 400."""
-    async with FakeVendor("qianfan", dims=8) as fake:
+    async with make_fake("qianfan", dims=8) as fake:
         unknown = await post(client, fake, {"model": "nope", "input": ["a"]})
         b64 = await post(
             client, fake, {"model": "tao-8k", "input": ["a"], "encoding_format": "base64"}
@@ -415,7 +462,7 @@ async def test_qianfan_unknown_model_and_base64(client: httpx.AsyncClient) -> No
 async def test_aggregator_normalized_false_scales_vectors(client: httpx.AsyncClient) -> None:
     """Aggregator: normalized=false returns 2.5 x the unit vector, so the flag is visible."""
     body = VALID["aggregator"][0] | {"normalized": False, "embedding_type": "base64"}
-    async with FakeVendor("aggregator", dims=8) as fake:
+    async with make_fake("aggregator", dims=8) as fake:
         reply = await post(client, fake, body)
     assert np.array_equal(vectors(reply)[0], fake_vector("t:a", 8) * np.float32(2.5))
 
@@ -435,7 +482,7 @@ async def test_aggregator_embedding_rules_are_400(
     client: httpx.AsyncClient, change: dict[str, Any]
 ) -> None:
     """Aggregator: input is non-empty {text, image} objects; normalized, embedding_type given."""
-    async with FakeVendor("aggregator", dims=8) as fake:
+    async with make_fake("aggregator", dims=8) as fake:
         reply = await post(client, fake, VALID["aggregator"][0] | change)
     assert reply.status_code == 400
     assert error_message("aggregator", reply, 400)
@@ -446,7 +493,7 @@ async def test_aggregator_rerank_sorts_and_cuts_to_top_n(client: httpx.AsyncClie
     documents = [f"doc {i}" for i in range(6)]
     body = {"model": "r", "query": "q", "top_n": 3, "documents": documents}
     expected = sorted(range(6), key=lambda i: -rerank_score("q", documents[i]))
-    async with FakeVendor("aggregator") as fake:
+    async with AggregatorFake() as fake:
         cut = (await post(client, fake, body, path="/rerank")).json()
         fake.ignore_top_n = True
         everything = (await post(client, fake, body, path="/rerank")).json()
@@ -461,7 +508,7 @@ async def test_aggregator_rerank_sorts_and_cuts_to_top_n(client: httpx.AsyncClie
 async def test_aggregator_rerank_faults_and_rules(client: httpx.AsyncClient) -> None:
     """Aggregator rerank: NaN and shuffled faults reach results; an empty query is 400."""
     body = {"model": "r", "query": "q", "documents": ["a", "b", "c"]}
-    async with FakeVendor("aggregator") as fake:
+    async with AggregatorFake() as fake:
         fake.plan(Fault.nan(), Fault.shuffled())
         nan = json.loads((await post(client, fake, body, path="/rerank")).text)
         shuffled = (await post(client, fake, body, path="/rerank")).json()
@@ -474,7 +521,7 @@ async def test_aggregator_rerank_faults_and_rules(client: httpx.AsyncClient) -> 
 
 async def test_aggregator_without_key_accepts_any_caller(client: httpx.AsyncClient) -> None:
     """Aggregator: the header is optional in its document, so api_key=None accepts none."""
-    async with FakeVendor("aggregator", api_key=None, dims=8) as fake:
+    async with make_fake("aggregator", api_key=None, dims=8) as fake:
         reply = await post(client, fake, VALID["aggregator"][0], key=None)
     assert reply.status_code == 200
 
@@ -485,7 +532,7 @@ async def test_aggregator_without_key_accepts_any_caller(client: httpx.AsyncClie
 async def test_openai_dimensions_and_base64(client: httpx.AsyncClient) -> None:
     """OpenAI: dimensions picks the size (1..native); base64 decodes to the same vector."""
     body = {"model": "m", "input": "a", "dimensions": 4, "encoding_format": "base64"}
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         reply = await post(client, fake, body)
         too_big = await post(client, fake, body | {"dimensions": 9})
     assert np.array_equal(vectors(reply)[0], fake_vector("t:a", 4))
@@ -495,7 +542,7 @@ async def test_openai_dimensions_and_base64(client: httpx.AsyncClient) -> None:
 
 async def test_max_batch_and_empty_text_are_400(client: httpx.AsyncClient) -> None:
     """OpenAI: max_batch caps the list; an empty string input is refused."""
-    async with FakeVendor("openai", dims=8, max_batch=2) as fake:
+    async with make_fake("openai", dims=8, max_batch=2) as fake:
         big = await post(client, fake, {"model": "m", "input": ["a", "b", "c"]})
         empty = await post(client, fake, {"model": "m", "input": ["a", ""]})
     assert big.status_code == 400
@@ -511,7 +558,7 @@ THREE_KEYS = ["t:a", "t:b", "t:c"]
 
 async def test_data_faults_spoil_the_reply(client: httpx.AsyncClient) -> None:
     """wrong_count drops one, duplicate_index repeats one, wrong_dimension shortens one."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.wrong_count(), Fault.duplicate_index(), Fault.wrong_dimension())
         short = (await post(client, fake, THREE)).json()["data"]
         twice = (await post(client, fake, THREE)).json()["data"]
@@ -523,7 +570,7 @@ async def test_data_faults_spoil_the_reply(client: httpx.AsyncClient) -> None:
 
 async def test_shuffled_keeps_indices_right(client: httpx.AsyncClient) -> None:
     """shuffled reverses data[] but each index still names its input's vector."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.shuffled())
         reply = await post(client, fake, THREE)
     data = reply.json()["data"]
@@ -534,7 +581,7 @@ async def test_shuffled_keeps_indices_right(client: httpx.AsyncClient) -> None:
 
 async def test_nan_fault_in_float_and_base64(client: httpx.AsyncClient) -> None:
     """nan writes the bare NaN token in float JSON and a float32 NaN in base64."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.nan(), Fault.nan())
         floats = await post(client, fake, THREE)
         packed = await post(client, fake, THREE | {"encoding_format": "base64"})
@@ -546,7 +593,7 @@ async def test_nan_fault_in_float_and_base64(client: httpx.AsyncClient) -> None:
 
 async def test_malformed_and_rzenembed_error_body(client: httpx.AsyncClient) -> None:
     """malformed is 200 with unparseable JSON; RzenEmbed's error_body is status 1002 in 200."""
-    async with FakeVendor("rzenembed") as fake:
+    async with make_fake("rzenembed") as fake:
         fake.plan(Fault.malformed(), Fault.error_body())
         broken = await post(client, fake, VALID["rzenembed"][0])
         failed = await post(client, fake, VALID["rzenembed"][0])
@@ -562,7 +609,7 @@ async def test_reset_is_a_transport_error_and_the_server_survives(
     client: httpx.AsyncClient,
 ) -> None:
     """reset closes the connection with no response; the next request is served."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.reset())
         with pytest.raises(httpx.TransportError):
             await post(client, fake, THREE)
@@ -575,7 +622,7 @@ async def test_hang_counts_a_disconnect_when_the_client_gives_up(
     client: httpx.AsyncClient,
 ) -> None:
     """hang never answers; a client timing out shows up in `disconnects`."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.hang())
         with pytest.raises(httpx.ReadTimeout):
             await post(client, fake, THREE, wait_s=0.2)
@@ -585,7 +632,7 @@ async def test_hang_counts_a_disconnect_when_the_client_gives_up(
 
 async def test_drip_sends_slowly_and_counts_a_disconnect(client: httpx.AsyncClient) -> None:
     """drip sends 200 then one byte per interval; a client deadline shows in `disconnects`."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.drip(0.05))
         async with client.stream(
             "POST",
@@ -604,7 +651,7 @@ async def test_drip_slower_than_the_read_timeout_is_a_read_timeout(
     client: httpx.AsyncClient,
 ) -> None:
     """drip slower than httpx's per-read timeout raises ReadTimeout and counts a disconnect."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.drip(0.5))
         with pytest.raises(httpx.ReadTimeout):
             await post(client, fake, THREE, wait_s=0.2)
@@ -613,7 +660,7 @@ async def test_drip_slower_than_the_read_timeout_is_a_read_timeout(
 
 async def test_rzenembed_data_faults_on_its_single_item(client: httpx.AsyncClient) -> None:
     """RzenEmbed has one item: duplicate_index repeats it, wrong_count leaves data empty."""
-    async with FakeVendor("rzenembed", dims=256) as fake:
+    async with make_fake("rzenembed", dims=256) as fake:
         fake.plan(Fault.duplicate_index(), Fault.wrong_count())
         twice = (await post(client, fake, VALID["rzenembed"][0])).json()
         none = (await post(client, fake, VALID["rzenembed"][0])).json()
@@ -624,7 +671,7 @@ async def test_rzenembed_data_faults_on_its_single_item(client: httpx.AsyncClien
 
 async def test_delay_answers_late_and_counts_cancellation(client: httpx.AsyncClient) -> None:
     """delay answers correctly after the sleep; cancelled mid-sleep it counts a disconnect."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.delay(0.2), Fault.delay(5))
         started = time.monotonic()
         late = await post(client, fake, THREE)
@@ -637,7 +684,7 @@ async def test_delay_answers_late_and_counts_cancellation(client: httpx.AsyncCli
 
 async def test_plan_then_always_then_reset(client: httpx.AsyncClient) -> None:
     """plan applies faults in order, then always; reset clears faults and records."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.plan(Fault.status(500), None)
         fake.always(Fault.status(503))
         codes = [(await post(client, fake, THREE)).status_code for _ in range(3)]
@@ -649,7 +696,7 @@ async def test_plan_then_always_then_reset(client: httpx.AsyncClient) -> None:
 
 async def test_in_flight_peak_and_received_records(client: httpx.AsyncClient) -> None:
     """max_in_flight sees concurrent requests; received keeps path, lower-cased headers, body."""
-    async with FakeVendor("openai", dims=8) as fake:
+    async with make_fake("openai", dims=8) as fake:
         fake.always(Fault.delay(0.2))
         replies = await asyncio.gather(*(post(client, fake, THREE) for _ in range(3)))
         unknown = await post(client, fake, THREE, path="/models")

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import PNG_1X1, unpack_status
+from fakes import FakeVendor, make_fake
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
@@ -30,7 +31,6 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proto_strategies import MessageStrategies
-from vendors import FakeVendor
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway
@@ -378,7 +378,7 @@ class FuzzWorld:
 
 @pytest_asyncio.fixture(scope="module")
 async def fuzz_world() -> AsyncIterator[FuzzWorld]:
-    fakes = {name: FakeVendor(name) for name in ("rzenembed", "aggregator", "openai")}
+    fakes = {name: make_fake(name) for name in ("rzenembed", "aggregator", "openai")}
     for fake in fakes.values():
         await fake.start()
     os.environ["EMBEDGATE_FUZZ_KEY"] = "test-key"

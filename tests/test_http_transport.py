@@ -15,8 +15,8 @@ import numpy as np
 import orjson
 import pytest
 import pytest_asyncio
+from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from vendor_world import eventually
-from vendors import FakeVendor, Fault, fake_vector, item_key
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
@@ -48,7 +48,7 @@ def transport(request: pytest.FixtureRequest) -> Transport:
 
 @pytest_asyncio.fixture
 async def fake() -> AsyncIterator[FakeVendor]:
-    async with FakeVendor("openai", api_key=KEY, dims=DIMS) as vendor:
+    async with make_fake("openai", api_key=KEY, dims=DIMS) as vendor:
         yield vendor
 
 

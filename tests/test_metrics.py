@@ -9,9 +9,9 @@ import aiohttp
 import grpc
 import pytest
 from conftest import LOCAL, Served
+from fakes import Fault, make_fake
 from gateways import key_file, openai_model, running, samples, value
 from vendor_world import texts
-from vendors import FakeVendor, Fault
 
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -30,7 +30,7 @@ async def scrape(port: int) -> str:
 async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> None:
     """Every RPC by method, model and code, with its latency; every vendor attempt by
     status, with retries, 429s, latency and inputs per request."""
-    async with FakeVendor("openai", api_key="vendor-key-for-tests", max_batch=4) as fake:
+    async with make_fake("openai", api_key="vendor-key-for-tests", max_batch=4) as fake:
         model = openai_model(fake, key_file(tmp_path), max_batch=4)
         async with running([model], metrics_port=0) as gateway:
             assert gateway.metrics_port
@@ -96,7 +96,7 @@ async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> Non
 
 async def test_in_flight_gauges_show_work_under_way(tmp_path: Path) -> None:
     """While two calls wait on a slow vendor, both gauges say 2; then 0."""
-    async with FakeVendor("openai", api_key="vendor-key-for-tests") as fake:
+    async with make_fake("openai", api_key="vendor-key-for-tests") as fake:
         fake.always(Fault.delay(1.0))
         async with running([openai_model(fake, key_file(tmp_path))], metrics_port=0) as gateway:
             assert gateway.metrics_port

@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from conftest import rich_error
+from fakes import fake_vector, item_key
 from vendor_world import VendorWorld, embed, texts
-from vendors import fake_vector, item_key
 
 from embedgate.client import AsyncClient
 from embedgate.server.edge.wire import embedding_bytes, embeddings_field

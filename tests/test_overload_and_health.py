@@ -11,9 +11,9 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import rich_error
+from fakes import FakeVendor, Fault, make_fake
 from gateways import health_status, key_file, openai_model, running, samples, value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from vendors import FakeVendor, Fault
 
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -24,7 +24,7 @@ WAVE = 10
 
 @pytest_asyncio.fixture
 async def fake() -> AsyncIterator[FakeVendor]:
-    async with FakeVendor("openai", api_key="vendor-key-for-tests") as vendor:
+    async with make_fake("openai", api_key="vendor-key-for-tests") as vendor:
         yield vendor
 
 

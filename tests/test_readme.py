@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import yaml
+from fakes import FakeVendor, make_fake
 from gateways import free_port
-from vendors import FakeVendor
 
 from embedgate.client import Client
 from embedgate.server.providers.registry import parse_config
@@ -209,7 +209,7 @@ def test_the_python_example_runs_as_written(default_server: Served, tmp_path: Pa
 
 @pytest_asyncio.fixture
 async def openai_fake() -> AsyncIterator[FakeVendor]:
-    async with FakeVendor("openai") as fake:
+    async with make_fake("openai") as fake:
         yield fake
 
 

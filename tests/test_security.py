@@ -13,10 +13,10 @@ import pytest_asyncio
 import structlog
 from certs import Authority
 from conftest import rich_error
+from fakes import FakeVendor, make_fake
 from gateways import health_status, key_file, openai_model, running
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_cli import run_cli
-from vendors import FakeVendor
 
 from embedgate import client as eg
 from embedgate.server.app import build_gateway
@@ -39,7 +39,7 @@ UNCALLED = {
 
 @pytest_asyncio.fixture
 async def fake() -> AsyncIterator[FakeVendor]:
-    async with FakeVendor("openai", api_key="vendor-key-for-tests") as vendor:
+    async with make_fake("openai", api_key="vendor-key-for-tests") as vendor:
         yield vendor
 
 

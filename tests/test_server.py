@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import MULTI, ScriptedProvider, Served, server_settings
+from fakes import Fault, make_fake
 from gateways import free_port, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from vendors import FakeVendor, Fault
 
 from embedgate.server.edge.server import Gateway
 from embedgate.server.routing.router import Router
@@ -301,7 +301,7 @@ async def test_a_live_unix_socket_is_not_taken_over(tmp_path: Path) -> None:
 async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) -> None:
     """SIGTERM starts the drain (an RPC is in flight, its vendor hangs, the grace period
     is 30 s); a second signal then ends the process at once, with 128 + the signal."""
-    async with FakeVendor("openai") as vendor:
+    async with make_fake("openai") as vendor:
         vendor.always(Fault.hang())
         port = free_port()
         config = _vendor_config(tmp_path, vendor.base_url, extra="  default_deadline_s: 60\n")

@@ -1,6 +1,6 @@
 """Every vendor dialect end to end: a real gateway configured the way the README shows,
 real gRPC calls, and each vendor played by a loopback HTTP server that enforces its
-document (tests/vendors.py). What the vendor received and what the caller got are
+document (tests/fakes/). What the vendor received and what the caller got are
 both checked."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import structlog
 from conftest import PNG_1X1, rich_error, unpack_status
+from fakes import FakeVendor, Fault, fake_vector, item_key, rerank_score
+from fakes.aggregator import AggregatorFake
 from vendor_world import (
     CANARY,
     DIALECT_MODELS,
@@ -30,7 +32,6 @@ from vendor_world import (
     text_keys,
     texts,
 )
-from vendors import FakeVendor, Fault, fake_vector, item_key, rerank_score
 
 from embedgate.v1 import embedding_service_pb2 as pb
 
@@ -348,6 +349,7 @@ async def test_rerank_through_the_vendor_split_and_merged(world: VendorWorld) ->
 async def test_rerank_top_n_is_honoured_when_the_vendor_ignores_it(world: VendorWorld) -> None:
     """A relay that sends every document despite top_n still gives the caller top_n."""
     fake = world.fakes["aggregator"]
+    assert isinstance(fake, AggregatorFake)  # the fake with rerank, and ignore_top_n
     fake.ignore_top_n = True
     documents = DOCUMENTS[:4]
     response = await world.stub.Rerank(

@@ -17,8 +17,8 @@ import numpy.typing as npt
 import pytest
 import pytest_asyncio
 from conftest import RichError, rich_error
+from fakes import FAKES, FakeVendor, fake_vector, item_key, make_fake
 from google.rpc import error_details_pb2, status_pb2
-from vendors import FakeVendor, fake_vector, item_key
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway
@@ -151,10 +151,8 @@ def model_entries(fakes: dict[str, FakeVendor], key_file: Path) -> list[dict[str
 
 @pytest_asyncio.fixture(scope="session")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VendorWorld]:
-    fakes = {
-        dialect: FakeVendor(dialect, api_key=CANARY)
-        for dialect in ("rzenembed", "ctyun", "scnet", "qianfan", "aggregator", "openai")
-    }
+    # One fake per vendor the gateway registers; model_entries points the models at them.
+    fakes = {vendor: make_fake(vendor, api_key=CANARY) for vendor in FAKES}
     for fake in fakes.values():
         await fake.start()
     key_file = tmp_path_factory.mktemp("secrets") / "vendor-key"
