@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "server" / "embedgate" / "server"
 PREFIX = "embedgate.server."
 
-BOTTOM = {"config", "domain", "errors", "deadlines", "logs"}
+BOTTOM = {"config", "domain", "errors", "deadlines", "logs", "health"}
 # Which parts of the server each layer may import (a part is a module of the bottom
 # or a package: edge, routing, providers; metrics sits just above the bottom).
 ALLOWED: dict[str, set[str]] = {

@@ -24,6 +24,7 @@ from embedgate.server.errors import (
     VendorRejectedError,
     VendorUnavailableError,
 )
+from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.http import HttpReply, RetryPolicy, TransportFailure, post
 from embedgate.server.providers.openai_compatible import OpenAICompatible, OpenAISettings
@@ -194,13 +195,17 @@ def test_each_http_status_is_one_error(status: int, kind: type[VendorError], rea
         assert error.metadata["retry_after_s"] == "3"
 
 
-def provider(script: Sequence[Outcome], metrics: Metrics) -> tuple[VendorProvider, ScriptedSender]:
+def provider(script: Sequence[Outcome], health: Health) -> tuple[VendorProvider, ScriptedSender]:
     settings = OpenAISettings(
         name="m", vendor_model="text-embedding-3-small", max_retries=0, dimensions=4
     )
     sender = ScriptedSender(list(script))
     made = VendorProvider(
-        OpenAICompatible(settings), sender, metrics, base_url=URL, api_key="k-123"
+        OpenAICompatible(settings),
+        sender,
+        base_url=URL,
+        api_key="k-123",
+        health=health.model("m"),
     )
     return made, sender
 
@@ -208,26 +213,26 @@ def provider(script: Sequence[Outcome], metrics: Metrics) -> tuple[VendorProvide
 async def test_the_provider_turns_a_refused_key_into_not_serving() -> None:
     """Through a provider: a 401 is VENDOR_AUTH_FAILED and marks the model not
     serving (the operator must act); the key travels as a bearer token only."""
-    metrics = Metrics()
-    made, sender = provider([reply(401)], metrics)
+    health = Health()
+    made, sender = provider([reply(401)], health)
     with pytest.raises(VendorAuthError) as caught:
         await made.embed([TextInput("a")], EmbedOptions(request_id="r1"))
     assert "k-123" not in str(caught.value)
     assert sender.sent[0]["authorization"] == "Bearer k-123"
     assert sender.sent[0]["x-request-id"] == "r1"
-    assert not metrics.serving("m")
+    assert not health.serving("m")
 
 
 async def test_the_provider_counts_vendor_failures_toward_health() -> None:
     """Unavailable replies count toward the failures in a row that make a model not
     serving; a rejected request (the caller's fault) does not."""
-    metrics = Metrics(unhealthy_after=2)
-    made, _ = provider([reply(400), reply(400), reply(503), reply(503)], metrics)
+    health = Health(unhealthy_after=2)
+    made, _ = provider([reply(400), reply(400), reply(503), reply(503)], health)
     for expected in (VendorRejectedError, VendorRejectedError):
         with pytest.raises(expected):
             await made.embed([TextInput("a")], EmbedOptions())
-    assert metrics.serving("m")
+    assert health.serving("m")
     for _ in range(2):
         with pytest.raises(VendorUnavailableError):
             await made.embed([TextInput("a")], EmbedOptions())
-    assert not metrics.serving("m")
+    assert not health.serving("m")

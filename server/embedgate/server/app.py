@@ -12,6 +12,7 @@ import structlog
 from embedgate.server.config import AuthConfig, CacheConfig, ConfigError
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
+from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import GatewayConfig, build_providers, read_secret
 from embedgate.server.providers.settings import SettingError
@@ -53,13 +54,20 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
-    metrics = Metrics(unhealthy_after=config.server.unhealthy_after_failures)
+    metrics = Metrics()
+    health = Health(unhealthy_after=config.server.unhealthy_after_failures)
     router = Router(
-        build_providers(config.models, metrics=metrics),
+        build_providers(config.models, metrics=metrics, health=health),
         coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
         cache=build_cache(config.cache),
     )
-    return Gateway(router, config.server, metrics=metrics, tokens=read_tokens(config.server.auth))
+    return Gateway(
+        router,
+        config.server,
+        metrics=metrics,
+        tokens=read_tokens(config.server.auth),
+        models_health=health,
+    )
 
 
 # A signal sent to a process group reaches the server twice when a parent such as make

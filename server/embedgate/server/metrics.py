@@ -1,17 +1,17 @@
-"""Prometheus metrics, and the per-model health they feed.
+"""Prometheus metrics.
 
 One ``Metrics`` per gateway, with its own registry, so that several gateways in one
 process (tests, embedding) keep separate counts. Providers get a ``VendorMeter`` bound
 to their vendor and model, so that recording costs no label lookups on the hot path.
+The ``/metrics`` listener is the edge's (``edge/server.py``); model health is
+``health.py``'s, shown here as a gauge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -44,17 +44,10 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # The model label of RPCs that named no configured model.
 UNKNOWN_MODEL = "(unknown)"
-# A model's health changes: (model name, serving).
-HealthListener = Callable[[str, bool], None]
 
 
 class Metrics:
-    """``unhealthy_after``: vendor calls failing in a row before a model is NOT_SERVING."""
-
-    def __init__(
-        self, registry: CollectorRegistry | None = None, *, unhealthy_after: int = 3
-    ) -> None:
-        self.unhealthy_after = unhealthy_after
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
@@ -135,10 +128,8 @@ class Metrics:
             ("model",),
             registry=r,
         )
-        self._health_listeners: list[HealthListener] = []
         self._models: frozenset[str] = frozenset()
         self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
-        self._unhealthy: set[str] = set()
 
     def serve_models(self, names: Iterable[str]) -> None:
         """The configured models: the only values the ``model`` label takes."""
@@ -161,38 +152,21 @@ class Metrics:
     def vendor(self, vendor: str, model: str) -> VendorMeter:
         return VendorMeter(self, vendor, model)
 
-    def on_health_change(self, listener: HealthListener) -> None:
-        self._health_listeners.append(listener)
-
-    def serving(self, model: str) -> bool:
-        return model not in self._unhealthy
-
-    def health_changed(self, model: str, serving: bool) -> None:
+    def model_health_changed(self, model: str, serving: bool) -> None:
+        """A ``health.Health`` listener: the ``embedgate_model_serving`` gauge."""
         self.model_serving.labels(model).set(1 if serving else 0)
-        if serving:
-            self._unhealthy.discard(model)
-        else:
-            self._unhealthy.add(model)
-        for listener in self._health_listeners:
-            listener(model, serving)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class VendorMeter:
-    """One vendor model's instruments, and its health: NOT_SERVING when the vendor
-    refuses the key, or after the metrics' ``unhealthy_after`` failed calls in a row; SERVING again
-    after a call that succeeds."""
+    """One vendor model's instruments."""
 
     __slots__ = (
         "_by_status",
-        "_failures",
         "_labels",
-        "_metrics",
-        "_model",
         "_requests",
-        "_unhealthy_after",
         "duration",
         "in_flight",
         "inputs",
@@ -201,8 +175,6 @@ class VendorMeter:
     )
 
     def __init__(self, metrics: Metrics, vendor: str, model: str) -> None:
-        self._metrics = metrics
-        self._model = model
         self._requests = metrics.vendor_requests
         self._labels = (vendor, model)
         # The counter of each HTTP status the vendor answered with, resolved once.
@@ -212,8 +184,7 @@ class VendorMeter:
         self.inputs = metrics.vendor_inputs.labels(vendor, model)
         self.retries = metrics.vendor_retries.labels(vendor, model)
         self.rate_limited = metrics.vendor_rate_limited.labels(vendor, model)
-        self._unhealthy_after = metrics.unhealthy_after
-        self._failures = 0
+        # The series exists, serving, from the start.
         metrics.model_serving.labels(model).set(1)
 
     def attempt(self, outcome: int | str, seconds: float) -> None:
@@ -227,51 +198,3 @@ class VendorMeter:
         self.duration.observe(seconds)
         if outcome == 429:
             self.rate_limited.inc()
-
-    def succeeded(self) -> None:
-        self._failures = 0
-        self._mark(serving=True)
-
-    def failed(self) -> None:
-        """A call failed for the vendor's sake (no reply, 5xx, timeouts), retries spent."""
-        self._failures += 1
-        if self._failures >= self._unhealthy_after:
-            self._mark(serving=False)
-
-    def key_refused(self) -> None:
-        self._mark(serving=False)
-
-    def _mark(self, *, serving: bool) -> None:
-        if self._metrics.serving(self._model) != serving:
-            self._metrics.health_changed(self._model, serving)
-
-
-class MetricsServer:
-    """``GET /metrics`` on its own HTTP port, in the gateway's event loop."""
-
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._metrics = metrics
-        self._host = host
-        self._port = port
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def _serve(self, _request: web.Request) -> web.Response:
-        body = self._metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def start(self) -> int:
-        app = web.Application()
-        app.router.add_get("/metrics", self._serve)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        await site.start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-        return self.port
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None

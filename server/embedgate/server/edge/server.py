@@ -11,13 +11,16 @@ from pathlib import Path
 
 import grpc
 import structlog
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
 from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.service import SERVICE_NAME, EmbeddingService
-from embedgate.server.metrics import Metrics, MetricsServer
+from embedgate.server.health import Health
+from embedgate.server.metrics import Metrics
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -49,6 +52,7 @@ class Gateway:
         *,
         metrics: Metrics | None = None,
         tokens: Tokens | None = None,
+        models_health: Health | None = None,
     ) -> None:
         self._router = router
         self._settings = settings
@@ -64,7 +68,9 @@ class Gateway:
         self.port = 0
         self.health_port: int | None = None
         self.metrics_port: int | None = None
-        self._metrics.on_health_change(self._model_health_changed)
+        self._models_health = models_health or Health()
+        self._models_health.on_change(self._metrics.model_health_changed)
+        self._models_health.on_change(self._model_health_changed)
 
     @property
     def health(self) -> health.aio.HealthServicer:
@@ -161,7 +167,7 @@ class Gateway:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, SERVING)
         for model in models:
-            serving = self._metrics.serving(model)
+            serving = self._models_health.serving(model)
             await self._health.set(model, SERVING if serving else NOT_SERVING)
         self._serving = True
         log.info(
@@ -267,3 +273,35 @@ def _clear_stale_socket(path: str) -> None:
             os.unlink(path)
             return
     raise ListenError(f"cannot listen on unix:{path}: another server is listening there")
+
+
+class MetricsServer:
+    """``GET /metrics`` on its own HTTP port, in the gateway's event loop: a listener
+    the gateway starts beside its gRPC ones."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _serve(self, _request: web.Request) -> web.Response:
+        body = self._metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

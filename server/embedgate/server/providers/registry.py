@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 
 from embedgate.server import config
 from embedgate.server.config import DEFAULT_MODEL_NAME, Config, ConfigError, ModelSettings
+from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.aggregator import Aggregator
 from embedgate.server.providers.base import Provider
@@ -70,24 +71,29 @@ def build_providers(
     driver: HttpDriver | None = None,
     source: str = "config",
     metrics: Metrics | None = None,
+    health: Health | None = None,
 ) -> list[Provider]:
-    """One provider per configured model; vendor models share one HTTP driver."""
+    """One provider per configured model; vendor models share one HTTP driver, and
+    report their calls to ``health``."""
     shared = driver or HttpDriver()
     metrics = metrics or Metrics()
+    health = health or Health()
     providers: list[Provider] = []
     for position, model in enumerate(models):
         try:
-            providers.append(build_provider(model, shared, metrics))
+            providers.append(build_provider(model, shared, metrics, health))
         except SettingError as problem:
             raise ConfigError(f"{source}: models[{position}].{problem.field}: {problem}") from None
     return providers
 
 
-def build_provider(model: ModelSettings, driver: HttpDriver, metrics: Metrics) -> Provider:
+def build_provider(
+    model: ModelSettings, driver: HttpDriver, metrics: Metrics, health: Health
+) -> Provider:
     if isinstance(model, LocalSettings):
         return LocalProvider(model, metrics)
     if isinstance(model, VendorSettings):
-        return build_vendor_provider(model, driver, metrics)
+        return build_vendor_provider(model, driver, metrics, health)
     raise TypeError(f"no provider is registered for {type(model).__name__}")
 
 
@@ -95,15 +101,19 @@ def build_vendor_provider(
     model: VendorSettings,
     driver: HttpDriver,
     metrics: Metrics | None = None,
+    health: Health | None = None,
 ) -> VendorProvider:
     dialect = DIALECTS[model.provider](model)
     base_url = model.base_url or dialect.default_base_url
     if base_url is None:  # config validation requires one where there is no default
         raise SettingError("base_url", f"is required for {dialect.title}")
     api_key = read_key(model)
+    own = (health or Health()).model(model.name)
     if isinstance(dialect, Reranking) and dialect.capabilities.reranks:
-        return RerankingVendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key)
-    return VendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key)
+        return RerankingVendorProvider(
+            dialect, driver, metrics, base_url=base_url, api_key=api_key, health=own
+        )
+    return VendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key, health=own)
 
 
 def read_key(model: VendorSettings) -> str | None:

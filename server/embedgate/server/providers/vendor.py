@@ -25,6 +25,7 @@ from embedgate.server.errors import (
     VendorRejectedError,
     VendorUnavailableError,
 )
+from embedgate.server.health import Health, ModelHealth
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, Ranking
 from embedgate.server.providers.dialect import (
@@ -58,6 +59,7 @@ class VendorProvider:
         *,
         base_url: str,
         api_key: str | None,
+        health: ModelHealth | None = None,
     ) -> None:
         settings = dialect.settings
         self._settings = settings
@@ -73,6 +75,7 @@ class VendorProvider:
             attempt_timeout_s=settings.timeout_s,
         )
         self._meter = (metrics or Metrics()).vendor(dialect.vendor, settings.name)
+        self._health = health or Health().model(settings.name)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         caps = dialect.capabilities
         self._info = ModelInfo(
@@ -137,7 +140,7 @@ class VendorProvider:
             parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
-        self._meter.succeeded()
+        self._health.succeeded()
         tokens = parsed.prompt_tokens
         return EmbedBatch(
             vectors=parsed.vectors,
@@ -178,10 +181,10 @@ class VendorProvider:
                 meter=meter,
             )
         except VendorBadReplyError:
-            meter.failed()
+            self._health.failed()
             raise
         except TransportFailure as failure:
-            meter.failed()
+            self._health.failed()
             log.warning(
                 "vendor_call_failed",
                 vendor=self._dialect.vendor,
@@ -250,13 +253,13 @@ class VendorProvider:
             retry_after_s=reply.retry_after_s if status == 429 else None,
         )
         if isinstance(error, VendorAuthError):
-            self._meter.key_refused()
+            self._health.key_refused()
         elif isinstance(error, VendorUnavailableError):
-            self._meter.failed()
+            self._health.failed()
         raise error
 
     def _reply_failed(self, problem: BadReply | ErrorInReply, payload: Any) -> NoReturn:
-        self._meter.failed()
+        self._health.failed()
         title = self._dialect.title
         if isinstance(problem, ErrorInReply):
             metadata = self._metadata(problem.fault, 200)
@@ -292,10 +295,13 @@ class RerankingVendorProvider(VendorProvider):
         *,
         base_url: str,
         api_key: str | None,
+        health: ModelHealth | None = None,
     ) -> None:
         if not isinstance(dialect, Dialect):
             raise TypeError(f"{type(dialect).__name__} is not a vendor dialect")
-        super().__init__(dialect, sender, metrics, base_url=base_url, api_key=api_key)
+        super().__init__(
+            dialect, sender, metrics, base_url=base_url, api_key=api_key, health=health
+        )
         self._reranker = dialect
 
     async def rerank(
@@ -309,7 +315,7 @@ class RerankingVendorProvider(VendorProvider):
             ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
-        self._meter.succeeded()
+        self._health.succeeded()
         return ranking
 
 
