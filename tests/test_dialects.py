@@ -5,6 +5,8 @@ documented limits. No I/O here; the loopback fakes test the same code end to end
 from __future__ import annotations
 
 import base64
+import re
+import sys
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -35,7 +37,7 @@ from embedgate.server.providers.dialect import (
 from embedgate.server.providers.http import HttpDriver, parse_retry_after, retryable_status
 from embedgate.server.providers.openai_compatible import OpenAICompatible
 from embedgate.server.providers.qianfan import Qianfan
-from embedgate.server.providers.registry import build_providers, parse_config
+from embedgate.server.providers.registry import DIALECTS, build_providers, parse_config
 from embedgate.server.providers.rzenembed import RzenEmbed
 from embedgate.server.providers.scnet import SCNet
 from embedgate.server.providers.settings import SettingError
@@ -391,3 +393,13 @@ class TestKeys:
                 ]
             }
         )
+
+
+def test_each_vendor_module_names_its_source_document() -> None:
+    """Every dialect's module docstring says which vendor document it follows and when
+    that document was read: the quirks in it are only as good as their source."""
+    for vendor, dialect in DIALECTS.items():
+        module = sys.modules[dialect.__module__]
+        doc = module.__doc__ or ""
+        source = re.search(r"Source: (.+?), read\s+(\d{4}-\d{2}-\d{2})", doc, re.S)
+        assert source is not None, vendor

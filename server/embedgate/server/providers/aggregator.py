@@ -1,5 +1,8 @@
 """A multimodal relay with ``/v1/embeddings`` and ``/v1/rerank``.
 
+Source: the relay's API document "多模态向量嵌入" (multimodal embeddings), with its
+rerank section, read 2026-11-21.
+
 Its document: embeddings take ``input`` as a list of ``{"text", "image"}`` objects,
 ``normalized`` and ``embedding_type``; rerank takes ``query``, ``documents`` (strings)
 and ``top_n`` and answers ``results[]`` of ``{index, relevance_score, document}``

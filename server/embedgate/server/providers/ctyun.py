@@ -1,5 +1,7 @@
 """CTyun Wishub: OpenAI-style text embeddings, with the vector under ``embeddings``.
 
+Source: CTyun Wishub's interface document "嵌入" (Embeddings), read 2026-11-21.
+
 The CTyun document: ``model`` is a model ID, ``input`` a string or list of strings
 (at most 8192 tokens each), ``encoding_format`` float or base64, ``dimensions`` only for
 text-embedding-3-class models. Its reply table and its own sample code name the vector

@@ -1,6 +1,8 @@
 """Any OpenAI-compatible ``/embeddings`` endpoint (OpenAI itself, vLLM, TEI, Ollama...),
 and the base of the vendors that follow the same shape with their own quirks.
 
+Source: OpenAI's API reference, "Embeddings: Create embeddings", read 2026-11-21.
+
 Text only; ``input`` is a list of strings; ``dimensions`` is sent where the model takes
 it (text-embedding-3 models, or ``accepts_dimensions: true``); vectors are asked for
 as base64 unless configured otherwise; errors are

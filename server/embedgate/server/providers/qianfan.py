@@ -1,5 +1,7 @@
 """Baidu Qianfan v2 embeddings (``/v2/embeddings``).
 
+Source: Baidu Qianfan ModelBuilder's API document "向量" (Embeddings), read 2026-11-21.
+
 The Qianfan document: text models take a non-empty list of non-empty strings, with
 per-model limits (embedding-v1: 16 texts of 1000 characters; bge-large-zh/en: 16 of
 2000; tao-8k: exactly 1 of 28000); the multimodal gme-qwen2-vl-2b-instruct takes

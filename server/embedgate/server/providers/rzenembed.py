@@ -1,5 +1,7 @@
 """360 RzenEmbed: one multimodal embedding per request.
 
+Source: 360's "RzenEmbed API" document (in Chinese), read 2026-11-21.
+
 The RzenEmbed document: only ``POST /v1/embeddings``; ``model`` is always
 ``"RzenEmbed"``; the content goes in ``texts`` (at most 1), ``images`` (at most 1, URL
 or base64) and ``video`` (2 to 64 frames), with ``input: []`` left as the OpenAI SDK's

@@ -1,5 +1,8 @@
 """SCNet: OpenAI-style text embeddings, at most 5 texts per request.
 
+Source: SCNet's interface document "文本向量(Embedding)" (text embeddings), read
+2026-11-21.
+
 The SCNet document: ``input`` is a string or a list of at most 5 strings (8192 tokens
 each); Qwen3-Embedding-8B gives 4096 dimensions and the size "cannot be changed". The
 document names the size field three ways (``dimension`` in its table, the string
