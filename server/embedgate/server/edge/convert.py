@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
+
+from google.rpc import status_pb2
 
 from embedgate.server.domain import (
     EmbedOptions,
@@ -365,6 +368,10 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
     )
 
 
+def models_response(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(models=[model_info_message(info) for info in models])
+
+
 def fill_embed_response(
     response: pb.EmbedResponse, result: EmbedResult, options: EmbedOptions
 ) -> None:
@@ -398,6 +405,15 @@ def stream_message(
         message.usage.prompt_tokens = item.tokens
         message.usage.total_tokens = item.tokens
     return message
+
+
+def stream_failure(
+    index: int, status: status_pb2.Status, model: str, options: EmbedOptions
+) -> pb.StreamEmbedResponse:
+    """One input's failure (its ``google.rpc.Status``) as a ``StreamEmbed`` message."""
+    return pb.StreamEmbedResponse(
+        index=index, model=model, request_id=options.request_id, error=status
+    )
 
 
 def rerank_response(

@@ -16,10 +16,11 @@ from embedgate.server.domain import EmbedOptions, Input
 from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
 from embedgate.server.edge.convert import (
     fill_embed_response,
-    model_info_message,
+    models_response,
     parse_embed,
     parse_rerank,
     rerank_response,
+    stream_failure,
     stream_message,
 )
 from embedgate.server.edge.guard import allowed_models, check_model
@@ -193,12 +194,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 if item.item is None:
                     failed += 1
                     error = item.error or InternalError("no vector was produced")
-                    message = pb.StreamEmbedResponse(
-                        index=item.index,
-                        model=model.name,
-                        request_id=options.request_id,
-                        error=to_rpc_status(error, index=item.index),
-                    )
+                    status = to_rpc_status(error, index=item.index)
+                    message = stream_failure(item.index, status, model.name, options)
                 else:
                     if not item.item.cached:
                         batches.add(item.item.batch)
@@ -309,11 +306,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         access = Access("ListModels", self._metrics)
         async with self._serving(context, access):
             allowed = allowed_models()
-            response = pb.ListModelsResponse(
-                models=[
-                    model_info_message(info)
-                    for info in self._router.models()
-                    if allowed is None or info.name in allowed
-                ]
+            response = models_response(
+                info for info in self._router.models() if allowed is None or info.name in allowed
             )
         return response
