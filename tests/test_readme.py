@@ -117,14 +117,16 @@ def _make_run(command: str, args: list[str], log: Path, env: dict[str, str]) -> 
     given = [w.removeprefix("ARGS=") for w in words[2:] if w.startswith("ARGS=")]
     port = free_port()
     extra = " ".join([*given, *args, "--port", str(port)])
-    process = subprocess.Popen(
-        ["make", "run", f"ARGS={extra}", f"VENV={VENV}"],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The child writes to its own copy of the descriptor; this one is closed at once.
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            ["make", "run", f"ARGS={extra}", f"VENV={VENV}"],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
