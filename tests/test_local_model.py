@@ -156,6 +156,8 @@ async def test_length_problems_name_the_position_in_the_batch(served: Served) ->
 
 
 async def test_the_request_id_comes_back_on_failures_and_streams(served: Served) -> None:
+    """The caller's request id comes back in the x-request-id trailer of a call that
+    fails and of a stream."""
     bad = pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text=" ")], request_id="req-bad")
     call = served.stub.Embed(bad, timeout=60)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
