@@ -149,7 +149,8 @@ def _stop(served: Served) -> str:
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The first command, `make run`, as the README gives it."""
+    """The first command, `make run`, as the README gives it: the local model (tests that
+    use it are marked `local`)."""
     block = readme_blocks("front-door")[0]
     commands = [step.command.split("#", 1)[0].strip() for step in steps(block.code)]
     # `make test` is this test suite itself: CI runs it.
@@ -178,6 +179,7 @@ def _run_steps(block: Block, target: str, env: dict[str, str]) -> None:
             assert expected in done.stdout, f"{step.command}: {expected!r} not in {done.stdout}"
 
 
+@pytest.mark.local
 def test_try_it_commands_print_what_the_readme_shows(default_server: Served) -> None:
     """Each command of the README's shell blocks for the default server exits 0 and
     prints the lines shown under it."""
@@ -186,6 +188,7 @@ def test_try_it_commands_print_what_the_readme_shows(default_server: Served) -> 
             _run_steps(block, default_server.target, dict(os.environ))
 
 
+@pytest.mark.local
 def test_the_python_example_runs_as_written(default_server: Served, tmp_path: Path) -> None:
     """The README's Python example, against the default server, exits 0 and prints what
     its comments say."""
@@ -215,6 +218,9 @@ async def openai_fake() -> AsyncIterator[FakeVendor]:
         yield fake
 
 
+# `make run` sets up the local model first (scripts/setup run installs torch and the [local]
+# extra), whatever the config it is given.
+@pytest.mark.local
 async def test_the_vendor_example_serves_as_the_readme_shows(
     openai_fake: FakeVendor, tmp_path: Path
 ) -> None:
