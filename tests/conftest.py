@@ -1,20 +1,29 @@
 """Shared fixtures: real gateways on 127.0.0.1:0 for the whole session, reached over real
 grpc.aio channels. `served`, for the edge tests, serves deterministic in-process test
 models (no torch); `local_served` serves the embedded local model, for the tests marked
-`local` (the only tests that may load it)."""
+`local` (the only tests that may load it).
+
+With EMBEDGATE_TEST_WITHOUT_TORCH=1 the run is as on a machine without the [local] extra
+(tests/without_torch.py): torch cannot be imported, and only tests not marked `local`
+may be selected."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 import pytest_asyncio
+import without_torch
 from google.rpc import error_details_pb2, status_pb2
 
 from embedgate.server.config import ServerConfig
@@ -37,6 +46,11 @@ from embedgate.server.providers.local import DEFAULT_MODEL_NAME, LocalProvider, 
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+if without_torch.requested():
+    _stubs = Path(tempfile.mkdtemp(prefix="embedgate-without-torch-"))
+    atexit.register(shutil.rmtree, _stubs, ignore_errors=True)
+    without_torch.block(_stubs)
 
 # The gateway in front of the vendor fakes (fixture `world`).
 pytest_plugins = ["vendor_world"]
@@ -245,7 +259,7 @@ async def local_served() -> AsyncIterator[LocalServed]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Only tests marked `local` load the local model."""
+    """Only tests marked `local` load the local model; a run without torch selects none."""
     unmarked = [
         item.nodeid
         for item in items
@@ -256,6 +270,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             "these tests use the local model but are not marked local: " + ", ".join(unmarked)
         )
+    if without_torch.requested():
+        local = [item.nodeid for item in items if item.get_closest_marker("local")]
+        if local:
+            raise pytest.UsageError(
+                f"{without_torch.ENV} is set, and tests marked local need torch: "
+                f'select -m "not local" ({len(local)} selected, such as {local[0]})'
+            )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if without_torch.requested():
+        return f"without torch ({without_torch.ENV}): {', '.join(without_torch.BLOCKED)} blocked"
+    return None
 
 
 @pytest.fixture
