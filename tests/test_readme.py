@@ -7,6 +7,7 @@ it must print. Every link in the README and docs/ leads somewhere."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import pytest_asyncio
@@ -261,6 +262,22 @@ async def test_the_vendor_example_serves_as_the_readme_shows(
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+@functools.cache
+def in_repository() -> frozenset[str]:
+    """The files git tracks or would track (not ignored), and the folders holding them,
+    as paths from the root ("." for the root itself)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    files = [PurePosixPath(name) for name in listed.split("\0") if name]
+    return frozenset(str(path) for file in files for path in (file, *file.parents))
+
+
 def _slug(heading: str) -> str:
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return text.replace(" ", "-")
@@ -272,7 +289,8 @@ def _slug(heading: str) -> str:
     ids=lambda path: str(path.relative_to(REPO)),
 )
 def test_every_link_leads_somewhere(page: Path) -> None:
-    """Relative links point at files that exist, and #anchors at headings that exist."""
+    """Relative links point at files of the repository that exist (not outside it, not
+    ignored by git: a clone would not have them), and #anchors at headings that exist."""
     text = page.read_text(encoding="utf-8")
     for target in LINK.findall(text):
         if target.startswith(("http://", "https://", "mailto:")):
@@ -280,6 +298,9 @@ def test_every_link_leads_somewhere(page: Path) -> None:
         path, _, anchor = target.partition("#")
         where = (page.parent / path).resolve() if path else page
         assert where.exists(), f"{page.name}: {target}"
+        assert where.is_relative_to(REPO), f"{page.name}: {target} is outside the repository"
+        inside = where.relative_to(REPO).as_posix()
+        assert inside in in_repository(), f"{page.name}: {target} is ignored by git"
         if anchor and where.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", where.read_text(encoding="utf-8"), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page.name}: {target}"
