@@ -1,19 +1,29 @@
-"""Shared fixtures: one real gateway on 127.0.0.1:0 for the whole session, serving the
-embedded local model and a deterministic in-process test model, reached over real
-grpc.aio channels."""
+"""Shared fixtures: real gateways on 127.0.0.1:0 for the whole session, reached over real
+grpc.aio channels. `served`, for the edge tests, serves deterministic in-process test
+models (no torch); `local_served` serves the embedded local model, for the tests marked
+`local` (the only tests that may load it).
+
+With EMBEDGATE_TEST_WITHOUT_TORCH=1 the run is as on a machine without the [local] extra
+(tests/without_torch.py): torch cannot be imported, and only tests not marked `local`
+may be selected."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 import pytest_asyncio
+import without_torch
 from google.rpc import error_details_pb2, status_pb2
 
 from embedgate.server.config import DEFAULT_MODEL_NAME, ServerConfig
@@ -37,10 +47,18 @@ from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
+if without_torch.requested():
+    _stubs = Path(tempfile.mkdtemp(prefix="embedgate-without-torch-"))
+    atexit.register(shutil.rmtree, _stubs, ignore_errors=True)
+    without_torch.block(_stubs)
+
 # The gateway in front of the vendor fakes (fixture `world`).
 pytest_plugins = ["vendor_world"]
 
 LOCAL = DEFAULT_MODEL_NAME
+# Test models: text only, shaped like the local model (384 dimensions, 512 inputs, 8,192
+# characters, reranks, no instruction, unit vectors); every modality; wide vectors.
+TEXT_ONLY = "test-text"
 MULTI = "test-multimodal"
 WIDE = "test-wide"
 
@@ -72,9 +90,10 @@ def expected_vector(item: Input, dims: int) -> npt.NDArray[np.float32]:
 
 @dataclass
 class ScriptedProvider:
-    """A deterministic model for the tests: every modality, vectors derived from the
-    content, and switchable behaviour (delays, failing inputs) to exercise the routing
-    and edge layers. It implements the provider seam; nothing is patched."""
+    """A deterministic model for the tests: every modality unless told otherwise, vectors
+    derived from the content, and switchable behaviour (delays, failing inputs) to
+    exercise the routing and edge layers. It implements the provider seam; nothing is
+    patched."""
 
     name: str
     dims: int = 16
@@ -82,6 +101,11 @@ class ScriptedProvider:
     max_inputs: int = 512
     delay_s: float = 0.0
     fail_texts: set[str] = field(default_factory=set)
+    modalities: frozenset[Modality] = frozenset(Modality)
+    max_text_chars: int = 65536
+    reranks: bool = False
+    accepts_instruction: bool = True
+    normalizes_by_default: bool = False
     calls: list[int] = field(default_factory=list)
     # Every input its own checks were given (the router's checks come first).
     checked: list[Input] = field(default_factory=list)
@@ -98,12 +122,13 @@ class ScriptedProvider:
         return ModelInfo(
             name=self.name,
             provider="test",
-            modalities=frozenset(Modality),
+            modalities=self.modalities,
             max_inputs_per_call=self.max_inputs,
+            max_text_chars=self.max_text_chars,
             dimensions=Dimensions(default=self.dims, minimum=1, maximum=self.dims),
-            reranks=False,
-            accepts_instruction=True,
-            normalizes_by_default=False,
+            reranks=self.reranks,
+            accepts_instruction=self.accepts_instruction,
+            normalizes_by_default=self.normalizes_by_default,
         )
 
     @property
@@ -143,14 +168,50 @@ class ScriptedProvider:
             self.in_flight -= 1
 
 
+def text_only_model(name: str = TEXT_ONLY, max_inputs: int = 512) -> ScriptedProvider:
+    """A test model shaped like the local one: text only, 384 dimensions, at most 8,192
+    characters a text, reranks by cosine, no instruction, unit vectors by default."""
+    return ScriptedProvider(
+        name,
+        dims=384,
+        batch=32,
+        max_inputs=max_inputs,
+        modalities=frozenset({Modality.TEXT}),
+        max_text_chars=8192,
+        reranks=True,
+        accepts_instruction=False,
+        normalizes_by_default=True,
+    )
+
+
+def ranking(model: ScriptedProvider, query: str, documents: Sequence[str]) -> list[int]:
+    """The document indexes best first, as a cosine rerank on ``model`` orders them."""
+    want = expected_vector(TextInput(query), model.dims)
+    scores = [float(expected_vector(TextInput(d), model.dims) @ want) for d in documents]
+    return sorted(range(len(documents)), key=lambda i: -scores[i])
+
+
 @dataclass
 class Served:
+    """The edge tests' gateway: the test models only."""
+
     gateway: Gateway
     target: str
     channel: grpc.aio.Channel
     stub: pb_grpc.EmbeddingServiceAsyncStub
+    text: ScriptedProvider
     multi: ScriptedProvider
     wide: ScriptedProvider
+
+
+@dataclass
+class LocalServed:
+    """The local model's gateway, for the tests marked `local`."""
+
+    gateway: Gateway
+    target: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.EmbeddingServiceAsyncStub
     local: LocalProvider
 
 
@@ -158,28 +219,70 @@ def server_settings() -> ServerConfig:
     return ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=5)
 
 
-@pytest_asyncio.fixture(scope="session")
-async def served() -> AsyncIterator[Served]:
-    multi = ScriptedProvider(MULTI, dims=16, batch=4, fail_texts={"explode"})
-    wide = ScriptedProvider(WIDE, dims=4096, batch=64, max_inputs=512)
-    metrics = Metrics()
-    local = LocalProvider(LocalSettings(name=LOCAL), metrics)
-    router = Router([local, multi, wide])
-    gateway = Gateway(router, server_settings(), metrics=metrics)
-    port = await gateway.start()
-    target = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(
+def big_message_channel(target: str) -> grpc.aio.Channel:
+    """A channel that sends and receives the largest payloads the gateway admits."""
+    return grpc.aio.insecure_channel(
         target,
         options=[
             ("grpc.max_send_message_length", 80 * 1024 * 1024),
             ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ],
     )
-    yield Served(
-        gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), multi, wide, local
-    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def served() -> AsyncIterator[Served]:
+    text = text_only_model()
+    multi = ScriptedProvider(MULTI, dims=16, batch=4, fail_texts={"explode"})
+    wide = ScriptedProvider(WIDE, dims=4096, batch=64, max_inputs=512)
+    gateway = Gateway(Router([text, multi, wide]), server_settings(), metrics=Metrics())
+    port = await gateway.start()
+    target = f"127.0.0.1:{port}"
+    channel = big_message_channel(target)
+    yield Served(gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), text, multi, wide)
     await channel.close()
     await gateway.stop(grace=1)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def local_served() -> AsyncIterator[LocalServed]:
+    metrics = Metrics()
+    local = LocalProvider(LocalSettings(name=LOCAL), metrics)
+    gateway = Gateway(Router([local]), server_settings(), metrics=metrics)
+    port = await gateway.start()
+    target = f"127.0.0.1:{port}"
+    channel = big_message_channel(target)
+    yield LocalServed(gateway, target, channel, pb_grpc.EmbeddingServiceStub(channel), local)
+    await channel.close()
+    await gateway.stop(grace=1)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Only tests marked `local` load the local model; a run without torch selects none."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "local_served" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("local") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the local model but are not marked local: " + ", ".join(unmarked)
+        )
+    if without_torch.requested():
+        local = [item.nodeid for item in items if item.get_closest_marker("local")]
+        if local:
+            raise pytest.UsageError(
+                f"{without_torch.ENV} is set, and tests marked local need torch: "
+                f'select -m "not local" ({len(local)} selected, such as {local[0]})'
+            )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if without_torch.requested():
+        return f"without torch ({without_torch.ENV}): {', '.join(without_torch.BLOCKED)} blocked"
+    return None
 
 
 @pytest.fixture

@@ -31,6 +31,10 @@ def rzen_model(fake: FakeVendor, keys: Path) -> dict[str, Any]:
 
 
 async def test_request_ids_from_metadata_reach_the_vendor_and_come_back(tmp_path: Path) -> None:
+    """A caller's x-request-id (metadata) is the call's request id: it comes back in the
+    response and its trailers, reaches the vendor (one derived id per vendor request), and
+    names the access line; the request's own field wins over the metadata, and an id too
+    long is INVALID_REQUEST_ID."""
     keys = key_file(tmp_path)
     async with (
         make_fake("openai", api_key="vendor-key-for-tests", max_batch=2) as openai,

@@ -178,6 +178,8 @@ async def test_a_repeated_input_is_served_from_the_cache(replica: Replica, fakes
 async def test_only_the_missing_inputs_go_to_the_vendor_in_order(
     replica: Replica, fakes: Fakes
 ) -> None:
+    """Of a call's inputs, only those not cached go to the vendor, in the call's order;
+    every vector comes back at its place, and the tokens count only what was sent."""
     await embed(replica, texts("one", "three"))
     fakes.reset()
     response = await embed(replica, texts("one", "two", "three", "four"))
@@ -215,6 +217,8 @@ async def test_the_options_that_change_a_vector_are_part_of_the_key(
 async def test_images_are_keyed_by_their_bytes_and_uris_by_their_text(
     replica: Replica, fakes: Fakes
 ) -> None:
+    """An image given as bytes is cached by those bytes, one given by URI by the URI's
+    text: the same bytes or URI hit, other bytes or another URI miss."""
     other_png = PNG_1X1[:-4] + b"\x00\x00\x00\x01"  # different bytes (the fake never decodes)
     first = [
         pb.Input(image=pb.Image(data=PNG_1X1)),
@@ -237,6 +241,8 @@ async def test_images_are_keyed_by_their_bytes_and_uris_by_their_text(
 
 
 async def test_no_cache_neither_reads_nor_stores(replica: Replica, fakes: Fakes) -> None:
+    """no_cache sends every input to the vendor even when cached, and stores nothing of
+    what comes back."""
     await embed(replica, texts("stored"))
     fakes.reset()
     response = await embed(replica, texts("stored", "unstored"), no_cache=True)
@@ -249,6 +255,8 @@ async def test_no_cache_neither_reads_nor_stores(replica: Replica, fakes: Fakes)
 
 
 async def test_stream_embed_reports_cached_inputs_first(replica: Replica, fakes: Fakes) -> None:
+    """StreamEmbed answers the cached inputs at once, before the ones the vendor embeds;
+    only those go to the vendor."""
     await embed(replica, texts("warm"))
     fakes.reset()
     call = replica.stub.StreamEmbed(
@@ -282,6 +290,9 @@ async def test_identical_inputs_in_flight_are_sent_once(replica: Replica, fakes:
 async def test_a_caller_leaving_does_not_cancel_an_input_others_wait_for(
     replica: Replica, fakes: Fakes
 ) -> None:
+    """When the caller that sent an input leaves, the vendor request goes on for the
+    caller that waits for the same input: it gets its vector, and the vendor sees no
+    disconnect."""
     fakes.openai.plan(Fault.delay(0.4))
     first = asyncio.ensure_future(embed(replica, texts("shared")))
     await asyncio.sleep(0.1)  # the first call's input is at the vendor
@@ -314,6 +325,8 @@ async def test_a_joining_caller_with_a_later_deadline_is_not_cut_short(
 async def test_a_failure_in_flight_reaches_every_caller_on_its_own_input(
     replica: Replica, fakes: Fakes
 ) -> None:
+    """A vendor request shared by callers that fails reaches each of them, its message
+    naming that caller's own input; nothing that failed is cached."""
     fakes.openai.plan(Fault.status(400))
     calls = [
         replica.stub.Embed(pb.EmbedRequest(model="oa-wait", inputs=texts("x", "bad")), timeout=5),
@@ -336,6 +349,8 @@ async def test_a_failure_in_flight_reaches_every_caller_on_its_own_input(
 
 
 async def test_the_memory_tier_is_bounded_in_bytes_and_in_time(fakes: Fakes) -> None:
+    """The memory tier keeps at most max_bytes (the least recently used go first) and
+    nothing longer than ttl_s."""
     fakes.reset()
     entry = DIMS * 4 + 200  # a float32 vector and the per-entry allowance
     replica = await start_replica(fakes, {"max_bytes": 3 * entry, "ttl_s": 0.5})
@@ -355,6 +370,7 @@ async def test_the_memory_tier_is_bounded_in_bytes_and_in_time(fakes: Fakes) -> 
 
 
 async def test_a_disabled_cache_sends_everything(fakes: Fakes) -> None:
+    """With the cache off, every input goes to the vendor, repeats included."""
     fakes.reset()
     replica = await start_replica(fakes, {"enabled": False})
     try:
@@ -370,6 +386,9 @@ async def test_a_disabled_cache_sends_everything(fakes: Fakes) -> None:
 
 
 async def test_rerank_by_cosine_goes_through_the_cache(replica: Replica, fakes: Fakes) -> None:
+    """A cosine rerank embeds its query and documents through the cache: scores are the
+    cosines of the vendor's vectors, what was cached is not sent again and is marked
+    cached, and no_cache sends everything."""
     docs = ["red", "green", "blue"]
     first = await replica.stub.Rerank(
         pb.RerankRequest(model="oa", query="colour", documents=docs), timeout=10
@@ -402,6 +421,8 @@ async def test_rerank_by_cosine_goes_through_the_cache(replica: Replica, fakes: 
 
 
 async def test_a_text_query_ranks_images(replica: Replica, fakes: Fakes) -> None:
+    """A cosine rerank of a text query against image and text+image documents orders them
+    by the cosine of their vectors and returns each document input as given."""
     documents = [
         pb.Input(image=pb.Image(uri=CAT)),
         pb.Input(image=pb.Image(uri=DOG)),
@@ -425,6 +446,10 @@ async def test_a_text_query_ranks_images(replica: Replica, fakes: Fakes) -> None
 
 
 async def test_multimodal_documents_are_checked_against_the_model(replica: Replica) -> None:
+    """Rerank's document inputs are checked as Embed's are: a modality the model does not
+    take (a text-only model; a vendor reranker, texts only) is UNSUPPORTED_MODALITY, a bad
+    URI or an empty text is named at its path, and documents given both ways is
+    CONFLICTING_FIELDS."""
     from conftest import rich_error
 
     cases: list[tuple[str, list[pb.Input], dict[str, str]]] = [
@@ -501,6 +526,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 async def test_replicas_share_vectors_through_redis(fakes: Fakes, redis_url: str) -> None:
+    """Two gateways on one Redis share vectors: what one embedded (written with the TTL)
+    the other reads instead of sending it to the vendor."""
     fakes.reset()
     cache = {"redis_url": redis_url, "ttl_s": 30}
     one = await start_replica(fakes, cache)

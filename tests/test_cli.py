@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LOCAL, MULTI, PNG_1X1, WIDE, ScriptedProvider, Served, server_settings
+from conftest import (
+    MULTI,
+    PNG_1X1,
+    TEXT_ONLY,
+    WIDE,
+    ScriptedProvider,
+    Served,
+    ranking,
+    server_settings,
+)
 
 from embedgate.client.cli import build_parser
 from embedgate.server.edge.server import Gateway
@@ -33,11 +42,11 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 async def test_embed_prints_a_summary(served: Served) -> None:
     """`embedgate embed --text` prints dimension, norm and first values per input."""
     code, out, err = await run_cli(
-        "embed", "--target", served.target, "--model", LOCAL, "--text", "two apples"
+        "embed", "--target", served.target, "--model", TEXT_ONLY, "--text", "two apples"
     )
     assert code == 0, err
     assert 'text "two apples": 384 dims, norm 1.0000, [' in out
-    assert f"model {LOCAL}" in out
+    assert f"model {TEXT_ONLY}" in out
 
 
 async def test_embed_json_prints_the_whole_response(served: Served) -> None:
@@ -47,7 +56,7 @@ async def test_embed_json_prints_the_whole_response(served: Served) -> None:
         "--target",
         served.target,
         "--model",
-        LOCAL,
+        TEXT_ONLY,
         "--text",
         "a",
         "--text",
@@ -58,7 +67,7 @@ async def test_embed_json_prints_the_whole_response(served: Served) -> None:
     )
     assert code == 0, err
     body = json.loads(out)
-    assert body["model"] == LOCAL
+    assert body["model"] == TEXT_ONLY
     assert [len(e["values"]) for e in body["embeddings"]] == [32, 32]
 
 
@@ -91,7 +100,7 @@ async def test_embed_images_and_video_frames(served: Served, tmp_path: Path) -> 
 async def test_embed_errors_print_the_field_violations(served: Served) -> None:
     """A rejected request exits 1 and prints the code, reason and each bad field."""
     code, _, err = await run_cli(
-        "embed", "--target", served.target, "--model", LOCAL, "--image-uri", "ftp://x/y.png"
+        "embed", "--target", served.target, "--model", TEXT_ONLY, "--image-uri", "ftp://x/y.png"
     )
     assert code == 1
     assert "INVALID_ARGUMENT" in err
@@ -102,28 +111,30 @@ async def test_models_lists_the_models(served: Served) -> None:
     """`embedgate models` prints one line per model; --json gives the fields."""
     code, out, err = await run_cli("models", "--target", served.target)
     assert code == 0, err
-    assert out.splitlines()[0].startswith(f"{LOCAL}  provider=local  inputs=text  dims=384")
+    assert out.splitlines()[0].startswith(f"{TEXT_ONLY}  provider=test  inputs=text  dims=384")
     code, out, err = await run_cli("models", "--target", served.target, "--json")
     assert code == 0, err
-    assert json.loads(out)[0]["name"] == LOCAL
+    assert json.loads(out)[0]["name"] == TEXT_ONLY
 
 
 async def test_rerank_prints_documents_best_first(served: Served) -> None:
-    """`embedgate rerank` prints the documents best first."""
+    """`embedgate rerank` prints the documents best first, each with its index."""
+    documents = ["quarterly stock market report", "a pair of apples", "the weather in Oslo"]
+    best_first = ranking(served.text, "two apples", documents)
+    assert best_first != sorted(best_first), "documents already in order prove nothing"
     code, out, err = await run_cli(
         "rerank",
         "--target",
         served.target,
         "--query",
         "two apples",
-        "--document",
-        "quarterly stock market report",
-        "--document",
-        "a pair of apples",
+        *(word for document in documents for word in ("--document", document)),
     )
     assert code == 0, err
     ranked = [line for line in out.splitlines() if line.startswith("  ")]
-    assert ranked[0].endswith("[1] a pair of apples")
+    assert len(ranked) == len(documents)
+    for line, index in zip(ranked, best_first, strict=True):
+        assert line.endswith(f"[{index}] {documents[index]}")
 
 
 async def test_unreachable_server_is_a_clear_error() -> None:
@@ -161,7 +172,7 @@ async def test_embed_without_a_model_names_the_choices(served: Served) -> None:
     """With several models and no --model, `embed` exits non-zero naming them all."""
     code, _, err = await run_cli("embed", "--target", served.target, "--text", "a")
     assert code == 1
-    assert f"choose one with --model: {LOCAL}, {MULTI}, {WIDE}" in err
+    assert f"choose one with --model: {TEXT_ONLY}, {MULTI}, {WIDE}" in err
 
 
 @pytest.mark.parametrize(
@@ -176,7 +187,7 @@ async def test_embed_without_a_model_names_the_choices(served: Served) -> None:
 async def test_embed_output_type(served: Served, output_type: str, shown: str) -> None:
     """--output-type asks for a compact type and the summary reads it as that type."""
     code, out, err = await run_cli(
-        "embed", "--target", served.target, "--model", LOCAL, "--text", "a",
+        "embed", "--target", served.target, "--model", TEXT_ONLY, "--text", "a",
         "--output-type", output_type,
     )  # fmt: skip
     assert code == 0, err

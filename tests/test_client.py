@@ -10,20 +10,23 @@ import grpc
 import grpc_testing
 import numpy as np
 import pytest
-from conftest import LOCAL, MULTI, PNG_1X1, Served
+from conftest import MULTI, PNG_1X1, TEXT_ONLY, Served, expected_vector, ranking
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from embedgate import client as eg
+from embedgate.server.domain import TextInput
 from embedgate.v1 import embedding_service_pb2 as pb
 
 
 async def test_async_client_embeds_texts(served: Served) -> None:
-    """embed_texts returns one 384-value vector per text, in order."""
+    """embed_texts returns one 384-value vector per text, in order: each text's own."""
+    given = ["two apples", "a pair of apples"]
     async with eg.AsyncClient(served.target) as client:
-        vectors = await client.embed_texts(["two apples", "a pair of apples"], model=LOCAL)
+        vectors = await client.embed_texts(given, model=TEXT_ONLY)
     assert [len(v) for v in vectors] == [384, 384]
-    assert float(np.dot(vectors[0], vectors[1])) > 0.6
+    for text, vector in zip(given, vectors, strict=True):
+        np.testing.assert_allclose(vector, expected_vector(TextInput(text), 384), atol=1e-6)
 
 
 async def test_async_client_embeds_every_input_kind(served: Served) -> None:
@@ -51,7 +54,7 @@ async def test_async_client_raises_typed_errors_with_details(served: Served) -> 
     """An invalid request raises InvalidArgumentError with reason and field violations."""
     async with eg.AsyncClient(served.target) as client:
         with pytest.raises(eg.InvalidArgumentError) as caught:
-            await client.embed(["ok", ""], model=LOCAL)
+            await client.embed(["ok", ""], model=TEXT_ONLY)
         error = caught.value
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert error.reason == "EMPTY_TEXT"
@@ -81,17 +84,20 @@ async def test_async_client_streams_and_reports_failed_inputs(served: Served) ->
 
 async def test_async_client_reranks_and_lists_models(served: Served) -> None:
     """rerank returns the documents best first; list_models describes the models."""
+    documents = ["stock report", "a pair of apples", "the weather in Oslo"]
+    best_first = ranking(served.text, "two apples", documents)
+    assert best_first != sorted(best_first), "documents already in order prove nothing"
     async with eg.AsyncClient(served.target) as client:
         ranked = await client.rerank(
-            "two apples", ["stock report", "a pair of apples"], model=LOCAL, return_documents=True
+            "two apples", documents, model=TEXT_ONLY, return_documents=True
         )
         models = await client.list_models()
-    assert [r.index for r in ranked.results] == [1, 0]
-    assert ranked.results[0].document == "a pair of apples"
+    assert [r.index for r in ranked.results] == best_first
+    assert [r.document for r in ranked.results] == [documents[i] for i in best_first]
     assert ranked.method == "embedding_cosine"
-    local = next(m for m in models if m.name == LOCAL)
-    assert local.modalities == ("text",)
-    assert local.default_dimensions == 384
+    text = next(m for m in models if m.name == TEXT_ONLY)
+    assert text.modalities == ("text",)
+    assert text.default_dimensions == 384
 
 
 async def test_async_client_honours_its_deadline(served: Served) -> None:
@@ -110,13 +116,14 @@ async def test_sync_client_works_end_to_end(served: Served) -> None:
 
     def use() -> None:
         with eg.Client(served.target) as client:
-            assert [len(v) for v in client.embed_texts(["two apples"], model=LOCAL)] == [384]
+            assert [len(v) for v in client.embed_texts(["two apples"], model=TEXT_ONLY)] == [384]
             streamed = sorted(
                 item.index for item in client.stream_embed(["a", "b", "c"], model=MULTI)
             )
             assert streamed == [0, 1, 2]
-            assert client.rerank("q", ["a", "b"], model=LOCAL, top_n=1).results[0].index in (0, 1)
-            assert LOCAL in [m.name for m in client.list_models()]
+            (best,) = client.rerank("q", ["a", "b"], model=TEXT_ONLY, top_n=1).results
+            assert best.index == ranking(served.text, "q", ["a", "b"])[0]
+            assert TEXT_ONLY in [m.name for m in client.list_models()]
             with pytest.raises(eg.InvalidArgumentError) as caught:
                 client.embed([eg.image_uri("ftp://nope")], model=MULTI)
             assert caught.value.field_violations[0].field == "inputs[0].image.uri"

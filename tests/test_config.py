@@ -99,6 +99,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
+@pytest.mark.local
 async def test_a_configured_local_model_is_served_under_its_name(tmp_path: Path) -> None:
     """`models: [{name: minilm, provider: local}]` serves the local model as `minilm`."""
     file = tmp_path / "embedgate.yaml"

@@ -13,7 +13,9 @@ from conftest import (
     LOCAL,
     MULTI,
     PNG_1X1,
+    TEXT_ONLY,
     WIDE,
+    LocalServed,
     ScriptedProvider,
     Served,
     embed_error,
@@ -121,7 +123,7 @@ async def test_stream_reports_a_failed_input_and_goes_on(served: Served) -> None
 async def test_stream_validation_failure_ends_the_call(served: Served) -> None:
     """Invalid requests fail StreamEmbed up front, with the same details as Embed."""
     request = pb.StreamEmbedRequest(
-        request=pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="")])
+        request=pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="")])
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in served.stub.StreamEmbed(request, timeout=30):
@@ -129,10 +131,11 @@ async def test_stream_validation_failure_ends_the_call(served: Served) -> None:
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_stream_on_the_local_model(served: Served) -> None:
+@pytest.mark.local
+async def test_stream_on_the_local_model(local_served: LocalServed) -> None:
     """The local model streams too, with a token count per input."""
     request = pb.StreamEmbedRequest(request=pb.EmbedRequest(model=LOCAL, inputs=texts(3)))
-    messages = [m async for m in served.stub.StreamEmbed(request, timeout=60)]
+    messages = [m async for m in local_served.stub.StreamEmbed(request, timeout=60)]
     assert sorted(m.index for m in messages) == [0, 1, 2]
     assert all(len(m.embedding.values) == 384 for m in messages)
     assert all(m.usage.prompt_tokens > 0 for m in messages)
@@ -171,21 +174,41 @@ async def test_list_models_describes_each_model(served: Served) -> None:
     """ListModels reports name, provider, modalities, limits and dimensions."""
     response = await served.stub.ListModels(pb.ListModelsRequest(), timeout=10)
     models = {m.name: m for m in response.models}
-    assert list(models) == [LOCAL, MULTI, WIDE]
-    local = models[LOCAL]
-    assert local.provider == "local"
-    assert list(local.modalities) == [pb.MODALITY_TEXT]
-    assert local.max_inputs_per_call == 512
-    assert local.default_dimensions == 384
-    assert (local.min_dimensions, local.max_dimensions) == (1, 384)
-    assert list(local.allowed_dimensions) == []
-    assert (local.embeds, local.reranks, local.accepts_instruction) == (True, True, False)
+    assert list(models) == [TEXT_ONLY, MULTI, WIDE]
+    text = models[TEXT_ONLY]
+    assert text.provider == "test"
+    assert list(text.modalities) == [pb.MODALITY_TEXT]
+    assert text.max_inputs_per_call == 512
+    assert text.default_dimensions == 384
+    assert (text.min_dimensions, text.max_dimensions) == (1, 384)
+    assert list(text.allowed_dimensions) == []
+    assert (text.embeds, text.reranks, text.accepts_instruction) == (True, True, False)
     assert list(models[MULTI].modalities) == [
         pb.MODALITY_TEXT,
         pb.MODALITY_IMAGE,
         pb.MODALITY_VIDEO,
         pb.MODALITY_TEXT_IMAGE,
     ]
+
+
+async def test_the_request_id_comes_back_on_failures_and_streams(served: Served) -> None:
+    """The caller's request id comes back in the x-request-id trailer of a call that
+    fails and of a stream."""
+    bad = pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text=" ")], request_id="req-bad")
+    call = served.stub.Embed(bad, timeout=60)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert ("x-request-id", "req-bad") in tuple(caught.value.trailing_metadata() or ())
+    stream = served.stub.StreamEmbed(
+        pb.StreamEmbedRequest(
+            request=pb.EmbedRequest(
+                model=TEXT_ONLY, inputs=[pb.Input(text="x")], request_id="req-s"
+            )
+        ),
+        timeout=60,
+    )
+    assert len([message async for message in stream]) == 1
+    assert ("x-request-id", "req-s") in tuple(await stream.trailing_metadata())
 
 
 async def test_a_passed_deadline_cancels_the_model_work(served: Served) -> None:

@@ -22,12 +22,24 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 TEXTS = {path: path.read_text(encoding="utf-8") for path in EXAMPLES}
 
 
+def serves_locally(example: Path) -> bool:
+    """Whether the example has a model on the local provider (it needs torch)."""
+    models = yaml.safe_load(TEXTS[example]).get("models") or []
+    return any(model.get("provider") == "local" for model in models)
+
+
 def test_there_are_examples() -> None:
     """The examples the README points to exist."""
     assert {path.name for path in EXAMPLES} >= {"openai.yaml", "vendors.yaml", "local.yaml"}
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "example",
+    [
+        pytest.param(path, id=path.name, marks=[pytest.mark.local] if serves_locally(path) else [])
+        for path in EXAMPLES
+    ],
+)
 async def test_an_example_config_loads_and_serves(
     example: Path, world: VendorWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,7 @@
 """No request breaks the edge: requests generated from the contract's descriptors, and
-bytes mutated from them, sent over a real channel to a real gateway (the local model and
-vendor fakes behind it, the default cache on). For every one: never INTERNAL or UNKNOWN,
+bytes mutated from them, sent over a real channel to a real gateway (vendor fakes and a
+text-only model behind it, the default cache on: once a test model shaped like the local
+one, once the local model itself, marked `local`). For every one: never INTERNAL or UNKNOWN,
 an error always carries ErrorInfo, a rejected request reaches no model, an OK reply has
 exactly one vector per input, and the trailers stay under 8 KiB.
 
@@ -22,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import PNG_1X1, unpack_status
+from conftest import PNG_1X1, ScriptedProvider, text_only_model, unpack_status
 from fakes import FakeVendor, make_fake
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
@@ -32,9 +33,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proto_strategies import MessageStrategies
 
-from embedgate.server.app import build_gateway
+from embedgate.server.app import build_cache, build_gateway
 from embedgate.server.edge.server import Gateway
-from embedgate.server.providers.registry import parse_config
+from embedgate.server.metrics import Metrics
+from embedgate.server.providers.registry import build_providers, parse_config
+from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
 
 SERVICE = "/embedgate.v1.EmbeddingService/"
@@ -362,9 +365,11 @@ class FuzzWorld:
     gateway: Gateway
     target: str
     fakes: list[FakeVendor]
+    scripted: list[ScriptedProvider]
 
     def model_calls(self) -> int:
-        """Vendor attempts and local forward passes so far, from the gateway's metrics."""
+        """Vendor attempts, local forward passes (from the gateway's metrics) and test
+        model batches so far."""
         total = 0.0
         for metric in self.gateway.metrics.registry.collect():
             for sample in metric.samples:
@@ -373,11 +378,19 @@ class FuzzWorld:
                     "embedgate_local_batch_inputs_count",
                 ):
                     total += sample.value
-        return int(total) + sum(len(fake.received) for fake in self.fakes)
+        return (
+            int(total)
+            + sum(len(fake.received) for fake in self.fakes)
+            + sum(len(model.calls) for model in self.scripted)
+        )
 
 
-@pytest_asyncio.fixture(scope="module")
-async def fuzz_world() -> AsyncIterator[FuzzWorld]:
+@pytest_asyncio.fixture(
+    scope="module", params=["test-model", pytest.param("local-model", marks=pytest.mark.local)]
+)
+async def fuzz_world(request: pytest.FixtureRequest) -> AsyncIterator[FuzzWorld]:
+    """The gateway under fuzz, its text-only `minilm` a test model shaped like the local
+    one, or (marked `local`) the local model."""
     fakes = {name: make_fake(name) for name in ("rzenembed", "aggregator", "openai")}
     for fake in fakes.values():
         await fake.start()
@@ -420,9 +433,23 @@ async def fuzz_world() -> AsyncIterator[FuzzWorld]:
             ],
         }
     )
-    gateway = build_gateway(config)
+    scripted: list[ScriptedProvider] = []
+    if request.param == "local-model":
+        gateway = build_gateway(config)
+    else:
+        # As build_gateway composes it, with a test model in the local model's place.
+        minilm = text_only_model("minilm", max_inputs=8)
+        scripted.append(minilm)
+        vendors = [model for model in config.models if model.name != "minilm"]
+        metrics = Metrics()
+        router = Router(
+            [minilm, *build_providers(vendors, metrics=metrics)],
+            coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in vendors},
+            cache=build_cache(config.cache),
+        )
+        gateway = Gateway(router, config.server, metrics=metrics)
     port = await gateway.start()
-    yield FuzzWorld(gateway, f"127.0.0.1:{port}", list(fakes.values()))
+    yield FuzzWorld(gateway, f"127.0.0.1:{port}", list(fakes.values()), scripted)
     await gateway.stop(grace=1)
     for fake in fakes.values():
         await fake.close()

@@ -11,7 +11,17 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import structlog
-from conftest import LOCAL, MULTI, PNG_1X1, RichError, Served, embed_error, rich_error
+from conftest import (
+    LOCAL,
+    MULTI,
+    PNG_1X1,
+    TEXT_ONLY,
+    LocalServed,
+    RichError,
+    Served,
+    embed_error,
+    rich_error,
+)
 from grpc_health.v1 import health_pb2
 from test_fuzz_edge import Outcome, trailer_bytes
 
@@ -83,7 +93,9 @@ async def test_a_malformed_uri_is_named_in_stream_pipeline_and_rerank(served: Se
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await served.stub.Rerank(
             pb.RerankRequest(
-                model=LOCAL, query="a cat", document_inputs=[pb.Input(text="x"), uri_input(BAD_URI)]
+                model=TEXT_ONLY,
+                query="a cat",
+                document_inputs=[pb.Input(text="x"), uri_input(BAD_URI)],
             ),
             timeout=10,
         )
@@ -122,7 +134,7 @@ async def test_a_huge_media_type_and_correlation_id_are_cut(served: Served) -> N
         for _ in range(2):
             yield pb.EmbedPipelineRequest(
                 correlation_id="c" * 4000,
-                request=pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="same id")]),
+                request=pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="same id")]),
             )
 
     served.multi.slow_down(0)
@@ -186,7 +198,7 @@ async def test_a_malformed_message_ends_a_pipeline_after_the_good_ones(served: S
     """EmbedPipeline: the requests before the bad bytes are answered, then the stream
     ends INVALID_ARGUMENT / MALFORMED_REQUEST."""
     good = pb.EmbedPipelineRequest(
-        correlation_id="ok", request=pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="x")])
+        correlation_id="ok", request=pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="x")])
     ).SerializeToString()
 
     async def messages() -> AsyncIterator[bytes]:
@@ -250,22 +262,23 @@ async def test_a_text_over_max_text_chars_never_reaches_the_model_checks(served:
     assert all(len(getattr(item, "text", "")) < 65_536 for item in served.multi.checked)
 
 
+@pytest.mark.local
 async def test_a_megabyte_word_is_refused_by_length_before_the_local_tokenizer(
-    served: Served,
+    local_served: LocalServed,
 ) -> None:
     """The local model's texts are bounded in characters (8,192 by default, shown by
     ListModels): a 2 MB text without spaces, one "word" to the tokenizer, is refused by
     that bound, not counted in tokens."""
-    models = await served.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+    models = await local_served.stub.ListModels(pb.ListModelsRequest(), timeout=5)
     local = next(m for m in models.models if m.name == LOCAL)
     assert local.max_text_chars == 8192
     error = await embed_error(
-        served.stub, pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="a" * 2_000_000)])
+        local_served.stub, pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="a" * 2_000_000)])
     )
     assert error.violation_reasons == {"inputs[0].text": "INPUT_TOO_LONG"}
     assert "2000000 characters" in error.violations["inputs[0].text"]
     assert "tokens" not in error.violations["inputs[0].text"]
-    response = await served.stub.Embed(
+    response = await local_served.stub.Embed(
         pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="a" * 8192)]), timeout=30
     )
     assert len(response.embeddings) == 1

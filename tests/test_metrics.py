@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from conftest import LOCAL, Served
+from conftest import LOCAL, LocalServed
 from fakes import Fault, make_fake
 from gateways import key_file, openai_model, running, samples, value
 from vendor_world import texts
@@ -122,12 +122,13 @@ async def test_in_flight_gauges_show_work_under_way(tmp_path: Path) -> None:
     assert value(after, "embedgate_vendor_requests_in_flight", **vendor) == 0
 
 
-async def test_local_model_batch_sizes(served: Served) -> None:
+@pytest.mark.local
+async def test_local_model_batch_sizes(local_served: LocalServed) -> None:
     """Concurrent calls to the local model are merged: the histogram sees the batches."""
-    metrics = served.gateway.metrics
+    metrics = local_served.gateway.metrics
     before = samples(metrics.exposition().decode())
     calls = [
-        served.stub.Embed(
+        local_served.stub.Embed(
             pb.EmbedRequest(model=LOCAL, inputs=texts(f"batch text {i}", f"and {i}")), timeout=60
         )
         for i in range(6)

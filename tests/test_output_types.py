@@ -86,6 +86,8 @@ async def test_compact_outputs_follow_the_contract(
 
 
 async def test_float32_stays_in_values(world: VendorWorld) -> None:
+    """An unset or FLOAT32 output type gives the vector in `values`, as the vendor gave it
+    (normalised), and nothing in `data`."""
     for output_type in (pb.OUTPUT_TYPE_UNSPECIFIED, pb.OUTPUT_TYPE_FLOAT32):
         response = await embed(world, "openai", texts(*WORDS), output_type=output_type)
         got = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
@@ -94,6 +96,7 @@ async def test_float32_stays_in_values(world: VendorWorld) -> None:
 
 
 async def test_stream_embed_encodes_each_input(world: VendorWorld) -> None:
+    """StreamEmbed encodes each input's vector in the output type asked for, as Embed does."""
     request = pb.EmbedRequest(model="openai", inputs=texts(*WORDS), output_type=pb.OUTPUT_TYPE_INT8)
     call = world.stub.StreamEmbed(pb.StreamEmbedRequest(request=request), timeout=10)
     by_index = {m.index: m.embedding.data async for m in call}
@@ -104,6 +107,8 @@ async def test_stream_embed_encodes_each_input(world: VendorWorld) -> None:
 
 
 async def test_an_unknown_output_type_is_refused(world: VendorWorld) -> None:
+    """An output type the contract does not define is INVALID_ARGUMENT on `output_type`
+    (UNSUPPORTED_OUTPUT_TYPE), and the vendor is not called."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await embed(world, "openai", texts("x"), output_type=42)
     error = rich_error(caught.value)
@@ -126,6 +131,8 @@ async def test_an_unknown_output_type_is_refused(world: VendorWorld) -> None:
 async def test_the_python_client_returns_numpy_arrays(
     world: VendorWorld, name: Any, dtype: type[np.generic], width: int
 ) -> None:
+    """The Python client returns each output type as a numpy array of its dtype and width,
+    from embed and stream_embed, with the values the contract's formulas give."""
     async with AsyncClient(world.target) as client:
         result = await client.embed(list(WORDS), model="openai", output_type=name)
         assert result.vectors.dtype == dtype
@@ -148,6 +155,9 @@ async def test_the_python_client_returns_numpy_arrays(
 def test_the_wire_writer_agrees_with_the_protobuf_runtime(
     index: int, cached: bool, floats: bool
 ) -> None:
+    """The hand-written wire format of an Embedding (any index, cached or not, floats or
+    bytes) parses to the message the protobuf runtime builds, alone and repeated in a
+    response."""
     values = np.linspace(-1, 1, 7, dtype=np.float32)
     payload = values.astype("<f4").tobytes() if floats else b"\x01\x80\xff"
     built = pb.Embedding(index=index, cached=cached)

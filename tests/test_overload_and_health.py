@@ -88,6 +88,9 @@ async def test_the_cap_holds_wave_after_wave(fake: FakeVendor, tmp_path: Path) -
 async def test_streams_count_against_the_cap_until_they_end(
     fake: FakeVendor, tmp_path: Path
 ) -> None:
+    """A StreamEmbed holds one of max_concurrent_rpcs places until it ends: while it
+    runs, another call over the cap is RESOURCE_EXHAUSTED; after it ends, calls go
+    through again."""
     fake.always(Fault.delay(0.5))
     async with (
         running([openai_model(fake, key_file(tmp_path))], max_concurrent_rpcs=1) as gateway,
@@ -113,6 +116,9 @@ async def test_streams_count_against_the_cap_until_they_end(
 async def test_a_refused_key_turns_the_model_not_serving_until_a_call_succeeds(
     fake: FakeVendor, tmp_path: Path
 ) -> None:
+    """A key the vendor refuses fails the call FAILED_PRECONDITION and turns that model's
+    health NOT_SERVING (the server and the other models stay SERVING) until a call
+    succeeds; a model name the server does not have is NOT_FOUND."""
     keys = key_file(tmp_path)
     models = [openai_model(fake, keys), openai_model(fake, keys, name="other")]
     async with (

@@ -145,9 +145,11 @@ def test_the_server_builds_from_a_git_url(clone: Path) -> None:
     assert '"name": "embedgate"' in report
 
 
+@pytest.mark.local
 def test_the_local_extra_resolves_from_the_root() -> None:
     """`pip install '.[local]'` at the root resolves: no dependency on a distribution
-    that is on no index (checked with pip's resolver, against this environment)."""
+    that is on no index (checked with pip's resolver, against this environment, which
+    has the [local] extra: without it pip would fetch torch's metadata and more)."""
     report = _run(
         sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation",
         "--quiet", "--report", "-", f"{REPO}[local]", timeout=300,

@@ -129,6 +129,9 @@ async def test_each_result_carries_its_correlation_id(pipeline: Pipeline) -> Non
 
 
 async def test_correlation_ids_are_required_and_unique_in_flight(pipeline: Pipeline) -> None:
+    """A request without a correlation id, or with one still in flight, gets its own
+    error (MISSING_FIELD, DUPLICATE_CORRELATION_ID) and the stream goes on; the first
+    request with that id is answered."""
     pipeline.gated.gate.clear()
 
     async def messages() -> AsyncIterator[pb.EmbedPipelineRequest]:
@@ -201,6 +204,8 @@ async def test_a_caller_that_does_not_read_stops_the_server_reading(pipeline: Pi
 
 
 async def test_the_python_clients_run_a_pipeline(pipeline: Pipeline) -> None:
+    """The async and the blocking Python clients run a pipeline: one result per job, by
+    its correlation id, with vectors of the output type asked for."""
     jobs = [(f"job-{n}", [f"a{n}", f"b{n}"]) for n in range(10)]
     async with AsyncClient(pipeline.target) as client:
         results = [
@@ -222,5 +227,6 @@ async def test_the_python_clients_run_a_pipeline(pipeline: Pipeline) -> None:
 
 @pytest.mark.parametrize("limit", [0, 5000])
 def test_the_in_flight_limit_is_validated(limit: int) -> None:
+    """pipeline_max_in_flight outside its range is a configuration error naming it."""
     with pytest.raises(ValueError, match="pipeline_max_in_flight"):
         ServerConfig(pipeline_max_in_flight=limit)

@@ -7,6 +7,7 @@ it must print. Every link in the README and docs/ leads somewhere."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import pytest_asyncio
@@ -117,14 +118,16 @@ def _make_run(command: str, args: list[str], log: Path, env: dict[str, str]) -> 
     given = [w.removeprefix("ARGS=") for w in words[2:] if w.startswith("ARGS=")]
     port = free_port()
     extra = " ".join([*given, *args, "--port", str(port)])
-    process = subprocess.Popen(
-        ["make", "run", f"ARGS={extra}", f"VENV={VENV}"],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The child writes to its own copy of the descriptor; this one is closed at once.
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            ["make", "run", f"ARGS={extra}", f"VENV={VENV}"],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -147,7 +150,8 @@ def _stop(served: Served) -> str:
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The first command, `make run`, as the README gives it."""
+    """The first command, `make run`, as the README gives it: the local model (tests that
+    use it are marked `local`)."""
     block = readme_blocks("front-door")[0]
     commands = [step.command.split("#", 1)[0].strip() for step in steps(block.code)]
     # `make test` is this test suite itself: CI runs it.
@@ -176,6 +180,7 @@ def _run_steps(block: Block, target: str, env: dict[str, str]) -> None:
             assert expected in done.stdout, f"{step.command}: {expected!r} not in {done.stdout}"
 
 
+@pytest.mark.local
 def test_try_it_commands_print_what_the_readme_shows(default_server: Served) -> None:
     """Each command of the README's shell blocks for the default server exits 0 and
     prints the lines shown under it."""
@@ -184,6 +189,7 @@ def test_try_it_commands_print_what_the_readme_shows(default_server: Served) -> 
             _run_steps(block, default_server.target, dict(os.environ))
 
 
+@pytest.mark.local
 def test_the_python_example_runs_as_written(default_server: Served, tmp_path: Path) -> None:
     """The README's Python example, against the default server, exits 0 and prints what
     its comments say."""
@@ -213,6 +219,9 @@ async def openai_fake() -> AsyncIterator[FakeVendor]:
         yield fake
 
 
+# `make run` sets up the local model first (scripts/setup run installs torch and the [local]
+# extra), whatever the config it is given.
+@pytest.mark.local
 async def test_the_vendor_example_serves_as_the_readme_shows(
     openai_fake: FakeVendor, tmp_path: Path
 ) -> None:
@@ -253,6 +262,22 @@ async def test_the_vendor_example_serves_as_the_readme_shows(
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+@functools.cache
+def in_repository() -> frozenset[str]:
+    """The files git tracks or would track (not ignored), and the folders holding them,
+    as paths from the root ("." for the root itself)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    files = [PurePosixPath(name) for name in listed.split("\0") if name]
+    return frozenset(str(path) for file in files for path in (file, *file.parents))
+
+
 def _slug(heading: str) -> str:
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return text.replace(" ", "-")
@@ -264,7 +289,8 @@ def _slug(heading: str) -> str:
     ids=lambda path: str(path.relative_to(REPO)),
 )
 def test_every_link_leads_somewhere(page: Path) -> None:
-    """Relative links point at files that exist, and #anchors at headings that exist."""
+    """Relative links point at files of the repository that exist (not outside it, not
+    ignored by git: a clone would not have them), and #anchors at headings that exist."""
     text = page.read_text(encoding="utf-8")
     for target in LINK.findall(text):
         if target.startswith(("http://", "https://", "mailto:")):
@@ -272,6 +298,9 @@ def test_every_link_leads_somewhere(page: Path) -> None:
         path, _, anchor = target.partition("#")
         where = (page.parent / path).resolve() if path else page
         assert where.exists(), f"{page.name}: {target}"
+        assert where.is_relative_to(REPO), f"{page.name}: {target} is outside the repository"
+        inside = where.relative_to(REPO).as_posix()
+        assert inside in in_repository(), f"{page.name}: {target} is ignored by git"
         if anchor and where.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", where.read_text(encoding="utf-8"), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page.name}: {target}"

@@ -64,6 +64,9 @@ async def refused(channel: grpc.aio.Channel) -> grpc.StatusCode:
 async def test_tls_serves_callers_that_trust_its_ca_and_health_stays_plaintext(
     fake: FakeVendor, tmp_path: Path
 ) -> None:
+    """With TLS on, callers that trust the server's CA are served; plaintext callers and
+    callers that trust another CA get no connection. The health port answers health in
+    plaintext, and nothing else."""
     ca, stranger = Authority("embedgate test CA"), Authority("another CA")
     cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
     tls = {"cert_file": str(cert), "key_file": str(key)}
@@ -91,6 +94,9 @@ async def test_tls_serves_callers_that_trust_its_ca_and_health_stays_plaintext(
 async def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
     fake: FakeVendor, tmp_path: Path
 ) -> None:
+    """With client_ca_file set, only callers with a certificate from that CA are served;
+    no certificate, or one from another CA, gets no connection (and never reaches the
+    vendor)."""
     ca, stranger = Authority("embedgate test CA"), Authority("another CA")
     cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
     clients_ca = tmp_path / "clients-ca.crt"
@@ -116,6 +122,8 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
 
 
 async def test_an_unreadable_certificate_fails_start_up_naming_the_file(tmp_path: Path) -> None:
+    """A certificate or key that cannot be read stops start-up with a ConfigError naming
+    the setting."""
     config = parse_config(
         {
             "server": {
@@ -137,6 +145,8 @@ async def test_an_unreadable_certificate_fails_start_up_naming_the_file(tmp_path
 async def test_unix_socket_listener_replaces_a_stale_socket_and_removes_it_on_stop(
     fake: FakeVendor, tmp_path: Path
 ) -> None:
+    """uds_path serves on a Unix socket (TCP too), replacing a stale socket a killed
+    process left there, and the socket is removed on stop."""
     path = tmp_path / "embedgate.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # what a killed process leaves behind
@@ -151,6 +161,7 @@ async def test_unix_socket_listener_replaces_a_stale_socket_and_removes_it_on_st
 
 
 async def test_a_file_where_the_socket_goes_is_left_alone(fake: FakeVendor, tmp_path: Path) -> None:
+    """A file at uds_path that is not a socket stops start-up and is left as it was."""
     path = tmp_path / "not-a-socket"
     path.write_text("keep me")
     with pytest.raises(ConfigError, match="exists and is not a socket"):
@@ -205,6 +216,10 @@ async def guarded(
 async def test_calls_without_a_valid_bearer_token_are_unauthenticated(
     guarded: tuple[pb_grpc.EmbeddingServiceAsyncStub, grpc.aio.Channel], fake: FakeVendor
 ) -> None:
+    """With tokens configured, a call without one, with a wrong one or without the Bearer
+    scheme is UNAUTHENTICATED (MISSING_TOKEN, INVALID_TOKEN), streams and reflection
+    included, and reaches no vendor; health needs no token; "bearer" in any case works;
+    no log line holds the token."""
     stub, channel = guarded
     cases = {
         "MISSING_TOKEN": (),
@@ -245,6 +260,9 @@ async def test_calls_without_a_valid_bearer_token_are_unauthenticated(
 async def test_a_token_limited_to_some_models_is_denied_the_others(
     guarded: tuple[pb_grpc.EmbeddingServiceAsyncStub, grpc.aio.Channel], fake: FakeVendor
 ) -> None:
+    """A token limited to some models is PERMISSION_DENIED (MODEL_NOT_PERMITTED) on the
+    others, in every RPC (a pipeline request on its own), without the token in the
+    message; ListModels shows it only its models."""
     stub, _ = guarded
     limited = with_token(LIMITED_TOKEN)
     reply = await stub.Embed(embed_request("m"), metadata=limited, timeout=5)
@@ -297,6 +315,8 @@ async def test_a_token_limited_to_some_models_is_denied_the_others(
     ],
 )
 def test_token_settings_are_checked_at_start_up(token: dict[str, object], message: str) -> None:
+    """A token entry naming a model that does not exist, or with neither or both of
+    token_env and token_file, is a configuration error saying so."""
     with pytest.raises(ConfigError, match=message):
         parse_config(
             {
@@ -307,6 +327,8 @@ def test_token_settings_are_checked_at_start_up(token: dict[str, object], messag
 
 
 def test_an_unreadable_token_file_stops_start_up_without_printing_tokens(tmp_path: Path) -> None:
+    """A token file that is missing or empty stops start-up with a ConfigError naming
+    the setting and the problem."""
     empty = tmp_path / "empty"
     empty.write_text("\n")
     for path, problem in ((tmp_path / "missing", "cannot read"), (empty, "is empty")):
@@ -328,6 +350,9 @@ def test_an_unreadable_token_file_stops_start_up_without_printing_tokens(tmp_pat
 async def test_the_python_client_and_cli_speak_mutual_tls_with_a_token(
     fake: FakeVendor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The Python client and the command line reach a server with mutual TLS and a token
+    (the command line's from EMBEDGATE_TOKEN); a wrong token is INVALID_TOKEN, and
+    without a client certificate there is no connection."""
     ca = Authority("embedgate test CA")
     cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
     ca_file = tmp_path / "ca.crt"

@@ -106,6 +106,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.local
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_embedgate_serve_answers_and_exits_0_on_a_signal(sig: signal.Signals) -> None:
     """`embedgate serve` with no config serves the default model with 384-dimension

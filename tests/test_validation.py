@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import LOCAL, MULTI, PNG_1X1, Served, embed_error, rich_error
+from conftest import (
+    LOCAL,
+    MULTI,
+    PNG_1X1,
+    TEXT_ONLY,
+    LocalServed,
+    Served,
+    embed_error,
+    rich_error,
+)
 
 from embedgate.v1 import embedding_service_pb2 as pb
 
@@ -125,7 +134,7 @@ async def test_every_malformed_input_is_rejected_with_its_field_path(
 
 async def test_no_inputs_is_invalid(served: Served) -> None:
     """An empty batch is rejected, naming the inputs field."""
-    error = await embed_error(served.stub, pb.EmbedRequest(model=LOCAL))
+    error = await embed_error(served.stub, pb.EmbedRequest(model=TEXT_ONLY))
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert list(error.violations) == ["inputs"]
 
@@ -133,7 +142,7 @@ async def test_no_inputs_is_invalid(served: Served) -> None:
 async def test_every_violation_is_reported_at_once(served: Served) -> None:
     """Structural and model-level violations come together in one status, in input order."""
     request = pb.EmbedRequest(
-        model=LOCAL,
+        model=TEXT_ONLY,
         dimensions=999,
         instruction="Represent this",
         inputs=[
@@ -178,13 +187,13 @@ async def test_every_violation_is_reported_at_once(served: Served) -> None:
         ),
     ],
 )
-async def test_local_model_rejects_other_modalities_naming_models_that_accept_them(
+async def test_a_text_only_model_rejects_other_modalities_naming_models_that_accept_them(
     served: Served, item: pb.Input, path: str, modality: str
 ) -> None:
-    """The local model embeds text only; other inputs are INVALID_ARGUMENT that name the
-    input and the configured models that accept it."""
+    """A model that embeds text only (as the local model does) refuses other inputs:
+    INVALID_ARGUMENT that names the input and the configured models that accept it."""
     error = await embed_error(
-        served.stub, pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="ok"), item])
+        served.stub, pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="ok"), item])
     )
     path = path.replace("inputs[0]", "inputs[1]")
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -193,7 +202,7 @@ async def test_local_model_rejects_other_modalities_naming_models_that_accept_th
     description = error.violations[path]
     assert modality in description
     assert MULTI in description
-    assert LOCAL not in description.split("(", 1)[1]
+    assert TEXT_ONLY not in description.split("(", 1)[1]
 
 
 async def test_unknown_model_is_not_found(served: Served) -> None:
@@ -204,7 +213,7 @@ async def test_unknown_model_is_not_found(served: Served) -> None:
     assert error.code is grpc.StatusCode.NOT_FOUND
     assert error.reason == "MODEL_NOT_FOUND"
     assert error.metadata["model"] == "no-such"
-    assert LOCAL in error.message
+    assert TEXT_ONLY in error.message
 
 
 async def test_missing_model_is_invalid(served: Served) -> None:
@@ -218,7 +227,7 @@ async def test_missing_model_is_invalid(served: Served) -> None:
 async def test_dimensions_the_model_cannot_give_are_invalid(served: Served, dims: int) -> None:
     """Zero or more dimensions than the model has is INVALID_ARGUMENT on `dimensions`."""
     error = await embed_error(
-        served.stub, pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="x")], dimensions=dims)
+        served.stub, pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="x")], dimensions=dims)
     )
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert error.reason == "UNSUPPORTED_DIMENSIONS"
@@ -227,7 +236,7 @@ async def test_dimensions_the_model_cannot_give_are_invalid(served: Served, dims
 
 async def test_too_many_inputs_names_the_limit(served: Served) -> None:
     """More inputs than the model takes per call is rejected with the limit in the text."""
-    request = pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="x")] * 513)
+    request = pb.EmbedRequest(model=TEXT_ONLY, inputs=[pb.Input(text="x")] * 513)
     error = await embed_error(served.stub, request)
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert error.reason == "TOO_MANY_INPUTS"
@@ -248,11 +257,14 @@ async def test_provider_limits_are_checked_before_any_model_work(served: Served)
     assert len(served.multi.calls) == before
 
 
-async def test_local_model_rejects_texts_longer_than_its_window(served: Served) -> None:
+@pytest.mark.local
+async def test_local_model_rejects_texts_longer_than_its_window(
+    local_served: LocalServed,
+) -> None:
     """A text over the local model's token window is INPUT_TOO_LONG, not silently cut."""
     long_text = "apple " * 400
     error = await embed_error(
-        served.stub,
+        local_served.stub,
         pb.EmbedRequest(model=LOCAL, inputs=[pb.Input(text="ok"), pb.Input(text=long_text)]),
     )
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -264,7 +276,8 @@ async def test_rerank_validation_reports_every_violation(served: Served) -> None
     """Rerank checks its query, documents and top_n together."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await served.stub.Rerank(
-            pb.RerankRequest(model=LOCAL, query=" ", documents=["a", "", "c"], top_n=0), timeout=30
+            pb.RerankRequest(model=TEXT_ONLY, query=" ", documents=["a", "", "c"], top_n=0),
+            timeout=30,
         )
     error = rich_error(caught.value)
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -280,4 +293,4 @@ async def test_rerank_on_a_model_that_cannot_rerank_is_invalid(served: Served) -
     error = rich_error(caught.value)
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert error.violation_reasons == {"model": "RERANK_NOT_SUPPORTED"}
-    assert LOCAL in error.violations["model"]
+    assert TEXT_ONLY in error.violations["model"]
