@@ -68,9 +68,8 @@ def test_every_provider_is_derived_from_the_one_list_of_dialects() -> None:
     """The provider names and the settings classes the file may use come from the
     registry's one list of dialects: each dialect's settings are tagged with its name."""
     assert ("local", *DIALECTS) == PROVIDERS
-    assert [settings.model_fields["provider"].default for settings in MODEL_SETTINGS] == list(
-        PROVIDERS
-    )
+    tags = [settings.model_fields["provider"].default for settings in MODEL_SETTINGS]
+    assert tags == [*PROVIDERS, "deployed"]  # and a model served by deployments of them
     for name, dialect in DIALECTS.items():
         assert dialect.vendor == name
         assert dialect.settings_type.__module__ == dialect.__module__, "one home per vendor"

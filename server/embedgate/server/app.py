@@ -17,6 +17,7 @@ from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import GatewayConfig, build_providers, read_secret
 from embedgate.server.providers.settings import SettingError
 from embedgate.server.routing.cache import VectorCache
+from embedgate.server.routing.deployments import assemble
 from embedgate.server.routing.router import Router
 
 log = structlog.get_logger(__name__)
@@ -57,7 +58,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     metrics = Metrics()
     health = Health(unhealthy_after=config.server.unhealthy_after_failures)
     router = Router(
-        build_providers(config.models, metrics=metrics, health=health),
+        build_providers(config.models, metrics=metrics, health=health, compose=assemble),
         coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
         cache=build_cache(config.cache),
     )

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Any, Generic, Self, TypeVar, Union, get_args
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 MIB = 1024 * 1024
 # The embedded local model's well-known name: what serves when there is no file.
@@ -138,6 +146,53 @@ class CacheConfig(Strict):
 
 
 M = TypeVar("M", bound=ModelSettings)
+V = TypeVar("V", bound=ModelSettings)
+# The tag of a model entry that has ``deployments`` (it names no provider of its own).
+DEPLOYED = "deployed"
+
+
+class BreakerSettings(Strict):
+    """Each deployment's breaker: ``failures`` vendor-side failures in a row (confirmed
+    by the failure rate) take it out of service for ``open_s``, then one probe."""
+
+    failures: int = Field(default=5, ge=1, le=1000)
+    open_s: float = Field(default=10.0, gt=0, le=3600)
+
+
+class DeployedModelSettings(ModelSettings, Generic[V]):
+    """A model served by several deployments of one vector space: callers name the
+    model; each vendor request goes to one of its deployments, never anywhere else.
+    ``V`` is the union of the vendors' settings, each deployment being one of them."""
+
+    provider: Literal["deployed"] = "deployed"
+    # A label of the vector space every deployment gives, shown by ListModels.
+    space: str | None = Field(default=None, min_length=1, max_length=256)
+    breaker: BreakerSettings = BreakerSettings()
+    coalesce_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    deployments: list[V] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_provider(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "provider" in data:
+            raise ValueError(
+                "a model with deployments names no provider: each deployment names its own"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _deployments_are_distinct(self) -> Self:
+        names = [deployment.name for deployment in self.deployments]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"deployment names must be unique: {', '.join(repeated)}")
+        for position, deployment in enumerate(self.deployments):
+            if "coalesce_wait_ms" in deployment.model_fields_set:
+                raise ValueError(
+                    f"deployments[{position}].coalesce_wait_ms: batching belongs to the "
+                    "model: set coalesce_wait_ms beside deployments"
+                )
+        return self
 
 
 class Config(Strict, Generic[M]):
@@ -153,13 +208,34 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
+def _tag(value: Any) -> str | None:
+    """Which settings class a model entry is: a dict with ``deployments`` is a deployed
+    model, any other names its ``provider``."""
+    if isinstance(value, dict):
+        return DEPLOYED if "deployments" in value else value.get("provider")
+    return getattr(value, "provider", None)
+
+
+def tagged_union(classes: tuple[type[ModelSettings], ...]) -> Any:
+    """The union of ``classes``, each chosen by its ``provider`` tag. Built at run time
+    from a tuple: no static type checker can follow it, hence ``Any``."""
+    tagged = tuple(Annotated[cls, Tag(provider_tag(cls))] for cls in classes)
+    return Annotated[Union[tagged], Discriminator(_tag)]  # noqa: UP007
+
+
+def deployed_settings(vendors: tuple[type[ModelSettings], ...]) -> type[ModelSettings]:
+    """The settings of a model whose deployments are each one of ``vendors``."""
+    generic: Any = DeployedModelSettings
+    made: type[ModelSettings] = generic[tagged_union(vendors)]
+    return made
+
+
 @functools.cache
 def config_schema(providers: tuple[type[ModelSettings], ...]) -> type[Config[Any]]:
     """The file's schema when ``providers`` are the settings classes of the providers
     there are (one each, told apart by their ``provider`` tag)."""
-    # A union built at run time from a tuple: no static type checker can follow it.
-    union: Any = Annotated[Union[providers], Field(discriminator="provider")]  # noqa: UP007
-    schema: type[Config[Any]] = Config[union]
+    generic: Any = Config
+    schema: type[Config[Any]] = generic[tagged_union(providers)]
     return schema
 
 
@@ -182,7 +258,7 @@ def _key_path(loc: tuple[int | str, ...], raw: Any) -> str:
             out += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
             continue
-        if isinstance(node, dict) and part not in node and node.get("provider") == part:
+        if isinstance(node, dict) and part not in node and _tag(node) == part:
             continue
         out += f".{part}" if out else part
         node = node.get(part) if isinstance(node, dict) else None
@@ -205,11 +281,18 @@ def parse_config(
         for error in exc.errors():
             where = _key_path(tuple(error["loc"]), raw)
             message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "union_tag_invalid":
+            if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                expected = str((error.get("ctx") or {}).get("expected_tags", ""))
+                known = [t.strip(" '") for t in expected.split(",") if t.strip(" '")] or [
+                    provider_tag(cls) for cls in providers
+                ]
+                known = [tag for tag in known if tag != DEPLOYED]
+                given = error["input"].get("provider") if isinstance(error["input"], dict) else None
                 where += ".provider"
                 message = (
-                    f"unknown provider {error['input'].get('provider')!r} "
-                    f"(known: {', '.join(map(provider_tag, providers))})"
+                    f"unknown provider {given!r} (known: {', '.join(known)})"
+                    if given is not None
+                    else f"is required: one of {', '.join(known)} (or a list of deployments)"
                 )
             problems.append(f"{where}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -14,6 +14,7 @@
     ├── UnauthenticatedError       UNAUTHENTICATED    no bearer token, or an unknown one
     ├── PermissionDeniedError      PERMISSION_DENIED  the token may not use that model
     ├── OverloadedError            RESOURCE_EXHAUSTED the server is at its cap of RPCs
+    ├── NoDeploymentError          UNAVAILABLE        every deployment of the model is out
     └── VendorError                a vendor call failed for good (vendor, HTTP status, the
         │                          vendor's own code, message and request id in metadata)
         ├── VendorRejectedError    INVALID_ARGUMENT   the vendor said 400/413/422
@@ -82,6 +83,7 @@ class Reason(enum.StrEnum):
     # The model, the caller, the server.
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    NO_DEPLOYMENT_AVAILABLE = "NO_DEPLOYMENT_AVAILABLE"
     MISSING_TOKEN = "MISSING_TOKEN"  # noqa: S105 - a reason, not a secret
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - a reason, not a secret
     MODEL_NOT_PERMITTED = "MODEL_NOT_PERMITTED"
@@ -150,10 +152,14 @@ class EmbedgateError(Exception):
         reason: Reason | None = None,
         metadata: Mapping[str, str] | None = None,
         input_index: int | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or type(self).reason
+        # When trying again may work (a vendor's Retry-After, a breaker's next probe),
+        # told to the caller as RetryInfo.
+        self.retry_after_s = retry_after_s
         details = dict(metadata or {})
         if input_index is not None:
             details["input_index"] = str(input_index)
@@ -162,7 +168,12 @@ class EmbedgateError(Exception):
 
     def fields(self) -> dict[str, Any]:
         """What the constructor takes to make this error again (``with_input``)."""
-        return {"message": self.message, "reason": self.reason, "metadata": self.metadata}
+        return {
+            "message": self.message,
+            "reason": self.reason,
+            "metadata": self.metadata,
+            "retry_after_s": self.retry_after_s,
+        }
 
     def with_input(self, index: int) -> Self:
         """A copy of this error that says it happened on input ``index``: callers whose
@@ -277,6 +288,13 @@ class OverloadedError(EmbedgateError):
     reason = Reason.OVERLOADED
 
 
+class NoDeploymentError(EmbedgateError):
+    """Every deployment of a model is out of service (breakers open, keys refused, or
+    waiting out a vendor's Retry-After): the call fails at once, saying when to retry."""
+
+    reason = Reason.NO_DEPLOYMENT_AVAILABLE
+
+
 class VendorError(EmbedgateError):
     """A vendor call failed for good (after any retries).
 
@@ -302,14 +320,6 @@ class VendorAuthError(VendorError):
 
 class VendorRateLimitedError(VendorError):
     reason = Reason.VENDOR_RATE_LIMITED
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **rest: Any) -> None:
-        super().__init__(message, **rest)
-        # How long the vendor asked us to wait (its Retry-After), told to the caller.
-        self.retry_after_s = retry_after_s
-
-    def fields(self) -> dict[str, Any]:
-        return {**super().fields(), "retry_after_s": self.retry_after_s}
 
 
 class VendorUnavailableError(VendorError):

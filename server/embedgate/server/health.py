@@ -65,3 +65,7 @@ class ModelHealth:
 
     def key_refused(self) -> None:
         self._health._mark(self._name, serving=False)
+
+    def out_of_service(self) -> None:
+        """Nothing can serve the model now (every deployment is out of service)."""
+        self._health._mark(self._name, serving=False)

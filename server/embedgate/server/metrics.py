@@ -184,8 +184,6 @@ class VendorMeter:
         self.inputs = metrics.vendor_inputs.labels(vendor, model)
         self.retries = metrics.vendor_retries.labels(vendor, model)
         self.rate_limited = metrics.vendor_rate_limited.labels(vendor, model)
-        # The series exists, serving, from the start.
-        metrics.model_serving.labels(model).set(1)
 
     def attempt(self, outcome: int | str, seconds: float) -> None:
         """One attempt ended: its HTTP status (or "timeout", "error" when no reply came)

@@ -168,6 +168,7 @@ class Gateway:
             await self._health.set(service, SERVING)
         for model in models:
             serving = self._models_health.serving(model)
+            self._metrics.model_health_changed(model, serving)  # each series from the start
             await self._health.set(model, SERVING if serving else NOT_SERVING)
         self._serving = True
         log.info(

@@ -22,6 +22,7 @@ from embedgate.server.errors import (
     MalformedRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
+    NoDeploymentError,
     OverloadedError,
     PermissionDeniedError,
     RejectedError,
@@ -50,6 +51,7 @@ _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoDeploymentError: grpc.StatusCode.UNAVAILABLE,
     VendorRejectedError: grpc.StatusCode.INVALID_ARGUMENT,
     VendorNotFoundError: grpc.StatusCode.NOT_FOUND,
     # The gateway's own vendor key was refused: the caller can do nothing about it, and
@@ -141,7 +143,7 @@ def to_rpc_status(error: EmbedgateError, *, index: int | None = None) -> status_
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
-    if isinstance(error, VendorRateLimitedError) and error.retry_after_s is not None:
+    if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(timedelta(seconds=error.retry_after_s))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))

@@ -10,12 +10,18 @@ or file (never the key).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
 from embedgate.server import config
-from embedgate.server.config import DEFAULT_MODEL_NAME, Config, ConfigError, ModelSettings
+from embedgate.server.config import (
+    DEFAULT_MODEL_NAME,
+    Config,
+    ConfigError,
+    DeployedModelSettings,
+    ModelSettings,
+)
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.aggregator import Aggregator
@@ -38,10 +44,16 @@ DIALECTS: dict[str, type[Dialect]] = {
 }
 # What a model entry's ``provider`` may be: the local model, then each vendor.
 PROVIDERS: tuple[str, ...] = ("local", *DIALECTS)
-# The settings class of each, as the configuration's model union.
+# The settings class of each vendor: what a deployment may be.
+VENDOR_SETTINGS: tuple[type[VendorSettings], ...] = tuple(
+    dialect.settings_type for dialect in DIALECTS.values()
+)
+# Every kind of model entry, as the configuration's model union: the local model, each
+# vendor's, and a model served by several deployments of the vendors'.
 MODEL_SETTINGS: tuple[type[ModelSettings], ...] = (
     LocalSettings,
-    *(dialect.settings_type for dialect in DIALECTS.values()),
+    *VENDOR_SETTINGS,
+    config.deployed_settings(VENDOR_SETTINGS),
 )
 
 # A loaded file: each entry of ``models`` is one of ``MODEL_SETTINGS``.
@@ -65,6 +77,13 @@ def load_config(path: str | Path | None) -> GatewayConfig:
     return parse_config(config.read_config_file(path), str(path))
 
 
+# Makes a model with deployments its provider, from its settings and its deployments'
+# own providers (routing's business: the composition module supplies it).
+Compose = Callable[
+    [DeployedModelSettings[Any], Sequence[tuple[VendorSettings, Provider]], Health], Provider
+]
+
+
 def build_providers(
     models: Sequence[ModelSettings],
     *,
@@ -72,19 +91,43 @@ def build_providers(
     source: str = "config",
     metrics: Metrics | None = None,
     health: Health | None = None,
+    compose: Compose | None = None,
 ) -> list[Provider]:
     """One provider per configured model; vendor models share one HTTP driver, and
-    report their calls to ``health``."""
+    report their calls to ``health``. A model with deployments is made by ``compose``
+    from one provider per deployment, each making one attempt per request."""
     shared = driver or HttpDriver()
     metrics = metrics or Metrics()
     health = health or Health()
     providers: list[Provider] = []
     for position, model in enumerate(models):
         try:
+            if isinstance(model, DeployedModelSettings):
+                if compose is None:
+                    raise SettingError("deployments", "this gateway serves no deployments")
+                members = build_deployments(model, shared, metrics)
+                providers.append(compose(model, members, health))
+                continue
             providers.append(build_provider(model, shared, metrics, health))
         except SettingError as problem:
             raise ConfigError(f"{source}: models[{position}].{problem.field}: {problem}") from None
     return providers
+
+
+def build_deployments(
+    model: DeployedModelSettings[Any], driver: HttpDriver, metrics: Metrics
+) -> list[tuple[VendorSettings, Provider]]:
+    """One provider per deployment, with its own retries off: the model's retries go
+    to another deployment when there is one."""
+    members: list[tuple[VendorSettings, Provider]] = []
+    for position, deployment in enumerate(model.deployments):
+        assert isinstance(deployment, VendorSettings)  # the union holds vendors only
+        once = deployment.model_copy(update={"max_retries": 0})
+        try:
+            members.append((deployment, build_vendor_provider(once, driver, metrics)))
+        except SettingError as problem:
+            raise SettingError(f"deployments[{position}].{problem.field}", str(problem)) from None
+    return members
 
 
 def build_provider(

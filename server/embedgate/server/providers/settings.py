@@ -57,6 +57,10 @@ class VendorSettings(ModelSettings):
     # Characters per text, checked before anything else: above an 8,192-token text in
     # any language. The vendor's own (smaller) documented limits apply after it.
     max_text_chars: int = Field(default=65536, ge=1, le=10_000_000)
+    # As one of a model's deployments: its share of traffic among the usable ones of
+    # its priority, and its tier (1 is used only when every 0 is out of service).
+    weight: int = Field(default=1, ge=1, le=1000)
+    priority: int = Field(default=0, ge=0, le=9)
 
     # Vendors whose documents say every request carries a key.
     key_required: ClassVar[bool] = True

@@ -121,6 +121,12 @@ class Breaker:
         if self._state is State.HALF_OPEN or self._should_open():
             self._open()
 
+    def trip(self) -> None:
+        """Open now, whatever came before (the vendor refused the deployment's key):
+        out of service for ``open_s``, then a probe finds out whether it still is."""
+        self._probing = False
+        self._open()
+
     def released(self) -> None:
         """An attempt ended with no verdict on the deployment: a probe's slot is free."""
         self._probing = False

@@ -1,0 +1,292 @@
+"""A model served by several deployments of one vector space.
+
+It is the model's provider: the batching queue hands it each vendor request, and it
+sends that request to one deployment (``balance.choose``), trying another when an
+attempt fails on the vendor's side, within the caller's deadline. Each deployment has a
+breaker (``breaker.py``): one that keeps failing is out of service, then probed. A call
+never goes to another model: a vector is only of use in the space it came from.
+
+Each deployment is a vendor provider that makes one attempt per request (its own retries
+are off): the retries happen here, where there is somewhere else to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from embedgate.server.config import DeployedModelSettings
+from embedgate.server.deadlines import current_deadline
+from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+from embedgate.server.errors import (
+    NoDeploymentError,
+    Problem,
+    VendorAuthError,
+    VendorBadReplyError,
+    VendorError,
+    VendorRateLimitedError,
+    VendorUnavailableError,
+)
+from embedgate.server.health import Health, ModelHealth
+from embedgate.server.providers.base import EmbedBatch, Provider
+from embedgate.server.providers.settings import SettingError, VendorSettings
+from embedgate.server.routing.balance import Member, choose, ready_at
+from embedgate.server.routing.breaker import Breaker, BreakerPolicy, Clock, State
+
+log = structlog.get_logger("embedgate.deployments")
+
+Sleep = Callable[[float], Awaitable[None]]
+# What the caller sees of a model: every deployment must give the same.
+AGREED = ("dimensions", "modalities", "normalizes_by_default", "accepts_instruction", "embeds")
+
+
+class Disagreement(ValueError):  # noqa: N818 - a condition, reported as a setting error
+    """Two deployments of a model would give the caller different things."""
+
+    def __init__(self, key: str, first: str, other: str, position: int) -> None:
+        super().__init__(
+            f"deployment {other!r} differs from {first!r} in {key}: every deployment of a "
+            "model must give the caller the same vectors"
+        )
+        self.key = key
+        self.position = position
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How many more attempts a request may make, and the backoff when none of the
+    other deployments can take it at once."""
+
+    max_retries: int = 2
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 8.0
+
+
+@dataclass(eq=False, slots=True)
+class Deployment:
+    provider: Provider
+    member: Member
+
+
+def agreed_info(name: str, space: str | None, infos: Sequence[tuple[str, ModelInfo]]) -> ModelInfo:
+    """The model as callers see it, from its deployments' own descriptions; raises
+    ``Disagreement`` naming the first key two deployments differ in."""
+    first_name, first = infos[0]
+    for position, (other_name, other) in enumerate(infos[1:], start=1):
+        for key in AGREED:
+            if getattr(first, key) != getattr(other, key):
+                raise Disagreement(key, first_name, other_name, position)
+    providers = sorted({info.provider for _, info in infos})
+    return ModelInfo(
+        name=name,
+        provider=",".join(providers),
+        modalities=first.modalities,
+        # What every deployment takes.
+        max_inputs_per_call=min(info.max_inputs_per_call for _, info in infos),
+        dimensions=first.dimensions,
+        max_text_chars=min(info.max_text_chars for _, info in infos),
+        embeds=first.embeds,
+        reranks=first.reranks,
+        native_rerank=False,  # a vendor's reranker is one deployment's, not the space's
+        accepts_instruction=first.accepts_instruction,
+        normalizes_by_default=first.normalizes_by_default,
+        # Vectors of one space are interchangeable: the cache is shared by every
+        # deployment of the model.
+        source=f"space {space or name}",
+    )
+
+
+class DeploymentSet:
+    """Implements the provider seam for a model with deployments."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        deployments: Sequence[Deployment],
+        *,
+        health: ModelHealth,
+        retries: Retries | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._info = info
+        self._deployments = list(deployments)
+        self._by_member = {d.member: d for d in self._deployments}
+        self._members = [d.member for d in self._deployments]
+        self._health = health
+        self._retries = retries or Retries()
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+
+    @staticmethod
+    def breaker(
+        model: str, deployment: str, policy: BreakerPolicy, clock: Clock = time.monotonic
+    ) -> Breaker:
+        """A deployment's breaker, its changes logged."""
+
+        def moved(old: State, new: State) -> None:
+            log.warning(
+                "deployment_breaker",
+                model=model,
+                deployment=deployment,
+                state=new.name.lower(),
+                was=old.name.lower(),
+            )
+
+        return Breaker(policy, clock=clock, on_transition=moved)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def max_batch(self) -> int:
+        """What every deployment takes in one request."""
+        return min(d.provider.max_batch for d in self._deployments)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(d.provider.start() for d in self._deployments))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(d.provider.close() for d in self._deployments))
+
+    async def check(self, inputs: Sequence[Input], options: EmbedOptions) -> list[Problem]:
+        """Every deployment's own limits: a request may go to any of them."""
+        found: dict[tuple[int | None, str], Problem] = {}
+        for deployment in self._deployments:
+            for problem in await deployment.provider.check(inputs, options):
+                found.setdefault((problem.index, problem.part.value), problem)
+        return list(found.values())
+
+    async def embed(self, inputs: Sequence[Input], options: EmbedOptions) -> EmbedBatch:
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        tried: list[Member] = []
+        attempts = 0
+        last: VendorError | None = None
+        while True:
+            member = choose(self._members, self._clock(), avoid=tried, rng=self._rng)
+            if member is None or not member.breaker.allow():
+                none = self._none_usable()
+                # A call that has tried hears its vendor's last answer.
+                raise last or none
+            attempts += 1
+            member.in_flight += 1
+            try:
+                batch = await self._by_member[member].provider.embed(inputs, options)
+            except VendorError as error:
+                last = error
+                retry = self._judge(member, error)
+                if not retry or attempts > self._retries.max_retries:
+                    raise
+                tried.append(member)
+                delay = self._delay(tried, error, attempts)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise
+                log.warning(
+                    "deployment_retry",
+                    model=self._info.name,
+                    deployment=member.name,
+                    attempt=attempts,
+                    wait_s=round(delay, 3),
+                    reason=error.reason,
+                )
+                if delay > 0:
+                    await self._sleep(delay)
+                continue
+            except BaseException:
+                member.breaker.released()  # cancelled or out of time: no verdict
+                raise
+            finally:
+                member.in_flight -= 1
+            member.breaker.succeeded()
+            self._health.succeeded()
+            return batch
+
+    def _judge(self, member: Member, error: VendorError) -> bool:
+        """Record what ``error`` says of the deployment; whether another attempt may help."""
+        if isinstance(error, VendorAuthError):
+            member.breaker.trip()
+            return True
+        if isinstance(error, VendorRateLimitedError) and error.retry_after_s is not None:
+            # Waiting, not broken: the breaker does not count it.
+            member.waiting_until = self._clock() + error.retry_after_s
+            member.breaker.released()
+            return True
+        if isinstance(error, VendorUnavailableError | VendorBadReplyError | VendorRateLimitedError):
+            member.breaker.failed()
+            return True
+        member.breaker.released()  # the vendor answered: the request was at fault
+        return False
+
+    def _delay(self, tried: Sequence[Member], error: VendorError, attempts: int) -> float:
+        """None when another deployment can take the request now; else what the vendor
+        asked for, or jittered backoff."""
+        now = self._clock()
+        other = choose(self._members, now, avoid=tried, rng=self._rng)
+        if other is not None and other not in tried:
+            return 0.0
+        if error.retry_after_s is not None:
+            return error.retry_after_s
+        retries = self._retries
+        ceiling = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempts - 1))
+        return (self._rng or random).uniform(0, ceiling)
+
+    def _none_usable(self) -> NoDeploymentError:
+        now = self._clock()
+        wait = max(0.0, ready_at(self._members, now) - now)
+        self._health.out_of_service()
+        name = self._info.name
+        return NoDeploymentError(
+            f"every deployment of model {name} is out of service; the first may take "
+            f"requests again in {wait:.1f} s",
+            metadata={"model": name, "deployments": str(len(self._members))},
+            retry_after_s=wait,
+        )
+
+
+def assemble(
+    model: DeployedModelSettings[Any],
+    members: Sequence[tuple[VendorSettings, Provider]],
+    health: Health,
+) -> DeploymentSet:
+    """A deployed model from its settings and its deployments' providers (each making
+    one attempt per request); ``Disagreement`` if they would give callers different
+    vectors."""
+    try:
+        info = agreed_info(model.name, model.space, [(s.name, p.info) for s, p in members])
+    except Disagreement as problem:
+        raise SettingError(f"deployments[{problem.position}].{problem.key}", str(problem)) from None
+    settings = model.breaker
+    policy = BreakerPolicy(
+        failures=settings.failures,
+        open_s=settings.open_s,
+        window=max(BreakerPolicy().window, settings.failures),
+    )
+    deployments = [
+        Deployment(
+            provider,
+            Member(
+                own.name,
+                DeploymentSet.breaker(model.name, own.name, policy),
+                weight=own.weight,
+                priority=own.priority,
+            ),
+        )
+        for own, provider in members
+    ]
+    first = model.deployments[0]
+    retries = Retries(
+        max_retries=max(own.max_retries for own, _ in members),
+        backoff_initial_s=first.retry_backoff_s,
+        backoff_max_s=first.retry_backoff_max_s,
+    )
+    return DeploymentSet(info, deployments, health=health.model(model.name), retries=retries)
