@@ -178,6 +178,7 @@ def test_client_exports_are_pinned() -> None:
             "AsyncClient",
             "Client",
             "DeadlineExceededError",
+            "Deployment",
             "EmbedResult",
             "EmbedgateError",
             "FailedPreconditionError",

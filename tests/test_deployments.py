@@ -22,6 +22,7 @@ from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import KEY, free_port, health_status, key_file, running
 from vendor_world import retry_delay
 
+import embedgate.client as eg
 from embedgate.server.config import ConfigError
 from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -359,3 +360,54 @@ def test_a_model_without_deployments_is_todays_model() -> None:
         {"models": [{"name": "m", "provider": "openai", "vendor_model": "text-embedding-3-small"}]}
     )
     assert type(config.models[0]).__name__ == "OpenAISettings"
+
+
+async def test_list_models_shows_the_space_and_each_deployment_state(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """ListModels gives a deployed model's space and its deployments, each in service or
+    out of it as its breaker says; a model with one endpoint lists none."""
+    good, dead = pair
+    dead.always(Fault.status(503))
+    keys = key_file(tmp_path)
+    model = deployed(
+        deployment(good, keys, "good"),
+        deployment(dead, keys, "dead", provider="openai"),
+        breaker={"failures": 1, "open_s": 600},
+    )
+    single = {**deployment(good, keys, "single"), "coalesce_wait_ms": 0}
+    async with (
+        running([model, single]) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for i in range(10):
+            await embed(stub, f"l{i}")
+        listed = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+    deployed_model, one = listed["m"], listed["single"]
+    assert deployed_model.space == "te3-small"
+    states = {d.name: (d.provider, d.state) for d in deployed_model.deployments}
+    assert states == {
+        "good": ("openai", pb.DEPLOYMENT_STATE_IN_SERVICE),
+        "dead": ("openai", pb.DEPLOYMENT_STATE_OUT_OF_SERVICE),
+    }
+    assert (one.space, list(one.deployments)) == ("", [])
+
+
+async def test_the_python_client_lists_deployments(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """The typed client's ModelInfo carries the space and each deployment's state."""
+    good, other = pair
+    keys = key_file(tmp_path)
+    model = deployed(deployment(good, keys, "good"), deployment(other, keys, "other"))
+    async with (
+        running([model]) as gateway,
+        eg.AsyncClient(f"127.0.0.1:{gateway.port}") as client,
+    ):
+        (info,) = await client.list_models()
+    assert info.space == "te3-small"
+    assert info.deployments == (
+        eg.Deployment("good", "openai", "in_service"),
+        eg.Deployment("other", "openai", "in_service"),
+    )

@@ -123,6 +123,21 @@ class Dimensions:
         return f"from {self.minimum} to {self.maximum}"
 
 
+class DeploymentState(enum.Enum):
+    """Whether one deployment of a model takes requests now."""
+
+    IN_SERVICE = "in_service"
+    PROBING = "probing"  # its breaker lets one probe request through
+    OUT_OF_SERVICE = "out_of_service"  # breaker open, or waiting out a Retry-After
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentStatus:
+    name: str
+    provider: str
+    state: DeploymentState
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What a served model is and accepts, as ``ListModels`` reports it."""
@@ -142,6 +157,10 @@ class ModelInfo:
     normalizes_by_default: bool = True
     # Computed in this process (the local model), not by a vendor.
     in_process: bool = False
+    # The label of its vector space, when configured.
+    space: str = ""
+    # Its deployments and their state now, for a model with several (ListModels).
+    deployments: tuple[DeploymentStatus, ...] = ()
     # What the vectors come from beyond the name (the vendor's address and model, or
     # the local model's directory): a cached vector is reused only for the same source.
     source: str = ""

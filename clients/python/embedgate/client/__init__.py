@@ -27,6 +27,7 @@ from embedgate.client._errors import (
 from embedgate.client._inputs import InputLike, image_bytes, image_uri, text, text_image, video
 from embedgate.client._sync import Client
 from embedgate.client._types import (
+    Deployment,
     EmbedResult,
     ModelInfo,
     OutputType,
@@ -42,6 +43,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
+    "Deployment",
     "EmbedResult",
     "EmbedgateError",
     "FailedPreconditionError",

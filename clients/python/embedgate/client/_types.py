@@ -115,6 +115,16 @@ class PipelineResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """One endpoint of a model served by several: ``state`` is ``in_service``,
+    ``probing`` or ``out_of_service``."""
+
+    name: str
+    provider: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str
     provider: str
@@ -129,6 +139,10 @@ class ModelInfo:
     accepts_instruction: bool
     # The most characters one text (or the instruction) may have.
     max_text_chars: int = 0
+    # The label of its vector space, when the server's configuration gives one.
+    space: str = ""
+    # Where its requests go, when several deployments serve it.
+    deployments: tuple[Deployment, ...] = ()
 
 
 class EmbedOptions(TypedDict, total=False):
@@ -279,6 +293,15 @@ def model_infos(response: pb.ListModelsResponse) -> list[ModelInfo]:
             reranks=m.reranks,
             accepts_instruction=m.accepts_instruction,
             max_text_chars=m.max_text_chars,
+            space=m.space,
+            deployments=tuple(
+                Deployment(
+                    d.name,
+                    d.provider,
+                    pb.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_").lower(),
+                )
+                for d in m.deployments
+            ),
         )
         for m in response.models
     ]

@@ -31,6 +31,13 @@ class RerankMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK_METHOD_UNSPECIFIED: _ClassVar[RerankMethod]
     RERANK_METHOD_VENDOR: _ClassVar[RerankMethod]
     RERANK_METHOD_EMBEDDING_COSINE: _ClassVar[RerankMethod]
+
+class DeploymentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPLOYMENT_STATE_UNSPECIFIED: _ClassVar[DeploymentState]
+    DEPLOYMENT_STATE_IN_SERVICE: _ClassVar[DeploymentState]
+    DEPLOYMENT_STATE_PROBING: _ClassVar[DeploymentState]
+    DEPLOYMENT_STATE_OUT_OF_SERVICE: _ClassVar[DeploymentState]
 MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
@@ -46,6 +53,10 @@ OUTPUT_TYPE_UBINARY: OutputType
 RERANK_METHOD_UNSPECIFIED: RerankMethod
 RERANK_METHOD_VENDOR: RerankMethod
 RERANK_METHOD_EMBEDDING_COSINE: RerankMethod
+DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState
+DEPLOYMENT_STATE_IN_SERVICE: DeploymentState
+DEPLOYMENT_STATE_PROBING: DeploymentState
+DEPLOYMENT_STATE_OUT_OF_SERVICE: DeploymentState
 
 class Image(_message.Message):
     __slots__ = ("uri", "data", "mime_type")
@@ -234,7 +245,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "provider", "modalities", "max_inputs_per_call", "default_dimensions", "allowed_dimensions", "min_dimensions", "max_dimensions", "embeds", "reranks", "accepts_instruction", "max_text_chars")
+    __slots__ = ("name", "provider", "modalities", "max_inputs_per_call", "default_dimensions", "allowed_dimensions", "min_dimensions", "max_dimensions", "embeds", "reranks", "accepts_instruction", "max_text_chars", "space", "deployments")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +258,8 @@ class ModelInfo(_message.Message):
     RERANKS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     provider: str
     modalities: _containers.RepeatedScalarFieldContainer[Modality]
@@ -259,7 +272,19 @@ class ModelInfo(_message.Message):
     reranks: bool
     accepts_instruction: bool
     max_text_chars: int
-    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., max_inputs_per_call: _Optional[int] = ..., default_dimensions: _Optional[int] = ..., allowed_dimensions: _Optional[_Iterable[int]] = ..., min_dimensions: _Optional[int] = ..., max_dimensions: _Optional[int] = ..., embeds: _Optional[bool] = ..., reranks: _Optional[bool] = ..., accepts_instruction: _Optional[bool] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+    space: str
+    deployments: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., max_inputs_per_call: _Optional[int] = ..., default_dimensions: _Optional[int] = ..., allowed_dimensions: _Optional[_Iterable[int]] = ..., min_dimensions: _Optional[int] = ..., max_dimensions: _Optional[int] = ..., embeds: _Optional[bool] = ..., reranks: _Optional[bool] = ..., accepts_instruction: _Optional[bool] = ..., max_text_chars: _Optional[int] = ..., space: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("name", "provider", "state")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    provider: str
+    state: DeploymentState
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., state: _Optional[_Union[DeploymentState, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from google.rpc import status_pb2
 
 from embedgate.server.domain import (
+    DeploymentState,
     EmbedOptions,
     Image,
     ImageInput,
@@ -339,6 +340,11 @@ _MODALITIES = {
     Modality.VIDEO: pb.MODALITY_VIDEO,
     Modality.TEXT_IMAGE: pb.MODALITY_TEXT_IMAGE,
 }
+_DEPLOYMENT_STATES = {
+    DeploymentState.IN_SERVICE: pb.DEPLOYMENT_STATE_IN_SERVICE,
+    DeploymentState.PROBING: pb.DEPLOYMENT_STATE_PROBING,
+    DeploymentState.OUT_OF_SERVICE: pb.DEPLOYMENT_STATE_OUT_OF_SERVICE,
+}
 _RERANK_METHODS = {
     "vendor": pb.RERANK_METHOD_VENDOR,
     "embedding_cosine": pb.RERANK_METHOD_EMBEDDING_COSINE,
@@ -365,6 +371,15 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
         reranks=info.reranks,
         accepts_instruction=info.accepts_instruction,
         max_text_chars=info.max_text_chars,
+        space=info.space,
+        deployments=[
+            pb.Deployment(
+                name=deployment.name,
+                provider=deployment.provider,
+                state=_DEPLOYMENT_STATES[deployment.state],
+            )
+            for deployment in info.deployments
+        ],
     )
 
 

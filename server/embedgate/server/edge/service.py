@@ -307,6 +307,6 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         async with self._serving(context, access):
             allowed = allowed_models()
             response = models_response(
-                info for info in self._router.models() if allowed is None or info.name in allowed
+                info for info in self._router.listing() if allowed is None or info.name in allowed
             )
         return response

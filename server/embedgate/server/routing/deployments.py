@@ -23,7 +23,13 @@ import structlog
 
 from embedgate.server.config import DeployedModelSettings
 from embedgate.server.deadlines import current_deadline
-from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+from embedgate.server.domain import (
+    DeploymentState,
+    DeploymentStatus,
+    EmbedOptions,
+    Input,
+    ModelInfo,
+)
 from embedgate.server.errors import (
     NoDeploymentError,
     Problem,
@@ -99,6 +105,7 @@ def agreed_info(name: str, space: str | None, infos: Sequence[tuple[str, ModelIn
         # Vectors of one space are interchangeable: the cache is shared by every
         # deployment of the model.
         source=f"space {space or name}",
+        space=space or "",
     )
 
 
@@ -146,6 +153,14 @@ class DeploymentSet:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def statuses(self) -> tuple[DeploymentStatus, ...]:
+        """Each deployment and whether it takes requests now."""
+        now = self._clock()
+        return tuple(
+            DeploymentStatus(d.member.name, d.provider.info.provider, _state(d.member, now))
+            for d in self._deployments
+        )
 
     @property
     def max_batch(self) -> int:
@@ -251,6 +266,15 @@ class DeploymentSet:
             metadata={"model": name, "deployments": str(len(self._members))},
             retry_after_s=wait,
         )
+
+
+def _state(member: Member, now: float) -> DeploymentState:
+    breaker = member.breaker.state
+    if breaker is State.OPEN or now < member.waiting_until:
+        return DeploymentState.OUT_OF_SERVICE
+    if breaker is State.HALF_OPEN:
+        return DeploymentState.PROBING
+    return DeploymentState.IN_SERVICE
 
 
 def assemble(

@@ -8,6 +8,7 @@ The work itself lives beside this module: ``validation.py`` (what a model accept
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
@@ -15,6 +16,7 @@ from embedgate.server.errors import ModelNotFoundError, echo
 from embedgate.server.providers.base import Provider
 from embedgate.server.routing.cache import VectorCache
 from embedgate.server.routing.coalesce import Coalescer
+from embedgate.server.routing.deployments import DeploymentSet
 from embedgate.server.routing.embedding import Embedder, EmbedResult, ItemResult
 from embedgate.server.routing.model import Model
 from embedgate.server.routing.rerank import Ranker, RerankResult, validate_rerank
@@ -62,6 +64,15 @@ class Router:
 
     def models(self) -> list[ModelInfo]:
         return [provider.info for provider in self._providers]
+
+    def listing(self) -> list[ModelInfo]:
+        """The models as ListModels shows them: with their deployments' state now."""
+        return [
+            dataclasses.replace(provider.info, deployments=provider.statuses())
+            if isinstance(provider, DeploymentSet)
+            else provider.info
+            for provider in self._providers
+        ]
 
     def resolve(self, name: str) -> Model:
         model = self._by_name.get(name)
