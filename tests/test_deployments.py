@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+import structlog
 from conftest import rich_error
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
-from gateways import KEY, free_port, health_status, key_file, running
+from gateways import KEY, free_port, health_status, key_file, running, samples, value
 from vendor_world import retry_delay
 
 import embedgate.client as eg
@@ -411,3 +412,51 @@ async def test_the_python_client_lists_deployments(
         eg.Deployment("good", "openai", "in_service"),
         eg.Deployment("other", "openai", "in_service"),
     )
+
+
+async def test_breakers_and_deployments_are_metered_and_logged(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """Per deployment: its breaker's state and changes, its requests by outcome; the
+    access line names the deployments that served each RPC."""
+    good, dead = pair
+    dead.always(Fault.status(503))
+    keys = key_file(tmp_path)
+    model = deployed(
+        deployment(good, keys, "good"),
+        deployment(dead, keys, "dead"),
+        breaker={"failures": 2, "open_s": 600},
+    )
+    async with (
+        running([model]) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        with structlog.testing.capture_logs() as logs:
+            for i in range(20):
+                await embed(stub, f"m{i}")
+        found = samples(gateway.metrics.exposition().decode())
+    assert value(found, "embedgate_deployment_breaker_state", model="m", deployment="dead") == 2
+    assert value(found, "embedgate_deployment_breaker_state", model="m", deployment="good") == 0
+    opened = value(
+        found,
+        "embedgate_deployment_breaker_transitions_total",
+        model="m",
+        deployment="dead",
+        state="open",
+    )
+    assert opened == 1
+    ok = value(
+        found, "embedgate_deployment_requests_total", model="m", deployment="good", outcome="ok"
+    )
+    failed = value(
+        found,
+        "embedgate_deployment_requests_total",
+        model="m",
+        deployment="dead",
+        outcome="vendor_unavailable",
+    )
+    assert (ok, failed) == (20, 2)
+    lines = [line for line in logs if line["event"] == "rpc_finished"]
+    assert len(lines) == 20
+    assert {line["deployments"] for line in lines} == {"good"}

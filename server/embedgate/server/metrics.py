@@ -128,6 +128,25 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.deployment_requests = Counter(
+            "embedgate_deployment_requests",
+            "Vendor requests of models served by several deployments, by deployment and "
+            "outcome ('ok', or the reason it failed).",
+            ("model", "deployment", "outcome"),
+            registry=r,
+        )
+        self.deployment_breaker_state = Gauge(
+            "embedgate_deployment_breaker_state",
+            "Each deployment's breaker: 0 closed, 1 half-open (one probe), 2 open.",
+            ("model", "deployment"),
+            registry=r,
+        )
+        self.deployment_breaker_transitions = Counter(
+            "embedgate_deployment_breaker_transitions",
+            "Changes of a deployment's breaker, by the state it entered.",
+            ("model", "deployment", "state"),
+            registry=r,
+        )
         self._models: frozenset[str] = frozenset()
         self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 

@@ -5,7 +5,7 @@ one way (``_serving``, ``failure_of``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 
 import grpc
@@ -71,10 +71,13 @@ def _header_id(context: Context, given: str) -> str:
     return metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER) or ""
 
 
-def _count_calls(access: Access, model: Model, calls: int) -> None:
-    """How many requests the RPC cost the model behind it (retries not counted)."""
+def _count_calls(access: Access, model: Model, calls: int, deployments: Sequence[str] = ()) -> None:
+    """How many requests the RPC cost the model behind it (retries not counted), and
+    which deployments served them, for a model with several."""
     key = "local_batches" if model.info.in_process else "vendor_calls"
     access.fields[key] = calls
+    if deployments:
+        access.fields["deployments"] = ",".join(deployments)
 
 
 def _ended_by(context: Context) -> grpc.StatusCode:
@@ -178,7 +181,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         result = await self._router.embed(model, inputs, options)
         fill_embed_response(response, result, options)
         access.fields["cached_inputs"] = sum(item.cached for item in result.items)
-        _count_calls(access, model, result.calls)
+        _count_calls(access, model, result.calls, result.deployments)
 
     async def StreamEmbed(  # noqa: N802 - the RPC's name
         self, request: pb.StreamEmbedRequest, context: Context
@@ -190,6 +193,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             )
             failed = 0
             batches: set[int] = set()
+            served: set[str] = set()
             async for item in self._router.embed_each(model, inputs, options):
                 if item.item is None:
                     failed += 1
@@ -199,10 +203,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 else:
                     if not item.item.cached:
                         batches.add(item.item.batch)
+                        if item.item.deployment:
+                            served.add(item.item.deployment)
                     message = stream_message(item.index, item.item, model.name, options)
                 yield message
             access.fields["failed_inputs"] = failed
-            _count_calls(access, model, len(batches))
+            _count_calls(access, model, len(batches), sorted(served))
 
     async def Rerank(  # noqa: N802 - the RPC's name
         self, request: pb.RerankRequest, context: Context
@@ -229,7 +235,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             result = await self._router.rerank(
                 model, inputs, top_n=parsed.top_n, options=parsed.options
             )
-            _count_calls(access, model, result.calls)
+            _count_calls(access, model, result.calls, result.deployments)
             response = rerank_response(result, request, parsed.options)
         return response
 

@@ -24,6 +24,8 @@ class EmbedBatch:
     tokens: tuple[int, ...] | None = None
     # Tokens for the whole batch, where a vendor counts only those.
     total_tokens: int | None = None
+    # Which deployment served it, for a model with several.
+    deployment: str = ""
 
     @property
     def token_total(self) -> int | None:

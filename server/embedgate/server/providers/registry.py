@@ -80,7 +80,8 @@ def load_config(path: str | Path | None) -> GatewayConfig:
 # Makes a model with deployments its provider, from its settings and its deployments'
 # own providers (routing's business: the composition module supplies it).
 Compose = Callable[
-    [DeployedModelSettings[Any], Sequence[tuple[VendorSettings, Provider]], Health], Provider
+    [DeployedModelSettings[Any], Sequence[tuple[VendorSettings, Provider]], Health, Metrics],
+    Provider,
 ]
 
 
@@ -106,7 +107,7 @@ def build_providers(
                 if compose is None:
                     raise SettingError("deployments", "this gateway serves no deployments")
                 members = build_deployments(model, shared, metrics)
-                providers.append(compose(model, members, health))
+                providers.append(compose(model, members, health, metrics))
                 continue
             providers.append(build_provider(model, shared, metrics, health))
         except SettingError as problem:

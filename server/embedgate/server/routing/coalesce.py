@@ -33,6 +33,8 @@ class ItemVector:
     tokens: int | None
     batch: int
     batch_tokens: int | None
+    # The deployment that served its batch, for a model with several.
+    deployment: str = ""
 
 
 @dataclass(eq=False, slots=True)
@@ -277,7 +279,11 @@ class Coalescer:
         total = batch.token_total if whole else None
         return [
             ItemVector(
-                vectors[position], _own_tokens(batch, position, len(inputs)), self._batches, total
+                vectors[position],
+                _own_tokens(batch, position, len(inputs)),
+                self._batches,
+                total,
+                batch.deployment,
             )
             for position in range(len(inputs))
         ]
@@ -339,7 +345,9 @@ class Coalescer:
                     continue
                 # The vendor counted the input once: callers that joined it cost nothing.
                 own = tokens if order == 0 else (0 if tokens is not None else None)
-                waiter.future.set_result(ItemVector(vectors[position], own, batch_id, total))
+                waiter.future.set_result(
+                    ItemVector(vectors[position], own, batch_id, total, batch.deployment)
+                )
 
 
 def _batch_key(options: EmbedOptions) -> EmbedOptions:

@@ -13,6 +13,7 @@ are off): the retries happen here, where there is somewhere else to go.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from embedgate.server.errors import (
     VendorUnavailableError,
 )
 from embedgate.server.health import Health, ModelHealth
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, Provider
 from embedgate.server.providers.settings import SettingError, VendorSettings
 from embedgate.server.routing.balance import Member, choose, ready_at
@@ -118,6 +120,7 @@ class DeploymentSet:
         deployments: Sequence[Deployment],
         *,
         health: ModelHealth,
+        metrics: Metrics | None = None,
         retries: Retries | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -128,6 +131,7 @@ class DeploymentSet:
         self._by_member = {d.member: d for d in self._deployments}
         self._members = [d.member for d in self._deployments]
         self._health = health
+        self._requests = (metrics or Metrics()).deployment_requests
         self._retries = retries or Retries()
         self._clock = clock
         self._sleep = sleep
@@ -135,11 +139,19 @@ class DeploymentSet:
 
     @staticmethod
     def breaker(
-        model: str, deployment: str, policy: BreakerPolicy, clock: Clock = time.monotonic
+        model: str,
+        deployment: str,
+        policy: BreakerPolicy,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
     ) -> Breaker:
-        """A deployment's breaker, its changes logged."""
+        """A deployment's breaker, its changes logged and metered."""
+        gauge = metrics.deployment_breaker_state.labels(model, deployment)
+        gauge.set(State.CLOSED.value)
 
         def moved(old: State, new: State) -> None:
+            gauge.set(new.value)
+            metrics.deployment_breaker_transitions.labels(model, deployment, new.name.lower()).inc()
             log.warning(
                 "deployment_breaker",
                 model=model,
@@ -199,6 +211,7 @@ class DeploymentSet:
                 batch = await self._by_member[member].provider.embed(inputs, options)
             except VendorError as error:
                 last = error
+                self._count(member, error.reason.lower())
                 retry = self._judge(member, error)
                 if not retry or attempts > self._retries.max_retries:
                     raise
@@ -224,7 +237,11 @@ class DeploymentSet:
                 member.in_flight -= 1
             member.breaker.succeeded()
             self._health.succeeded()
-            return batch
+            self._count(member, "ok")
+            return dataclasses.replace(batch, deployment=member.name)
+
+    def _count(self, member: Member, outcome: str) -> None:
+        self._requests.labels(self._info.name, member.name, outcome).inc()
 
     def _judge(self, member: Member, error: VendorError) -> bool:
         """Record what ``error`` says of the deployment; whether another attempt may help."""
@@ -281,6 +298,7 @@ def assemble(
     model: DeployedModelSettings[Any],
     members: Sequence[tuple[VendorSettings, Provider]],
     health: Health,
+    metrics: Metrics,
 ) -> DeploymentSet:
     """A deployed model from its settings and its deployments' providers (each making
     one attempt per request); ``Disagreement`` if they would give callers different
@@ -300,7 +318,7 @@ def assemble(
             provider,
             Member(
                 own.name,
-                DeploymentSet.breaker(model.name, own.name, policy),
+                DeploymentSet.breaker(model.name, own.name, policy, metrics),
                 weight=own.weight,
                 priority=own.priority,
             ),
@@ -313,4 +331,6 @@ def assemble(
         backoff_initial_s=first.retry_backoff_s,
         backoff_max_s=first.retry_backoff_max_s,
     )
-    return DeploymentSet(info, deployments, health=health.model(model.name), retries=retries)
+    return DeploymentSet(
+        info, deployments, health=health.model(model.name), metrics=metrics, retries=retries
+    )

@@ -4,7 +4,7 @@ vectors encoded as the caller asked, in the caller's order."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,8 @@ class Encoded:
     tokens: int | None
     batch: int = 0
     batch_tokens: int | None = None
+    # The deployment that served it, for a model with several.
+    deployment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,16 @@ class EmbedResult:
     def calls(self) -> int:
         """Model requests (vendor requests, or local batches) that carried its inputs."""
         return len({item.batch for item in self.items if not item.cached})
+
+    @property
+    def deployments(self) -> list[str]:
+        """The deployments that served its inputs (for a model with several)."""
+        return served_by(self.items)
+
+
+def served_by(items: Iterable[Encoded]) -> list[str]:
+    """The deployments that served ``items``, by name."""
+    return sorted({item.deployment for item in items if item.deployment})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +126,7 @@ class Embedder:
             for position, payload in zip(positions, payloads, strict=True):
                 self._cache.put(keys[position], payload)
         return [
-            Encoded(payload, False, item.tokens, item.batch, item.batch_tokens)
+            Encoded(payload, False, item.tokens, item.batch, item.batch_tokens, item.deployment)
             for payload, item in zip(payloads, items, strict=True)
         ]
 

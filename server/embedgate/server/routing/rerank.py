@@ -41,6 +41,8 @@ class RerankResult:
     query_cached: bool = False
     # Model requests made for it (vendor requests, or local batches).
     calls: int = 0
+    # The deployments that served it (for a model with several).
+    deployments: tuple[str, ...] = ()
 
 
 def scoring_options(options: EmbedOptions) -> EmbedOptions:
@@ -137,6 +139,7 @@ class Ranker:
             usage=result.usage,
             query_cached=result.items[0].cached,
             calls=result.calls,
+            deployments=tuple(result.deployments),
         )
 
     async def _rerank_natively(
