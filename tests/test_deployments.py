@@ -7,6 +7,8 @@ start-up."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,14 +20,19 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import structlog
+import yaml
 from conftest import rich_error
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import KEY, free_port, health_status, key_file, running, samples, value
 from vendor_world import retry_delay
 
 import embedgate.client as eg
+from embedgate.server.app import build_gateway, check
 from embedgate.server.config import ConfigError
+from embedgate.server.domain import Dimensions, ImageInput, Modality, ModelInfo, TextInput
+from embedgate.server.edge.images import sniff_image
 from embedgate.server.providers.registry import parse_config
+from embedgate.server.routing.deployments import probe_inputs
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -292,8 +299,6 @@ def test_deployments_that_disagree_stop_start_up(tmp_path: Path) -> None:
             ]
         }
     )
-    from embedgate.server.app import build_gateway
-
     with pytest.raises(ConfigError) as caught:
         build_gateway(config)
     message = str(caught.value)
@@ -460,3 +465,109 @@ async def test_breakers_and_deployments_are_metered_and_logged(
     lines = [line for line in logs if line["event"] == "rpc_finished"]
     assert len(lines) == 20
     assert {line["deployments"] for line in lines} == {"good"}
+
+
+def space_config(tmp_path: Path, a: FakeVendor, b: FakeVendor) -> dict[str, Any]:
+    keys = key_file(tmp_path)
+    model = deployed(deployment(a, keys, "a"), deployment(b, keys, "b"), space_check=True)
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1},
+        "cache": {"enabled": False},
+        "models": [model],
+    }
+
+
+async def check_command(config: dict[str, Any], tmp_path: Path) -> tuple[int, str]:
+    """``embedgate check --config FILE`` as a process: its exit code and its output."""
+    file = tmp_path / "embedgate.yaml"
+    file.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; from embedgate.client.cli import main; sys.exit(main(sys.argv[1:]))",
+        "check",
+        "--config",
+        str(file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode()
+
+
+async def test_the_space_check_passes_for_deployments_of_one_space(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """space_check: true embeds the probes through each deployment at start-up; the
+    same vectors pass, and `embedgate check` says so without serving."""
+    a, b = pair
+    config = space_config(tmp_path, a, b)
+    gateway = build_gateway(parse_config(config))
+    with structlog.testing.capture_logs() as logs:
+        await gateway.start()
+    await gateway.stop(grace=0)
+    assert any(line["event"] == "space_check_passed" for line in logs)
+    assert len(a.received) == len(b.received) == 4  # one request per probe text
+    assert await check(parse_config(config)) == ["m: openai (vector space checked)"]
+    code, out = await check_command(config, tmp_path)
+    assert code == 0, out
+    assert "configuration OK: 1 model(s)" in out
+    assert "m: openai (vector space checked)" in out
+
+
+async def test_the_space_check_stops_start_up_for_another_space(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """A deployment whose vectors differ stops start-up naming both deployments, the
+    probe and the cosine; `embedgate check` exits 2 with the same words."""
+    a, b = pair
+    b.space_salt = "another model:"
+    config = space_config(tmp_path, a, b)
+    gateway = build_gateway(parse_config(config))
+    with pytest.raises(ConfigError) as caught:
+        await gateway.start()
+    await gateway.stop(grace=0)
+    message = str(caught.value)
+    assert "deployments 'a' and 'b' give different vectors for probe 'The cat sat" in message
+    assert "below space_check_min_cosine 0.99" in message
+    with pytest.raises(ConfigError, match="give different vectors"):
+        await check(parse_config(config))
+    code, out = await check_command(config, tmp_path)
+    assert code == 2
+    assert "deployments 'a' and 'b' give different vectors" in out
+
+
+async def test_calls_wait_out_a_retry_after_on_the_last_deployment(
+    pair: tuple[FakeVendor, FakeVendor], tmp_path: Path
+) -> None:
+    """With the other deployment's breaker open, a 429 with Retry-After on the last one
+    makes every call wait it out (within its deadline) rather than fail: a wait is not
+    an outage."""
+    good, dead = pair
+    dead.always(Fault.status(503))
+    keys = key_file(tmp_path)
+    model = deployed(
+        deployment(good, keys, "good"),
+        deployment(dead, keys, "dead"),
+        breaker={"failures": 1, "open_s": 600},
+    )
+    async with serving(model) as (stub, _):
+        for i in range(10):
+            await embed(stub, f"warm {i}")  # the dead one's breaker opens
+        good.plan(Fault.status(429, retry_after="0.3"))
+        first = asyncio.ensure_future(embed(stub, "first"))
+        await asyncio.sleep(0.1)  # the 429 has come back: the good one is waiting
+        later = [embed(stub, f"later {i}") for i in range(5)]
+        replies = await asyncio.gather(first, *later)
+    assert len(replies) == 6
+
+
+def test_the_probes_follow_the_models_modalities() -> None:
+    """Text probes for a model that takes text; a real PNG image too for one that takes
+    images (so a multimodal space is checked on images as well)."""
+    text_only = ModelInfo("t", "openai", frozenset({Modality.TEXT}), 8, Dimensions(4, 4, 4))
+    both = dataclasses.replace(text_only, modalities=frozenset({Modality.TEXT, Modality.IMAGE}))
+    assert all(isinstance(probe, TextInput) for probe in probe_inputs(text_only))
+    images = [probe for probe in probe_inputs(both) if isinstance(probe, ImageInput)]
+    assert len(images) == 1
+    assert sniff_image(images[0].image.data or b"") == "image/png"

@@ -292,6 +292,9 @@ class FakeVendor(abc.ABC):
         self.dims_override = dims  # None: the vendor's own size (Qianfan's is the model's)
         self.dims = dims or self.default_dims
         self.max_batch = max_batch
+        # Another model's vectors: the same sizes, other values (a different vector
+        # space, for the gateway's space check).
+        self.space_salt = ""
         self.base_url = ""
         self.received: list[Received] = []
         self.disconnects = 0
@@ -470,7 +473,8 @@ class FakeVendor(abc.ABC):
         if self.max_batch is not None and len(job.keys) > self.max_batch:
             raise Rejected(400, f"'input' has {len(job.keys)} items, at most {self.max_batch}")
         rows = [
-            (i, fake_vector(k, job.dims) * np.float32(job.scale)) for i, k in enumerate(job.keys)
+            (i, fake_vector(self.space_salt + k, job.dims) * np.float32(job.scale))
+            for i, k in enumerate(job.keys)
         ]
         rows = spoil(rows, fault)
         if fault is not None and fault.kind == "nan" and rows:

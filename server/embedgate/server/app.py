@@ -54,21 +54,43 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
     return Tokens(callers)
 
 
+def build_router(
+    config: GatewayConfig, metrics: Metrics, health: Health, *, cache: bool = True
+) -> Router:
+    return Router(
+        build_providers(config.models, metrics=metrics, health=health, compose=assemble),
+        coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
+        cache=build_cache(config.cache) if cache else None,
+    )
+
+
 def build_gateway(config: GatewayConfig) -> Gateway:
     metrics = Metrics()
     health = Health(unhealthy_after=config.server.unhealthy_after_failures)
-    router = Router(
-        build_providers(config.models, metrics=metrics, health=health, compose=assemble),
-        coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
-        cache=build_cache(config.cache),
-    )
     return Gateway(
-        router,
+        build_router(config, metrics, health),
         config.server,
         metrics=metrics,
         tokens=read_tokens(config.server.auth),
         models_health=health,
     )
+
+
+async def check(config: GatewayConfig) -> list[str]:
+    """What ``embedgate check`` does: build and start every model as serving would
+    (keys read, models loaded, deployments' vector spaces verified where asked), then
+    stop, serving nothing. Returns a line per model; a problem raises ``ConfigError``."""
+    read_tokens(config.server.auth)
+    router = build_router(config, Metrics(), Health(), cache=False)
+    try:
+        await router.start()
+    finally:
+        await router.close()
+    lines = []
+    for model, info in zip(config.models, router.models(), strict=True):
+        checked = " (vector space checked)" if getattr(model, "space_check", False) else ""
+        lines.append(f"{info.name}: {info.provider}{checked}")
+    return lines
 
 
 # A signal sent to a process group reaches the server twice when a parent such as make

@@ -1,4 +1,4 @@
-"""``embedgate serve``: run the gateway."""
+"""``embedgate serve``: run the gateway; ``embedgate check``: verify a configuration."""
 
 from __future__ import annotations
 
@@ -104,4 +104,31 @@ def run_serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as exc:  # grpc reports a port it cannot bind as RuntimeError
         print(f"embedgate: cannot start: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_ENV) or None,
+        help=f"YAML configuration file to check (default: ${CONFIG_ENV})",
+    )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Validate the configuration, read its keys, load its models and verify the vector
+    space of models with ``space_check``, without serving: exit 0 when it would serve,
+    2 (with the problem) when it would not."""
+    configure_logging(level="warning", json=None)
+    from embedgate.server.app import check
+    from embedgate.server.providers.registry import load_config
+
+    try:
+        lines = asyncio.run(check(load_config(args.config)))
+    except ConfigError as exc:
+        print(f"embedgate: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    print(f"configuration OK: {len(lines)} model(s)")
+    for line in lines:
+        print(f"  {line}")
     return 0

@@ -167,6 +167,10 @@ class DeployedModelSettings(ModelSettings, Generic[V]):
     provider: Literal["deployed"] = "deployed"
     # A label of the vector space every deployment gives, shown by ListModels.
     space: str | None = Field(default=None, min_length=1, max_length=256)
+    # Verify at start-up that every deployment gives the same vectors for a few probe
+    # inputs: each probe's cosine with the first deployment's at least this much.
+    space_check: bool = False
+    space_check_min_cosine: float = Field(default=0.99, gt=0, le=1)
     breaker: BreakerSettings = BreakerSettings()
     coalesce_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     deployments: list[V] = Field(min_length=1, max_length=64)

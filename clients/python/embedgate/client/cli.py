@@ -239,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_serve_arguments(serve)
 
+    check = commands.add_parser(
+        "check",
+        help="validate a configuration, read its keys, load its models and verify the "
+        "vector space of deployments with space_check, without serving (exit 0 or 2)",
+    )
+    try:
+        from embedgate.server.cli import add_check_arguments
+    except ImportError:
+        check.set_defaults(server_missing=True)
+    else:
+        add_check_arguments(check)
+
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument(
@@ -320,6 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from embedgate.server.cli import run_serve
 
         return run_serve(args)
+    if args.command == "check":
+        if getattr(args, "server_missing", False):
+            print(SERVER_MISSING, file=sys.stderr)
+            return 2
+        from embedgate.server.cli import run_check
+
+        return run_check(args)
     handlers = {"embed": _embed, "rerank": _rerank, "models": _models, "health": _health}
     with Client(
         args.target, timeout=args.timeout, token=args.token, credentials=_credentials(args)

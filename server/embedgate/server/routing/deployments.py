@@ -15,23 +15,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 
-from embedgate.server.config import DeployedModelSettings
+from embedgate.server.config import ConfigError, DeployedModelSettings
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import (
     DeploymentState,
     DeploymentStatus,
     EmbedOptions,
+    Image,
+    ImageInput,
     Input,
+    Modality,
     ModelInfo,
+    TextInput,
 )
 from embedgate.server.errors import (
+    EmbedgateError,
     NoDeploymentError,
     Problem,
     VendorAuthError,
@@ -42,7 +50,7 @@ from embedgate.server.errors import (
 )
 from embedgate.server.health import Health, ModelHealth
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.base import EmbedBatch, Provider
+from embedgate.server.providers.base import EmbedBatch, Provider, Vectors
 from embedgate.server.providers.settings import SettingError, VendorSettings
 from embedgate.server.routing.balance import Member, choose, ready_at
 from embedgate.server.routing.breaker import Breaker, BreakerPolicy, Clock, State
@@ -122,6 +130,7 @@ class DeploymentSet:
         health: ModelHealth,
         metrics: Metrics | None = None,
         retries: Retries | None = None,
+        space_check: float | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
@@ -133,6 +142,8 @@ class DeploymentSet:
         self._health = health
         self._requests = (metrics or Metrics()).deployment_requests
         self._retries = retries or Retries()
+        # The least cosine a probe may have between deployments; None: not checked.
+        self.space_check = space_check
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
@@ -165,6 +176,39 @@ class DeploymentSet:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    async def verify_space(self, min_cosine: float) -> None:
+        """Embed the probes through every deployment and compare each one's vectors with
+        the first's; ``ConfigError`` names the two deployments, the probe and the cosine
+        when one is below ``min_cosine``, or the deployment that could not answer."""
+        name = self._info.name
+        probes = probe_inputs(self._info)
+        seen: list[tuple[str, Vectors]] = []
+        for deployment in self._deployments:
+            rows = []
+            for position, probe in enumerate(probes):
+                options = EmbedOptions(normalize=True, request_id=f"space-check-{position}")
+                try:
+                    batch = await deployment.provider.embed([probe], options)
+                except EmbedgateError as error:
+                    raise ConfigError(
+                        f"model {name}: space check: deployment {deployment.member.name!r} "
+                        f"could not embed the probes: {error}"
+                    ) from None
+                vector = batch.vectors[0].astype(np.float64)
+                rows.append(vector / (np.linalg.norm(vector) or 1.0))
+            seen.append((deployment.member.name, np.stack(rows)))
+        first_name, first = seen[0]
+        for other_name, other in seen[1:]:
+            for probe, a, b in zip(probes, first, other, strict=True):
+                cosine = float(a @ b)
+                if cosine < min_cosine:
+                    raise ConfigError(
+                        f"model {name}: space check: deployments {first_name!r} and "
+                        f"{other_name!r} give different vectors for probe {_describe(probe)}: "
+                        f"cosine {cosine:.4f}, below space_check_min_cosine {min_cosine}"
+                    )
+        log.info("space_check_passed", model=name, deployments=len(seen), probes=len(probes))
 
     def statuses(self) -> tuple[DeploymentStatus, ...]:
         """Each deployment and whether it takes requests now."""
@@ -202,6 +246,10 @@ class DeploymentSet:
         while True:
             member = choose(self._members, self._clock(), avoid=tried, rng=self._rng)
             if member is None or not member.breaker.allow():
+                wait = self._wait_for_retry_after(loop.time(), deadline)
+                if wait is not None:
+                    await self._sleep(wait)
+                    continue
                 none = self._none_usable()
                 # A call that has tried hears its vendor's last answer.
                 raise last or none
@@ -243,6 +291,24 @@ class DeploymentSet:
     def _count(self, member: Member, outcome: str) -> None:
         self._requests.labels(self._info.name, member.name, outcome).inc()
 
+    def _wait_for_retry_after(self, now: float, deadline: float | None) -> float | None:
+        """When no deployment is usable only because some wait out a vendor's
+        Retry-After (their breakers are fine), how long until the first may go again, if
+        that is within the caller's deadline; else None. Open breakers are never waited
+        for: then the call fails at once."""
+        clock = self._clock()
+        waiting = [
+            m.waiting_until - clock
+            for m in self._members
+            if m.waiting_until > clock and m.breaker.usable()
+        ]
+        if not waiting:
+            return None
+        wait = min(waiting)
+        if deadline is not None and now + wait >= deadline:
+            return None
+        return wait
+
     def _judge(self, member: Member, error: VendorError) -> bool:
         """Record what ``error`` says of the deployment; whether another attempt may help."""
         if isinstance(error, VendorAuthError):
@@ -283,6 +349,55 @@ class DeploymentSet:
             metadata={"model": name, "deployments": str(len(self._members))},
             retry_after_s=wait,
         )
+
+
+# Inputs every deployment of a space must embed alike: prose, a name and digits, and
+# another script.
+PROBE_TEXTS = (
+    "The cat sat on the mat.",
+    "embedgate routes embedding requests to vendors",
+    "Order 42, shipped 2026-11-29",
+    "北京是中国的首都",
+)
+
+
+def _png(size: int = 8) -> bytes:
+    """A small RGB gradient as a PNG, made here: the image probe."""
+    rows = b"".join(
+        b"\x00" + bytes(channel for x in range(size) for channel in (x * 32, y * 32, 128))
+        for y in range(size)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+PROBE_IMAGE = Image(data=_png(), mime_type="image/png")
+
+
+def probe_inputs(info: ModelInfo) -> list[Input]:
+    """The probes for a model: the texts, and an image when it takes images."""
+    probes: list[Input] = [
+        TextInput(text) for text in PROBE_TEXTS if Modality.TEXT in info.modalities
+    ]
+    if Modality.IMAGE in info.modalities:
+        probes.append(ImageInput(PROBE_IMAGE))
+    return probes
+
+
+def _describe(probe: Input) -> str:
+    if isinstance(probe, TextInput):
+        return repr(probe.text)
+    return "(the probe image)"
 
 
 def _state(member: Member, now: float) -> DeploymentState:
@@ -332,5 +447,10 @@ def assemble(
         backoff_max_s=first.retry_backoff_max_s,
     )
     return DeploymentSet(
-        info, deployments, health=health.model(model.name), metrics=metrics, retries=retries
+        info,
+        deployments,
+        health=health.model(model.name),
+        metrics=metrics,
+        retries=retries,
+        space_check=model.space_check_min_cosine if model.space_check else None,
     )

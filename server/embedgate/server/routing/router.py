@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
 from embedgate.server.errors import ModelNotFoundError, echo
 from embedgate.server.providers.base import Provider
@@ -21,6 +22,9 @@ from embedgate.server.routing.embedding import Embedder, EmbedResult, ItemResult
 from embedgate.server.routing.model import Model
 from embedgate.server.routing.rerank import Ranker, RerankResult, validate_rerank
 from embedgate.server.routing.validation import validate
+
+# How long the start-up space check of one model may take.
+SPACE_CHECK_S = 60.0
 
 
 class Router:
@@ -45,6 +49,11 @@ class Router:
 
     async def start(self) -> None:
         await asyncio.gather(*(provider.start() for provider in self._providers))
+        for provider in self._providers:
+            if isinstance(provider, DeploymentSet) and provider.space_check is not None:
+                # Before any caller: a space that is not one stops start-up.
+                with deadline_scope(SPACE_CHECK_S):
+                    await provider.verify_space(provider.space_check)
         if self._cache is not None:
             await self._cache.start()
         self._by_name = {}
