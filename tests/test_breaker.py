@@ -162,3 +162,24 @@ def test_waiting_out_a_retry_after_is_not_usable_and_says_until_when() -> None:
     assert ready_at([waiting, broken], clock.now) == clock.now + 3
     clock.now += 3
     assert choose([waiting, broken], clock.now) is waiting
+
+
+def test_the_last_deployment_in_service_needs_proof_that_it_is_down() -> None:
+    """For the last usable deployment of a model, failures in a row are not enough: it
+    opens only on a full window with nine failures in ten; one that is down opens once
+    the window is full; one with 10 % errors never does (100,000 seeded attempts)."""
+    clock = FakeClock()
+    made, _ = breaker(clock, failures=5, window=20)
+    for _ in range(19):
+        made.failed(last=True)
+    assert state(made) is State.CLOSED
+    made.failed(last=True)
+    assert state(made) is State.OPEN
+    steady, moves = breaker(FakeClock(), failures=1, window=20)
+    draw = seeded(11)
+    for _ in range(100_000):
+        if draw.random() < 0.1:
+            steady.failed(last=True)
+        else:
+            steady.succeeded()
+    assert moves == []

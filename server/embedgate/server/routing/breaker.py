@@ -15,11 +15,15 @@ refused key. A 400 is an answer (the vendor is alive) and a 429 with ``Retry-Aft
 a wait, not a breakage: the caller records neither as a failure.
 
 The rule for opening is ``failures`` failures in a row *and* at least half of the last
-``window`` outcomes failed. A deployment that is down fails every attempt and opens after
-``failures`` of them; one with occasional errors does not open by a run of bad luck: at
-10 % errors, five failures in a row happen about once in 100,000 attempts, five in a row
-that are also half of the last 20 about once in 8 million (1e-5 times the chance of 5 or
-more failures among the 15 before them, 1.3 %).
+``window`` outcomes failed; for the last deployment of a model still in service, a full
+window with nine failures in ten (at 10 % errors, about once in 10^16 windows): a run of
+bad luck there would turn into NO_DEPLOYMENT_AVAILABLE for every caller.
+
+A deployment that is down fails every attempt and opens after ``failures`` of them (the
+last one in service after a window of them). One with occasional errors does not open
+by a run of bad luck: at 10 % errors, five failures in a row happen about once in 100,000
+attempts, five in a row that are also half of the last 20 about once in 8 million (1e-5
+times the chance of 5 or more failures among the 15 before them, 1.3 %).
 """
 
 from __future__ import annotations
@@ -114,11 +118,13 @@ class Breaker:
             self._recent.clear()
             self._move(State.CLOSED)
 
-    def failed(self) -> None:
+    def failed(self, *, last: bool = False) -> None:
+        """An attempt failed on the vendor's side. ``last``: no other deployment of the
+        model could take requests now, so opening would leave callers with nothing."""
         self._probing = False
         self._in_a_row += 1
         self._recent.append(True)
-        if self._state is State.HALF_OPEN or self._should_open():
+        if self._state is State.HALF_OPEN or self._should_open(last):
             self._open()
 
     def trip(self) -> None:
@@ -131,10 +137,16 @@ class Breaker:
         """An attempt ended with no verdict on the deployment: a probe's slot is free."""
         self._probing = False
 
-    def _should_open(self) -> bool:
+    def _should_open(self, last: bool) -> bool:
         if self._state is not State.CLOSED or self._in_a_row < self.policy.failures:
             return False
-        return 2 * sum(self._recent) >= len(self._recent)
+        failed = sum(self._recent)
+        if last:
+            # The last deployment in service is taken out only on proof that it is down:
+            # a full window of outcomes, nine in ten of them failures.
+            window = self.policy.window
+            return len(self._recent) == window and 10 * failed >= 9 * window
+        return 2 * failed >= len(self._recent)
 
     def _open(self) -> None:
         self._opened_at = self._clock()

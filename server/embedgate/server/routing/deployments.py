@@ -320,7 +320,9 @@ class DeploymentSet:
             member.breaker.released()
             return True
         if isinstance(error, VendorUnavailableError | VendorBadReplyError | VendorRateLimitedError):
-            member.breaker.failed()
+            now = self._clock()
+            alone = not any(m.usable(now) for m in self._members if m is not member)
+            member.breaker.failed(last=alone)
             return True
         member.breaker.released()  # the vendor answered: the request was at fault
         return False
