@@ -339,12 +339,12 @@ class TestSizes:
         cut = make(RzenEmbed, vendor_model="RzenEmbed", matryoshka=True)
         assert cut.capabilities.dimensions.accepts(300)
         at = "http://127.0.0.1:9"
-        provider = VendorProvider(cut, HttpDriver(), base_url=at, api_key=None)
+        provider = VendorProvider(cut, HttpDriver(), base_url=at)
         assert provider.sizes(300) == (512, 512)
         assert provider.sizes(None) == (2048, 2048)
         assert provider.info.dimensions.describe() == "from 1 to 2048"
         fixed = make(SCNet, vendor_model="Qwen3-Embedding-8B", matryoshka=True)
-        provider = VendorProvider(fixed, HttpDriver(), base_url=at, api_key=None)
+        provider = VendorProvider(fixed, HttpDriver(), base_url=at)
         assert provider.sizes(1024) == (None, 4096)
 
 
@@ -377,7 +377,7 @@ class TestKeys:
         config = parse_config({"models": self.models(api_key_file=str(secret))})
         (provider,) = build_providers(config.models, driver=HttpDriver())
         assert isinstance(provider, VendorProvider)
-        assert provider._api_key == "canary-key-123"
+        assert provider._secrets == ("canary-key-123",)
         assert "canary" not in repr(provider._settings)
 
     def test_vendors_that_need_a_key_say_so(self) -> None:

@@ -204,7 +204,7 @@ def provider(script: Sequence[Outcome], health: Health) -> tuple[VendorProvider,
         OpenAICompatible(settings),
         sender,
         base_url=URL,
-        api_key="k-123",
+        keys=["k-123"],
         health=health.model("m"),
     )
     return made, sender

@@ -128,6 +128,12 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.vendor_keys_in_service = Gauge(
+            "embedgate_vendor_keys_in_service",
+            "Keys of a vendor model's pool the vendor has not refused.",
+            ("vendor", "model"),
+            registry=r,
+        )
         self.deployment_requests = Counter(
             "embedgate_deployment_requests",
             "Vendor requests of models served by several deployments, by deployment and "
@@ -189,6 +195,7 @@ class VendorMeter:
         "duration",
         "in_flight",
         "inputs",
+        "keys_in_service",
         "rate_limited",
         "retries",
     )
@@ -203,6 +210,7 @@ class VendorMeter:
         self.inputs = metrics.vendor_inputs.labels(vendor, model)
         self.retries = metrics.vendor_retries.labels(vendor, model)
         self.rate_limited = metrics.vendor_rate_limited.labels(vendor, model)
+        self.keys_in_service = metrics.vendor_keys_in_service.labels(vendor, model)
 
     def attempt(self, outcome: int | str, seconds: float) -> None:
         """One attempt ended: its HTTP status (or "timeout", "error" when no reply came)

@@ -252,6 +252,7 @@ async def post(
     vendor: str,
     meter: VendorMeter | None = None,
     sleep: Sleep = asyncio.sleep,
+    retryable: Callable[[int], bool] = retryable_status,
 ) -> HttpReply:
     """POST ``body`` until a final reply: one that is not retryable, or the last one
     when retries are spent or the next wait would pass the deadline. Raises
@@ -268,7 +269,7 @@ async def post(
             outcome = await _attempt(sender, url, body, headers, policy, limit, vendor, meter)
         except TransportFailure as failure:
             outcome = failure
-        if isinstance(outcome, HttpReply) and not retryable_status(outcome.status):
+        if isinstance(outcome, HttpReply) and not retryable(outcome.status):
             return dataclasses.replace(outcome, attempts=attempt) if attempt > 1 else outcome
         if attempt > policy.max_retries:
             return _last(outcome, attempt)

@@ -151,18 +151,34 @@ def build_vendor_provider(
     base_url = model.base_url or dialect.default_base_url
     if base_url is None:  # config validation requires one where there is no default
         raise SettingError("base_url", f"is required for {dialect.title}")
-    api_key = read_key(model)
+    keys = read_keys(model)
     own = (health or Health()).model(model.name)
     if isinstance(dialect, Reranking) and dialect.capabilities.reranks:
         return RerankingVendorProvider(
-            dialect, driver, metrics, base_url=base_url, api_key=api_key, health=own
+            dialect, driver, metrics, base_url=base_url, keys=keys, health=own
         )
-    return VendorProvider(dialect, driver, metrics, base_url=base_url, api_key=api_key, health=own)
+    return VendorProvider(dialect, driver, metrics, base_url=base_url, keys=keys, health=own)
 
 
-def read_key(model: VendorSettings) -> str | None:
-    """The vendor key from the environment or a file (a mounted Kubernetes secret)."""
-    return read_secret(model.api_key_env, model.api_key_file, prefix="api_key")
+def read_keys(model: VendorSettings) -> list[str]:
+    """The vendor keys, from the environment or files (mounted Kubernetes secrets): one,
+    a pool, or none."""
+    if model.api_key_envs:
+        keys = [from_env(env, f"api_key_envs[{i}]") for i, env in enumerate(model.api_key_envs)]
+    elif model.api_key_files:
+        keys = [
+            from_file(file, f"api_key_files[{i}]") for i, file in enumerate(model.api_key_files)
+        ]
+    else:
+        key = read_secret(model.api_key_env, model.api_key_file, prefix="api_key")
+        keys = [key] if key is not None else []
+    for position, key in enumerate(keys):
+        if key in keys[:position]:
+            field = "api_key_envs" if model.api_key_envs else "api_key_files"
+            raise SettingError(
+                f"{field}[{position}]", f"the same key as {field}[{keys.index(key)}]"
+            )
+    return keys
 
 
 def read_secret(env: str | None, file: str | None, *, prefix: str) -> str | None:
@@ -171,22 +187,30 @@ def read_secret(env: str | None, file: str | None, *, prefix: str) -> str | None
     ``SettingError`` on ``<prefix>_env`` or ``<prefix>_file``, naming the variable or
     the file, never the secret."""
     if env:
-        secret = os.environ.get(env, "").strip()
-        if not secret:
-            raise SettingError(f"{prefix}_env", f"environment variable {env} is not set or empty")
-        return secret
+        return from_env(env, f"{prefix}_env")
     if file:
-        path = Path(file)
-        try:
-            # Secret files often end with a newline; the secret never does.
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise SettingError(
-                f"{prefix}_file", f"cannot read {path}: {error.strerror or error}"
-            ) from None
-        except UnicodeDecodeError:
-            raise SettingError(f"{prefix}_file", f"{path} is not UTF-8 text") from None
-        if not secret:
-            raise SettingError(f"{prefix}_file", f"{path} is empty")
-        return secret
+        return from_file(file, f"{prefix}_file")
     return None
+
+
+def from_env(env: str, field: str) -> str:
+    """A secret from environment variable ``env`` (``field`` names the setting)."""
+    secret = os.environ.get(env, "").strip()
+    if not secret:
+        raise SettingError(field, f"environment variable {env} is not set or empty")
+    return secret
+
+
+def from_file(file: str, field: str) -> str:
+    """A secret from ``file`` (``field`` names the setting)."""
+    path = Path(file)
+    try:
+        # Secret files often end with a newline; the secret never does.
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise SettingError(field, f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise SettingError(field, f"{path} is not UTF-8 text") from None
+    if not secret:
+        raise SettingError(field, f"{path} is empty")
+    return secret

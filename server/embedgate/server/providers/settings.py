@@ -37,6 +37,10 @@ class VendorSettings(ModelSettings):
     # Where the key is read from, once, at start-up.
     api_key_env: EnvName | None = None
     api_key_file: str | None = Field(default=None, min_length=1)
+    # A pool of keys, used in turn: a refused one leaves the pool, one told to wait
+    # (429) sits out while the others carry on.
+    api_key_envs: list[EnvName] | None = Field(default=None, min_length=1, max_length=64)
+    api_key_files: list[str] | None = Field(default=None, min_length=1, max_length=64)
     # Inputs per vendor request (at most what the vendor documents) and per RPC.
     max_batch: int | None = Field(default=None, ge=1, le=4096)
     max_inputs: int = Field(default=256, ge=1, le=4096)
@@ -67,12 +71,18 @@ class VendorSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Self:
-        if self.api_key_env and self.api_key_file:
-            raise ValueError("give api_key_env or api_key_file, not both")
-        if self.key_required and not (self.api_key_env or self.api_key_file):
+        sources = [
+            name
+            for name in ("api_key_env", "api_key_file", "api_key_envs", "api_key_files")
+            if getattr(self, name)
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"give one of {', '.join(sources)}, not several")
+        if self.key_required and not sources:
             raise ValueError(
                 f"api_key_env or api_key_file is required: {self.provider} "
-                "authenticates every request with a key"
+                "authenticates every request with a key (api_key_envs or api_key_files "
+                "for a pool of keys)"
             )
         return self
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import structlog
 
+from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
 from embedgate.server.errors import (
     Problem,
@@ -38,7 +39,15 @@ from embedgate.server.providers.dialect import (
     decode_json,
     dumps,
 )
-from embedgate.server.providers.http import HttpReply, RetryPolicy, Sender, TransportFailure, post
+from embedgate.server.providers.http import (
+    HttpReply,
+    RetryPolicy,
+    Sender,
+    TransportFailure,
+    post,
+    retryable_status,
+)
+from embedgate.server.providers.keys import KeyPool
 
 log = structlog.get_logger("embedgate.vendor")
 
@@ -49,7 +58,8 @@ MAX_QUOTED_CHARS = 300
 
 class VendorProvider:
     """Implements the provider seam for every vendor dialect: the model's settings are
-    the dialect's; ``api_key`` was read at start-up and ``base_url`` resolved."""
+    the dialect's; ``keys`` were read at start-up (none, one, or a pool used in turn)
+    and ``base_url`` resolved."""
 
     def __init__(
         self,
@@ -58,7 +68,7 @@ class VendorProvider:
         metrics: Metrics | None = None,
         *,
         base_url: str,
-        api_key: str | None,
+        keys: Sequence[str] = (),
         health: ModelHealth | None = None,
     ) -> None:
         settings = dialect.settings
@@ -67,7 +77,8 @@ class VendorProvider:
         self._sender = sender
         self._base_url = base_url
         # Never logged, never repr'd, never put in an error.
-        self._api_key = api_key
+        self._keys = KeyPool(keys)
+        self._secrets = tuple(keys)
         self._retry = RetryPolicy(
             max_retries=settings.max_retries,
             backoff_initial_s=settings.retry_backoff_s,
@@ -75,6 +86,7 @@ class VendorProvider:
             attempt_timeout_s=settings.timeout_s,
         )
         self._meter = (metrics or Metrics()).vendor(dialect.vendor, settings.name)
+        self._meter.keys_in_service.set(len(self._keys))
         self._health = health or Health().model(settings.name)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         caps = dialect.capabilities
@@ -150,7 +162,7 @@ class VendorProvider:
 
     # -- the call and its failures ---------------------------------------------
 
-    def _headers(self, request_id: str) -> dict[str, str]:
+    def _headers(self, request_id: str, key: str | None) -> dict[str, str]:
         headers = {
             "content-type": "application/json",
             "accept": "application/json",
@@ -159,9 +171,82 @@ class VendorProvider:
         headers.update(self._dialect.extra_headers)
         if request_id:
             headers["x-request-id"] = request_id
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
+        if key:
+            headers["authorization"] = f"Bearer {key}"
         return headers
+
+    async def _send(self, url: str, body: bytes, request_id: str) -> HttpReply:
+        """The request's final reply. With a pool of keys, a key the vendor refuses
+        leaves the pool and one it tells to wait sits out, the request going on with
+        another key; when every key waits, the request waits for the first (within the
+        deadline), and when every key is refused, the last refusal is the answer."""
+        pool = self._keys
+        if len(pool) <= 1:
+            key = pool.key(0) if len(pool) else None
+            return await self._post(url, body, self._headers(request_id, key), retryable_status)
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        turns = len(pool) * (self._retry.max_retries + 1)
+        reply: HttpReply | None = None
+        for _ in range(turns):
+            index = pool.pick()
+            if index is None:
+                wait = pool.ready_in()
+                if wait is None or (deadline is not None and loop.time() + wait >= deadline):
+                    break  # every key refused, or waiting past the deadline
+                await asyncio.sleep(wait)
+                index = pool.pick()
+                if index is None:
+                    continue
+            headers = self._headers(request_id, pool.key(index))
+            reply = await self._post(url, body, headers, _retryable_with_a_pool)
+            if reply.status in (401, 403):
+                pool.refuse(index)
+                self._meter.keys_in_service.set(pool.in_service)
+                log.warning(
+                    "vendor_key_refused",
+                    model=self._settings.name,
+                    key=index,
+                    keys_in_service=pool.in_service,
+                )
+            elif reply.status == 429:
+                wait = reply.retry_after_s
+                pool.wait(index, wait if wait is not None else self._retry.backoff_initial_s)
+            else:
+                return reply
+        if reply is not None:
+            return reply
+        wait, name = pool.ready_in(), self._settings.name
+        metadata = {"vendor": self._dialect.vendor, "keys": str(len(pool))}
+        if wait is None:
+            self._health.key_refused()
+            raise VendorAuthError(
+                f"{self._dialect.title} refused every key of model {name}; the gateway's "
+                "operator must fix its keys",
+                metadata=metadata,
+            )
+        raise VendorRateLimitedError(
+            f"every key of model {name} is waiting out a 429", retry_after_s=wait, metadata=metadata
+        )
+
+    async def _post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        retryable: Callable[[int], bool],
+    ) -> HttpReply:
+        return await post(
+            self._sender,
+            url,
+            body,
+            headers,
+            policy=self._retry,
+            limit=self._limit,
+            vendor=self._dialect.title,
+            meter=self._meter,
+            retryable=retryable,
+        )
 
     async def _call(self, path: str, body: Mapping[str, Any], request_id: str, items: int) -> Any:
         url = self._base_url.rstrip("/") + path
@@ -170,16 +255,7 @@ class VendorProvider:
         meter = self._meter
         meter.inputs.observe(items)
         try:
-            reply = await post(
-                self._sender,
-                url,
-                dumps(body),
-                self._headers(request_id),
-                policy=self._retry,
-                limit=self._limit,
-                vendor=title,
-                meter=meter,
-            )
+            reply = await self._send(url, dumps(body), request_id)
         except VendorBadReplyError:
             self._health.failed()
             raise
@@ -218,8 +294,7 @@ class VendorProvider:
         """A vendor's words, shortened, with the key taken out should it echo it."""
         if not text:
             return None
-        key = self._api_key
-        if key:
+        for key in self._secrets:
             text = text.replace(key, "[redacted]")
         if len(text) > MAX_QUOTED_CHARS:
             text = text[:MAX_QUOTED_CHARS] + "…"
@@ -294,14 +369,12 @@ class RerankingVendorProvider(VendorProvider):
         metrics: Metrics | None = None,
         *,
         base_url: str,
-        api_key: str | None,
+        keys: Sequence[str] = (),
         health: ModelHealth | None = None,
     ) -> None:
         if not isinstance(dialect, Dialect):
             raise TypeError(f"{type(dialect).__name__} is not a vendor dialect")
-        super().__init__(
-            dialect, sender, metrics, base_url=base_url, api_key=api_key, health=health
-        )
+        super().__init__(dialect, sender, metrics, base_url=base_url, keys=keys, health=health)
         self._reranker = dialect
 
     async def rerank(
@@ -361,3 +434,8 @@ def vendor_error(
             metadata = {**metadata, "retry_after_s": f"{retry_after_s:g}"}
         return VendorRateLimitedError(message, retry_after_s=retry_after_s, metadata=metadata)
     return kind(message, metadata=metadata)
+
+
+def _retryable_with_a_pool(status: int) -> bool:
+    """With a pool of keys a 429 goes to another key at once, not to the same one later."""
+    return status != 429 and retryable_status(status)
