@@ -30,5 +30,5 @@ def test_failures_in_a_row_then_a_success() -> None:
 def test_a_refused_key_is_not_serving_at_once() -> None:
     """The vendor refusing the gateway's key needs the operator: NOT_SERVING at once."""
     health = Health(unhealthy_after=5)
-    health.model("a").key_refused()
+    health.model("a").out_of_service()
     assert not health.serving("a")

@@ -37,7 +37,7 @@ to deliver.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Self
@@ -139,6 +139,13 @@ class Problem:
     index: int | None = None
 
 
+def shared_reason(reasons: Iterable[Reason]) -> Reason:
+    """The reason of a request wrong in several ways: theirs when they all agree, else
+    the general one."""
+    distinct = set(reasons)
+    return distinct.pop() if len(distinct) == 1 else Reason.INVALID_REQUEST
+
+
 class EmbedgateError(Exception):
     """Base of every error the gateway reports to a caller. A value: never changed once
     made (``with_input`` makes a copy)."""
@@ -215,15 +222,13 @@ class InvalidRequestError(EmbedgateError):
         if not violations:
             raise ValueError("an InvalidRequestError needs at least one violation")
         self.violations = tuple(violations)
-        reasons = {v.reason for v in self.violations}
         first = self.violations[0]
         summary = f"{first.field}: {first.description}"
         if len(self.violations) > 1:
             summary += f" (and {len(self.violations) - 1} more violation(s))"
         super().__init__(
             summary,
-            # One shared reason when every violation agrees, else the general one.
-            reason=reasons.pop() if len(reasons) == 1 else Reason.INVALID_REQUEST,
+            reason=shared_reason(v.reason for v in self.violations),
             metadata=metadata,
         )
 
@@ -243,10 +248,9 @@ class RejectedError(EmbedgateError):
         self.problems = tuple(problems)
         self.model = model
         first = self.problems[0]
-        reasons = {problem.reason for problem in self.problems}
         super().__init__(
             f"{first.part.value}: {first.description}",
-            reason=reasons.pop() if len(reasons) == 1 else Reason.INVALID_REQUEST,
+            reason=shared_reason(problem.reason for problem in self.problems),
             metadata={"model": model},
         )
 

@@ -63,9 +63,7 @@ class ModelHealth:
         if self._failures >= self._health.unhealthy_after:
             self._health._mark(self._name, serving=False)
 
-    def key_refused(self) -> None:
-        self._health._mark(self._name, serving=False)
-
     def out_of_service(self) -> None:
-        """Nothing can serve the model now (every deployment is out of service)."""
+        """Nothing can serve the model now: its vendor refuses the gateway's key (every
+        key of a pool), or every deployment of it is out of service."""
         self._health._mark(self._name, serving=False)

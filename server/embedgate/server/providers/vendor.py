@@ -219,7 +219,7 @@ class VendorProvider:
         wait, name = pool.ready_in(), self._settings.name
         metadata = {"vendor": self._dialect.vendor, "keys": str(len(pool))}
         if wait is None:
-            self._health.key_refused()
+            self._health.out_of_service()
             raise VendorAuthError(
                 f"{self._dialect.title} refused every key of model {name}; the gateway's "
                 "operator must fix its keys",
@@ -328,7 +328,7 @@ class VendorProvider:
             retry_after_s=reply.retry_after_s if status == 429 else None,
         )
         if isinstance(error, VendorAuthError):
-            self._health.key_refused()
+            self._health.out_of_service()
         elif isinstance(error, VendorUnavailableError):
             self._health.failed()
         raise error
