@@ -76,6 +76,12 @@ class RetryPolicy:
     # One attempt's limit, however much of the caller's deadline is left.
     attempt_timeout_s: float = 30.0
 
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The wait before attempt ``attempt + 1``: exponential, capped, with full
+        jitter (any time from 0 to the ceiling)."""
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        return (rng or random).uniform(0, ceiling)
+
 
 @dataclass(frozen=True, slots=True)
 class HttpReply:
@@ -266,7 +272,9 @@ async def post(
         attempt += 1
         outcome: HttpReply | TransportFailure
         try:
-            outcome = await _attempt(sender, url, body, headers, policy, limit, vendor, meter)
+            outcome = await _attempt(
+                sender, url, body, headers, policy, limit, vendor, meter, deadline
+            )
         except TransportFailure as failure:
             outcome = failure
         if isinstance(outcome, HttpReply) and not retryable(outcome.status):
@@ -299,12 +307,12 @@ async def _attempt(
     limit: asyncio.Semaphore,
     vendor: str,
     meter: VendorMeter | None,
+    deadline: float | None,
 ) -> HttpReply:
-    """One attempt, within the attempt's limit and the caller's deadline, counted among
-    the model's requests in flight (``limit``) and metered."""
+    """One attempt, within the attempt's limit and the caller's ``deadline``, counted
+    among the model's requests in flight (``limit``) and metered."""
     async with limit:
         loop = asyncio.get_running_loop()
-        deadline = current_deadline()
         bound = policy.attempt_timeout_s
         if deadline is not None:
             left = deadline - loop.time()
@@ -340,8 +348,7 @@ def _delay(outcome: HttpReply | TransportFailure, attempt: int, policy: RetryPol
         asked = outcome.retry_after_s
         if asked is not None:
             return asked
-    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
+    return policy.backoff(attempt)
 
 
 def _last(outcome: HttpReply | TransportFailure, attempts: int) -> HttpReply:

@@ -51,6 +51,7 @@ from embedgate.server.errors import (
 from embedgate.server.health import Health, ModelHealth
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.base import EmbedBatch, Provider, Vectors
+from embedgate.server.providers.http import RetryPolicy
 from embedgate.server.providers.settings import SettingError, VendorSettings
 from embedgate.server.routing.balance import Member, choose, ready_at
 from embedgate.server.routing.breaker import Breaker, BreakerPolicy, Clock, State
@@ -62,28 +63,6 @@ Sleep = Callable[[float], Awaitable[None]]
 AGREED = ("dimensions", "modalities", "normalizes_by_default", "accepts_instruction", "embeds")
 
 
-class Disagreement(ValueError):  # noqa: N818 - a condition, reported as a setting error
-    """Two deployments of a model would give the caller different things."""
-
-    def __init__(self, key: str, first: str, other: str, position: int) -> None:
-        super().__init__(
-            f"deployment {other!r} differs from {first!r} in {key}: every deployment of a "
-            "model must give the caller the same vectors"
-        )
-        self.key = key
-        self.position = position
-
-
-@dataclass(frozen=True, slots=True)
-class Retries:
-    """How many more attempts a request may make, and the backoff when none of the
-    other deployments can take it at once."""
-
-    max_retries: int = 2
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 8.0
-
-
 @dataclass(eq=False, slots=True)
 class Deployment:
     provider: Provider
@@ -92,12 +71,16 @@ class Deployment:
 
 def agreed_info(name: str, space: str | None, infos: Sequence[tuple[str, ModelInfo]]) -> ModelInfo:
     """The model as callers see it, from its deployments' own descriptions; raises
-    ``Disagreement`` naming the first key two deployments differ in."""
+    ``SettingError`` on the first key a deployment differs from the first one in."""
     first_name, first = infos[0]
     for position, (other_name, other) in enumerate(infos[1:], start=1):
         for key in AGREED:
             if getattr(first, key) != getattr(other, key):
-                raise Disagreement(key, first_name, other_name, position)
+                raise SettingError(
+                    f"deployments[{position}].{key}",
+                    f"deployment {other_name!r} differs from {first_name!r} in {key}: every "
+                    "deployment of a model must give the caller the same vectors",
+                )
     providers = sorted({info.provider for _, info in infos})
     return ModelInfo(
         name=name,
@@ -129,7 +112,7 @@ class DeploymentSet:
         *,
         health: ModelHealth,
         metrics: Metrics | None = None,
-        retries: Retries | None = None,
+        retries: RetryPolicy | None = None,
         space_check: float | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -141,7 +124,7 @@ class DeploymentSet:
         self._members = [d.member for d in self._deployments]
         self._health = health
         self._requests = (metrics or Metrics()).deployment_requests
-        self._retries = retries or Retries()
+        self._retries = retries or RetryPolicy()
         # The least cosine a probe may have between deployments; None: not checked.
         self.space_check = space_check
         self._clock = clock
@@ -336,9 +319,7 @@ class DeploymentSet:
             return 0.0
         if error.retry_after_s is not None:
             return error.retry_after_s
-        retries = self._retries
-        ceiling = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempts - 1))
-        return (self._rng or random).uniform(0, ceiling)
+        return self._retries.backoff(attempts, self._rng)
 
     def _none_usable(self) -> NoDeploymentError:
         now = self._clock()
@@ -418,12 +399,9 @@ def assemble(
     metrics: Metrics,
 ) -> DeploymentSet:
     """A deployed model from its settings and its deployments' providers (each making
-    one attempt per request); ``Disagreement`` if they would give callers different
+    one attempt per request); ``SettingError`` if they would give callers different
     vectors."""
-    try:
-        info = agreed_info(model.name, model.space, [(s.name, p.info) for s, p in members])
-    except Disagreement as problem:
-        raise SettingError(f"deployments[{problem.position}].{problem.key}", str(problem)) from None
+    info = agreed_info(model.name, model.space, [(s.name, p.info) for s, p in members])
     settings = model.breaker
     policy = BreakerPolicy(
         failures=settings.failures,
@@ -443,7 +421,9 @@ def assemble(
         for own, provider in members
     ]
     first = model.deployments[0]
-    retries = Retries(
+    # How many more attempts a request may make, and the backoff when none of the other
+    # deployments can take it at once (each attempt's own limit is its deployment's).
+    retries = RetryPolicy(
         max_retries=max(own.max_retries for own, _ in members),
         backoff_initial_s=first.retry_backoff_s,
         backoff_max_s=first.retry_backoff_max_s,
