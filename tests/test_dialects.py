@@ -377,7 +377,7 @@ class TestKeys:
         config = parse_config({"models": self.models(api_key_file=str(secret))})
         (provider,) = build_providers(config.models, driver=HttpDriver())
         assert isinstance(provider, VendorProvider)
-        assert provider._secrets == ("canary-key-123",)
+        assert provider._keys.keys == ("canary-key-123",)
         assert "canary" not in repr(provider._settings)
 
     def test_vendors_that_need_a_key_say_so(self) -> None:

@@ -27,6 +27,11 @@ class KeyPool:
         return self._keys[index]
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key, refused ones included (to redact them all from vendors' words)."""
+        return tuple(self._keys)
+
+    @property
     def in_service(self) -> int:
         """Keys not refused (waiting ones included)."""
         return self._refused.count(False)

@@ -78,7 +78,6 @@ class VendorProvider:
         self._base_url = base_url
         # Never logged, never repr'd, never put in an error.
         self._keys = KeyPool(keys)
-        self._secrets = tuple(keys)
         self._retry = RetryPolicy(
             max_retries=settings.max_retries,
             backoff_initial_s=settings.retry_backoff_s,
@@ -294,7 +293,7 @@ class VendorProvider:
         """A vendor's words, shortened, with the key taken out should it echo it."""
         if not text:
             return None
-        for key in self._secrets:
+        for key in self._keys.keys:
             text = text.replace(key, "[redacted]")
         if len(text) > MAX_QUOTED_CHARS:
             text = text[:MAX_QUOTED_CHARS] + "…"
