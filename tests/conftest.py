@@ -135,6 +135,10 @@ class ScriptedProvider:
     def max_batch(self) -> int:
         return self.batch
 
+    @property
+    def waiting(self) -> int:
+        return 0
+
     async def start(self) -> None:
         return None
 
@@ -300,16 +304,21 @@ class RichError:
     metadata: dict[str, str]
     violations: dict[str, str]
     violation_reasons: dict[str, str]
+    # QuotaFailure: each subject and its description.
+    quota_violations: dict[str, str] = field(default_factory=dict)
 
 
 def unpack_status(status: status_pb2.Status) -> RichError:
     info = error_details_pb2.ErrorInfo()
     bad = error_details_pb2.BadRequest()
+    quota = error_details_pb2.QuotaFailure()
     for detail in status.details:
         if detail.Is(info.DESCRIPTOR):
             detail.Unpack(info)
         elif detail.Is(bad.DESCRIPTOR):
             detail.Unpack(bad)
+        elif detail.Is(quota.DESCRIPTOR):
+            detail.Unpack(quota)
     code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
     return RichError(
         code=code,
@@ -318,6 +327,7 @@ def unpack_status(status: status_pb2.Status) -> RichError:
         metadata=dict(info.metadata),
         violations={v.field: v.description for v in bad.field_violations},
         violation_reasons={v.field: v.reason for v in bad.field_violations},
+        quota_violations={v.subject: v.description for v in quota.violations},
     )
 
 

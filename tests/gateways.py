@@ -45,12 +45,16 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @asynccontextmanager
-async def running(models: list[dict[str, Any]], **server: Any) -> AsyncIterator[Gateway]:
-    """A started gateway on 127.0.0.1 (port 0 unless given), cache off."""
+async def running(
+    models: list[dict[str, Any]], *, quotas: dict[str, Any] | None = None, **server: Any
+) -> AsyncIterator[Gateway]:
+    """A started gateway on 127.0.0.1 (port 0 unless given), cache off; ``server`` are
+    its server settings, ``quotas`` its quotas section."""
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1, **server},
             "cache": {"enabled": False},
+            "quotas": quotas or {},
             "models": models,
         }
     )

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +19,7 @@ import redis
 from conftest import PNG_1X1
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import free_port
+from redis_server import RedisServer
 from vendor_world import rows, texts
 
 from embedgate.server.app import build_gateway
@@ -495,34 +492,11 @@ async def test_multimodal_documents_are_checked_against_the_model(replica: Repli
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on loopback, with nothing written to disk."""
-    binary = shutil.which("redis-server")
-    assert binary is not None, "redis-server is not installed (the CI script installs it)"
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None:
-                    raise AssertionError("redis-server exited at start") from None
-                time.sleep(0.05)
-        else:
-            raise AssertionError("redis-server did not answer within 5 s")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        client.close()
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 async def test_replicas_share_vectors_through_redis(fakes: Fakes, redis_url: str) -> None:

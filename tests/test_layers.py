@@ -18,15 +18,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "server" / "embedgate" / "ser
 PREFIX = "embedgate.server."
 
 BOTTOM = {"config", "domain", "errors", "deadlines", "logs", "health"}
-# Which parts of the server each layer may import (a part is a module of the bottom
-# or a package: edge, routing, providers; metrics sits just above the bottom).
+# Services every layer above may use, each resting on the bottom alone: the
+# instruments, and the quota windows.
+SERVICES = {"metrics", "quotas"}
+# Which parts of the server each layer may import (a part is a module of the bottom,
+# a service, or a package: edge, routing, providers).
 ALLOWED: dict[str, set[str]] = {
     "bottom": BOTTOM,
-    "metrics": BOTTOM,
-    "providers": BOTTOM | {"metrics", "providers"},
-    "routing": BOTTOM | {"metrics", "providers", "routing"},
-    "edge": BOTTOM | {"metrics", "routing", "edge"},
-    "composition": BOTTOM | {"metrics", "providers", "routing", "edge", "app", "cli"},
+    "service": BOTTOM,
+    "providers": BOTTOM | SERVICES | {"providers"},
+    "routing": BOTTOM | SERVICES | {"providers", "routing"},
+    "edge": BOTTOM | SERVICES | {"routing", "edge"},
+    "composition": BOTTOM | SERVICES | {"providers", "routing", "edge", "app", "cli"},
 }
 # What only the edge (and the composition modules) may import: the wire contract.
 CONTRACT = (
@@ -47,8 +50,8 @@ def layer_of(module: Path) -> str:
     name = relative.stem
     if name in BOTTOM:
         return "bottom"
-    if name == "metrics":
-        return "metrics"
+    if name in SERVICES:
+        return "service"
     return "composition"  # app, cli, __init__
 
 
@@ -97,7 +100,7 @@ def test_the_layer_rules_see_every_layer() -> None:
     """The walk finds modules in every layer, and finds an import that breaks a rule
     when there is one (the rules can fail)."""
     layers = {layer_of(module) for module in MODULES}
-    assert layers == {"bottom", "metrics", "providers", "routing", "edge", "composition"}
+    assert layers == {"bottom", "service", "providers", "routing", "edge", "composition"}
     service = PACKAGE / "edge" / "service.py"
     assert any(part_of(name) == "routing" for _, name in imports_of(service))
     assert "routing" not in ALLOWED["providers"]

@@ -52,6 +52,10 @@ class GatedModel:
     def max_batch(self) -> int:
         return 64
 
+    @property
+    def waiting(self) -> int:
+        return 0
+
     async def start(self) -> None:
         return None
 

@@ -19,9 +19,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import numpy as np
@@ -160,6 +161,8 @@ class Received:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: Any  # parsed JSON, None if the body was not JSON
+    # When it arrived (time.monotonic).
+    at: float = field(default_factory=time.monotonic)
 
 
 class Rejected(Exception):  # noqa: N818 - the vendor rejected the request, not an error here

@@ -9,13 +9,14 @@ import sys
 
 import structlog
 
-from embedgate.server.config import AuthConfig, CacheConfig, ConfigError
+from embedgate.server.config import AuthConfig, CacheConfig, ConfigError, ModelSettings
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import GatewayConfig, build_providers, read_secret
-from embedgate.server.providers.settings import SettingError
+from embedgate.server.providers.settings import SettingError, VendorSettings
+from embedgate.server.quotas import LocalStore, SharedStore, Store
 from embedgate.server.routing.cache import VectorCache
 from embedgate.server.routing.deployments import assemble
 from embedgate.server.routing.router import Router
@@ -54,13 +55,49 @@ def read_tokens(auth: AuthConfig | None) -> Tokens | None:
     return Tokens(callers)
 
 
+def _limited(model: ModelSettings) -> bool:
+    """Whether a model entry has a vendor quota: its own, a deployment's, or a key's."""
+    entries = getattr(model, "deployments", [model])
+    return any(
+        isinstance(entry, VendorSettings)
+        and (
+            entry.rate_limit is not None
+            or entry.token_limit is not None
+            or any(limits.rate_limit or limits.token_limit for *_, limits in entry.key_sources())
+        )
+        for entry in entries
+    )
+
+
+def build_quota_store(config: GatewayConfig, metrics: Metrics) -> Store | None:
+    """Where the vendor quotas are counted: the quotas' Redis (else the cache's), shared
+    by every replica; else this process. None when no model has a quota."""
+    if not any(_limited(model) for model in config.models):
+        return None
+    url = config.quotas.redis_url or config.cache.redis_url
+    if url is None:
+        return LocalStore()
+    gauge = metrics.quota_local
+    return SharedStore(
+        url,
+        local_share=config.quotas.local_share,
+        timeout_s=config.quotas.redis_timeout_s,
+        on_local=lambda local: gauge.set(1 if local else 0),
+    )
+
+
 def build_router(
     config: GatewayConfig, metrics: Metrics, health: Health, *, cache: bool = True
 ) -> Router:
+    quotas = build_quota_store(config, metrics)
+    providers = build_providers(
+        config.models, metrics=metrics, health=health, compose=assemble, quotas=quotas
+    )
     return Router(
-        build_providers(config.models, metrics=metrics, health=health, compose=assemble),
+        providers,
         coalesce_wait_s={model.name: model.coalesce_wait_ms / 1000 for model in config.models},
         cache=build_cache(config.cache) if cache else None,
+        quotas=quotas,
     )
 
 

@@ -8,11 +8,13 @@ provider's own keys live in its module, gathered by ``providers/registry.py``.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar, Union, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -32,6 +34,18 @@ DEFAULT_MAX_REQUEST_BYTES = 72 * MIB
 # 512 vectors of 4096 float32 values are 8 MiB plus about 12 bytes of framing each:
 # 16 MiB holds them with room to spare.
 DEFAULT_MAX_RESPONSE_BYTES = 16 * MIB
+
+# A quota: N units per second, minute, hour or day (``600/minute``).
+RATE_PATTERN = r"^\s*([1-9][0-9]{0,11})\s*/\s*(second|minute|hour|day)\s*$"
+
+
+def _rate(text: str) -> str:
+    if re.match(RATE_PATTERN, text) is None:
+        raise ValueError(f"{text!r} is not a rate: write N/second, N/minute, N/hour or N/day")
+    return text
+
+
+RateText = Annotated[str, AfterValidator(_rate)]
 
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:/-]*$")]
 
@@ -145,6 +159,18 @@ class CacheConfig(Strict):
     redis_timeout_s: float = Field(default=0.05, gt=0, le=10)
 
 
+class QuotasConfig(Strict):
+    """Where the deployments' vendor quotas are counted: a Redis shared by every replica
+    (so that together they stay within each limit), else each replica's memory."""
+
+    # Default: the cache's Redis, when it has one.
+    redis_url: RedisUrl | None = None
+    # While Redis cannot be reached, each replica allows itself this share of each limit.
+    local_share: float = Field(default=1.0, gt=0, le=1)
+    # How long a quota's Redis command may take before the replica limits on its own.
+    redis_timeout_s: float = Field(default=0.1, gt=0, le=10)
+
+
 M = TypeVar("M", bound=ModelSettings)
 V = TypeVar("V", bound=ModelSettings)
 # The tag of a model entry that has ``deployments`` (it names no provider of its own).
@@ -205,6 +231,7 @@ class Config(Strict, Generic[M]):
 
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
+    quotas: QuotasConfig = QuotasConfig()
     models: list[M] = Field(min_length=1)
 
 

@@ -15,6 +15,8 @@
     ├── PermissionDeniedError      PERMISSION_DENIED  the token may not use that model
     ├── OverloadedError            RESOURCE_EXHAUSTED the server is at its cap of RPCs
     ├── NoDeploymentError          UNAVAILABLE        every deployment of the model is out
+    ├── QuotaExhaustedError        RESOURCE_EXHAUSTED no vendor quota has room within the
+    │                                                 call's deadline (QuotaFailure says whose)
     └── VendorError                a vendor call failed for good (vendor, HTTP status, the
         │                          vendor's own code, message and request id in metadata)
         ├── VendorRejectedError    INVALID_ARGUMENT   the vendor said 400/413/422
@@ -88,6 +90,7 @@ class Reason(enum.StrEnum):
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - a reason, not a secret
     MODEL_NOT_PERMITTED = "MODEL_NOT_PERMITTED"
     OVERLOADED = "OVERLOADED"
+    QUOTA_EXHAUSTED = "QUOTA_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     # The vendor.
@@ -297,6 +300,31 @@ class NoDeploymentError(EmbedgateError):
     waiting out a vendor's Retry-After): the call fails at once, saying when to retry."""
 
     reason = Reason.NO_DEPLOYMENT_AVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One quota that had no room: whose (``deployment:scnet-a``), and which limit."""
+
+    subject: str
+    description: str
+
+
+class QuotaExhaustedError(EmbedgateError):
+    """No vendor quota of the model has room for the request within the call's deadline:
+    the call fails at once, saying when there will be room (``retry_after_s``) and which
+    deployments' limits are spent (``violations``, told as ``QuotaFailure``)."""
+
+    reason = Reason.QUOTA_EXHAUSTED
+
+    def __init__(
+        self, message: str, *, violations: Sequence[QuotaViolation] = (), **fields: Any
+    ) -> None:
+        super().__init__(message, **fields)
+        self.violations = tuple(violations)
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "violations": self.violations}
 
 
 class VendorError(EmbedgateError):

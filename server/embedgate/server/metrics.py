@@ -153,6 +153,26 @@ class Metrics:
             ("model", "deployment", "state"),
             registry=r,
         )
+        self.quota_waits = Counter(
+            "embedgate_quota_waits",
+            "Vendor requests that waited for room in a deployment's quota, by the limit "
+            "that was spent (requests, tokens, key_requests, key_tokens).",
+            ("model", "deployment", "limit"),
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "embedgate_quota_refusals",
+            "Vendor requests a deployment's quota turned away at once (to another "
+            "deployment, or to the caller as QUOTA_EXHAUSTED), by the limit that was spent.",
+            ("model", "deployment", "limit"),
+            registry=r,
+        )
+        self.quota_local = Gauge(
+            "embedgate_quota_local",
+            "1 while this replica counts the vendor quotas on its own, at quotas.local_share "
+            "of each limit, because their Redis cannot be reached.",
+            registry=r,
+        )
         self._models: frozenset[str] = frozenset()
         self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 

@@ -25,6 +25,7 @@ from embedgate.server.errors import (
     NoDeploymentError,
     OverloadedError,
     PermissionDeniedError,
+    QuotaExhaustedError,
     RejectedError,
     UnauthenticatedError,
     VendorAuthError,
@@ -52,6 +53,7 @@ _CODES: dict[type[EmbedgateError], grpc.StatusCode] = {
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NoDeploymentError: grpc.StatusCode.UNAVAILABLE,
+    QuotaExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     VendorRejectedError: grpc.StatusCode.INVALID_ARGUMENT,
     VendorNotFoundError: grpc.StatusCode.NOT_FOUND,
     # The gateway's own vendor key was refused: the caller can do nothing about it, and
@@ -149,6 +151,17 @@ def to_rpc_status(error: EmbedgateError, *, index: int | None = None) -> status_
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if violations is not None:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    if isinstance(error, QuotaExhaustedError) and error.violations:
+        quota = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=bounded(v.subject, MAX_METADATA_VALUE_BYTES),
+                    description=bounded(v.description, MAX_DESCRIPTION_BYTES),
+                )
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(quota))
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 

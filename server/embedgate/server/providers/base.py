@@ -48,6 +48,13 @@ class Provider(Protocol):
     @property
     def max_batch(self) -> int: ...
 
+    @property
+    def waiting(self) -> int:
+        """Vendor requests held back now, waiting for room in a quota or for a vendor's
+        ``Retry-After``: while some wait, the batching queue keeps filling the next
+        batch rather than sending small ones to wait behind them."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -259,17 +259,22 @@ async def post(
     meter: VendorMeter | None = None,
     sleep: Sleep = asyncio.sleep,
     retryable: Callable[[int], bool] = retryable_status,
+    admit: Callable[[], Awaitable[None]] | None = None,
 ) -> HttpReply:
     """POST ``body`` until a final reply: one that is not retryable, or the last one
     when retries are spent or the next wait would pass the deadline. Raises
     ``TransportFailure`` when no reply came at all, ``DeadlineExceededError`` when the
-    caller's deadline passed. Written as a plain loop rather than with tenacity: the
-    rules read top to bottom, and the common first-attempt reply builds nothing."""
+    caller's deadline passed. ``admit`` is awaited before each attempt (a quota's take:
+    it may wait, or raise to end the request). Written as a plain loop rather than with
+    tenacity: the rules read top to bottom, and the common first-attempt reply builds
+    nothing."""
     deadline = current_deadline()
     loop = asyncio.get_running_loop()
     attempt = 0
     while True:
         attempt += 1
+        if admit is not None:
+            await admit()
         outcome: HttpReply | TransportFailure
         try:
             outcome = await _attempt(

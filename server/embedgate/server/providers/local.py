@@ -112,6 +112,10 @@ class LocalProvider:
     def max_batch(self) -> int:
         return self._settings.max_batch
 
+    @property
+    def waiting(self) -> int:
+        return 0  # no quota, no vendor
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)

@@ -35,7 +35,12 @@ from embedgate.server.providers.qianfan import Qianfan
 from embedgate.server.providers.rzenembed import RzenEmbed
 from embedgate.server.providers.scnet import SCNet
 from embedgate.server.providers.settings import SettingError, VendorSettings
-from embedgate.server.providers.vendor import RerankingVendorProvider, VendorProvider
+from embedgate.server.providers.vendor import (
+    RerankingVendorProvider,
+    VendorProvider,
+    VendorQuota,
+)
+from embedgate.server.quotas import Limits, LocalStore, Quota, Rate, Store
 
 # Every vendor dialect, once. Adding a vendor: its module, and one entry here.
 DIALECTS: dict[str, type[Dialect]] = {
@@ -93,10 +98,12 @@ def build_providers(
     metrics: Metrics | None = None,
     health: Health | None = None,
     compose: Compose | None = None,
+    quotas: Store | None = None,
 ) -> list[Provider]:
     """One provider per configured model; vendor models share one HTTP driver, and
     report their calls to ``health``. A model with deployments is made by ``compose``
-    from one provider per deployment, each making one attempt per request."""
+    from one provider per deployment, each making one attempt per request. Vendor
+    quotas are counted in ``quotas`` (default: this process's memory)."""
     shared = driver or HttpDriver()
     metrics = metrics or Metrics()
     health = health or Health()
@@ -106,38 +113,51 @@ def build_providers(
             if isinstance(model, DeployedModelSettings):
                 if compose is None:
                     raise SettingError("deployments", "this gateway serves no deployments")
-                members = build_deployments(model, shared, metrics)
+                members = build_deployments(model, shared, metrics, quotas)
                 providers.append(compose(model, members, health, metrics))
                 continue
-            providers.append(build_provider(model, shared, metrics, health))
+            providers.append(build_provider(model, shared, metrics, health, quotas))
         except SettingError as problem:
             raise ConfigError(f"{source}: models[{position}].{problem.field}: {problem}") from None
     return providers
 
 
 def build_deployments(
-    model: DeployedModelSettings[Any], driver: HttpDriver, metrics: Metrics
+    model: DeployedModelSettings[Any],
+    driver: HttpDriver,
+    metrics: Metrics,
+    quotas: Store | None = None,
 ) -> list[tuple[VendorSettings, Provider]]:
-    """One provider per deployment, with its own retries off: the model's retries go
-    to another deployment when there is one."""
+    """One provider per deployment, with its own retries off and no waiting for its
+    quota: the model's retries, and its waits, go to another deployment when there is
+    one."""
     members: list[tuple[VendorSettings, Provider]] = []
     for position, deployment in enumerate(model.deployments):
         assert isinstance(deployment, VendorSettings)  # the union holds vendors only
         once = deployment.model_copy(update={"max_retries": 0})
         try:
-            members.append((deployment, build_vendor_provider(once, driver, metrics)))
+            quota = build_quota(deployment, f"{model.name}/{deployment.name}", quotas)
+            provider = build_vendor_provider(
+                once, driver, metrics, quota=quota, model_name=model.name, waits_for_quota=False
+            )
+            members.append((deployment, provider))
         except SettingError as problem:
             raise SettingError(f"deployments[{position}].{problem.field}", str(problem)) from None
     return members
 
 
 def build_provider(
-    model: ModelSettings, driver: HttpDriver, metrics: Metrics, health: Health
+    model: ModelSettings,
+    driver: HttpDriver,
+    metrics: Metrics,
+    health: Health,
+    quotas: Store | None = None,
 ) -> Provider:
     if isinstance(model, LocalSettings):
         return LocalProvider(model, metrics)
     if isinstance(model, VendorSettings):
-        return build_vendor_provider(model, driver, metrics, health)
+        quota = build_quota(model, model.name, quotas)
+        return build_vendor_provider(model, driver, metrics, health, quota=quota)
     raise TypeError(f"no provider is registered for {type(model).__name__}")
 
 
@@ -146,28 +166,39 @@ def build_vendor_provider(
     driver: HttpDriver,
     metrics: Metrics | None = None,
     health: Health | None = None,
+    *,
+    quota: Quota | None = None,
+    model_name: str | None = None,
+    waits_for_quota: bool = True,
 ) -> VendorProvider:
+    """``quota``: the vendor quotas it takes from before each attempt; it waits for
+    room within the caller's deadline, unless ``waits_for_quota`` is off (a deployment:
+    its model sends the request elsewhere). ``model_name``: the model a deployment
+    belongs to."""
     dialect = DIALECTS[model.provider](model)
     base_url = model.base_url or dialect.default_base_url
     if base_url is None:  # config validation requires one where there is no default
         raise SettingError("base_url", f"is required for {dialect.title}")
     keys = read_keys(model)
     own = (health or Health()).model(model.name)
+    quotas = VendorQuota(quota, model_name or model.name, waits=waits_for_quota)
     if isinstance(dialect, Reranking) and dialect.capabilities.reranks:
         return RerankingVendorProvider(
-            dialect, driver, metrics, base_url=base_url, keys=keys, health=own
+            dialect, driver, metrics, base_url=base_url, keys=keys, health=own, quota=quotas
         )
-    return VendorProvider(dialect, driver, metrics, base_url=base_url, keys=keys, health=own)
+    return VendorProvider(
+        dialect, driver, metrics, base_url=base_url, keys=keys, health=own, quota=quotas
+    )
 
 
 def read_keys(model: VendorSettings) -> list[str]:
     """The vendor keys, from the environment or files (mounted Kubernetes secrets): one,
     a pool, or none."""
-    if model.api_key_envs:
-        keys = [from_env(env, f"api_key_envs[{i}]") for i, env in enumerate(model.api_key_envs)]
-    elif model.api_key_files:
+    pool = model.key_sources()
+    if pool:
         keys = [
-            from_file(file, f"api_key_files[{i}]") for i, file in enumerate(model.api_key_files)
+            from_env(where, field) if model.api_key_envs else from_file(where, field)
+            for field, where, _ in pool
         ]
     else:
         key = read_secret(model.api_key_env, model.api_key_file, prefix="api_key")
@@ -179,6 +210,23 @@ def read_keys(model: VendorSettings) -> list[str]:
                 f"{field}[{position}]", f"the same key as {field}[{keys.index(key)}]"
             )
     return keys
+
+
+def build_quota(model: VendorSettings, scope: str, store: Store | None) -> Quota | None:
+    """The vendor quotas of one deployment (or of a model's one endpoint), None when it
+    has none."""
+    own = Limits(_rate(model.rate_limit), _rate(model.token_limit))
+    keys = [
+        Limits(_rate(limits.rate_limit), _rate(limits.token_limit))
+        for _, _, limits in model.key_sources()
+    ]
+    if not own and not any(keys):
+        return None
+    return Quota(scope, own, keys, store=store or LocalStore())
+
+
+def _rate(text: str | None) -> Rate | None:
+    return Rate.parse(text) if text is not None else None
 
 
 def read_secret(env: str | None, file: str | None, *, prefix: str) -> str | None:

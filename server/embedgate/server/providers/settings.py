@@ -13,7 +13,7 @@ from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
-from embedgate.server.config import EnvName, HttpUrl, ModelSettings
+from embedgate.server.config import EnvName, HttpUrl, ModelSettings, RateText, Strict
 from embedgate.server.domain import Modality
 
 # How a configuration names the kinds of input a model takes.
@@ -28,6 +28,21 @@ class SettingError(ValueError):
         self.field = field
 
 
+class KeyLimits(Strict):
+    """A key's own vendor quotas, for a key of a pool the vendor limits per key."""
+
+    rate_limit: RateText | None = None
+    token_limit: RateText | None = None
+
+
+class KeyEnv(KeyLimits):
+    env: EnvName
+
+
+class KeyFile(KeyLimits):
+    file: str = Field(min_length=1)
+
+
 class VendorSettings(ModelSettings):
     """What every vendor-served model has (see docs/configuration.md)."""
 
@@ -39,8 +54,10 @@ class VendorSettings(ModelSettings):
     api_key_file: str | None = Field(default=None, min_length=1)
     # A pool of keys, used in turn: a refused one leaves the pool, one told to wait
     # (429) sits out while the others carry on.
-    api_key_envs: list[EnvName] | None = Field(default=None, min_length=1, max_length=64)
-    api_key_files: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    # A key given with its own rate_limit / token_limit ({env: NAME, rate_limit: ...})
+    # is limited on its own besides the deployment's limits.
+    api_key_envs: list[EnvName | KeyEnv] | None = Field(default=None, min_length=1, max_length=64)
+    api_key_files: list[str | KeyFile] | None = Field(default=None, min_length=1, max_length=64)
     # Inputs per vendor request (at most what the vendor documents) and per RPC.
     max_batch: int | None = Field(default=None, ge=1, le=4096)
     max_inputs: int = Field(default=256, ge=1, le=4096)
@@ -61,10 +78,26 @@ class VendorSettings(ModelSettings):
     # Characters per text, checked before anything else: above an 8,192-token text in
     # any language. The vendor's own (smaller) documented limits apply after it.
     max_text_chars: int = Field(default=65536, ge=1, le=10_000_000)
+    # Vendor quotas: requests and tokens per second, minute, hour or day (600/minute).
+    # Tokens are estimated before sending and settled with the vendor's count.
+    rate_limit: RateText | None = None
+    token_limit: RateText | None = None
     # As one of a model's deployments: its share of traffic among the usable ones of
     # its priority, and its tier (1 is used only when every 0 is out of service).
     weight: int = Field(default=1, ge=1, le=1000)
     priority: int = Field(default=0, ge=0, le=9)
+
+    def key_sources(self) -> list[tuple[str, str, KeyLimits]]:
+        """A pool's keys as (setting, environment variable or file, own limits)."""
+        if self.api_key_envs:
+            return [
+                (f"api_key_envs[{i}]", *_key(entry)) for i, entry in enumerate(self.api_key_envs)
+            ]
+        if self.api_key_files:
+            return [
+                (f"api_key_files[{i}]", *_key(entry)) for i, entry in enumerate(self.api_key_files)
+            ]
+        return []
 
     # Vendors whose documents say every request carries a key.
     key_required: ClassVar[bool] = True
@@ -85,6 +118,13 @@ class VendorSettings(ModelSettings):
                 "for a pool of keys)"
             )
         return self
+
+
+def _key(entry: str | KeyEnv | KeyFile) -> tuple[str, KeyLimits]:
+    if isinstance(entry, str):
+        return entry, KeyLimits()
+    where = entry.env if isinstance(entry, KeyEnv) else entry.file
+    return where, KeyLimits(rate_limit=entry.rate_limit, token_limit=entry.token_limit)
 
 
 def modality_set(names: Sequence[str] | None) -> frozenset[Modality] | None:

@@ -5,17 +5,29 @@ the gateway's errors by one table."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
 
 from embedgate.server.deadlines import current_deadline
-from embedgate.server.domain import EmbedOptions, Input, ModelInfo
+from embedgate.server.domain import (
+    EmbedOptions,
+    ImageInput,
+    Input,
+    ModelInfo,
+    TextImageInput,
+    TextInput,
+    VideoInput,
+)
 from embedgate.server.errors import (
     Problem,
+    QuotaExhaustedError,
+    QuotaViolation,
     Reason,
     VendorAuthError,
     VendorBadReplyError,
@@ -48,12 +60,56 @@ from embedgate.server.providers.http import (
     retryable_status,
 )
 from embedgate.server.providers.keys import KeyPool
+from embedgate.server.quotas import Admission, Quota, Refusal
 
 log = structlog.get_logger("embedgate.vendor")
 
 USER_AGENT = "embedgate/0.1"
 # Vendor messages are quoted to callers and logs, cut to a readable length.
 MAX_QUOTED_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class VendorQuota:
+    """How a vendor model takes from its vendor quotas: ``quota`` (None: it has none),
+    ``model`` (the model a deployment belongs to; empty: the model itself) and whether it
+    ``waits`` for room within the caller's deadline (a deployment does not: its model
+    sends the request elsewhere, or waits itself)."""
+
+    quota: Quota | None = None
+    model: str = ""
+    waits: bool = True
+
+
+class _KeyFull(Exception):  # noqa: N818 - a signal inside the key loop, never raised out
+    """A key's own quota has no room: the pool's other keys may have."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__()
+        self.refusal = refusal
+
+
+def estimate_tokens(inputs: Sequence[Input | str]) -> int:
+    """Tokens ``inputs`` will count, estimated from above before the vendor counts them:
+    one per three bytes of UTF-8 text (about a character of Chinese, most of a word of
+    English) and one per image or frame, plus one per input. The vendor's count
+    settles it."""
+    total = 0
+    for item in inputs:
+        total += 1
+        if isinstance(item, str):
+            text = item
+        elif isinstance(item, TextInput | TextImageInput):
+            text = item.text
+            total += isinstance(item, TextImageInput)
+        elif isinstance(item, VideoInput):
+            total += len(item.frames)
+            continue
+        else:
+            total += isinstance(item, ImageInput)
+            continue
+        total += -(-len(text.encode("utf-8", "surrogatepass")) // 3)
+    return total
 
 
 class VendorProvider:
@@ -70,6 +126,7 @@ class VendorProvider:
         base_url: str,
         keys: Sequence[str] = (),
         health: ModelHealth | None = None,
+        quota: VendorQuota | None = None,
     ) -> None:
         settings = dialect.settings
         self._settings = settings
@@ -84,10 +141,16 @@ class VendorProvider:
             backoff_max_s=settings.retry_backoff_max_s,
             attempt_timeout_s=settings.timeout_s,
         )
-        self._meter = (metrics or Metrics()).vendor(dialect.vendor, settings.name)
+        metrics = metrics or Metrics()
+        self._meter = metrics.vendor(dialect.vendor, settings.name)
         self._meter.keys_in_service.set(len(self._keys))
+        self._quota_metrics = {"waited": metrics.quota_waits, "refused": metrics.quota_refusals}
         self._health = health or Health().model(settings.name)
         self._limit = asyncio.Semaphore(settings.max_concurrency)
+        self._quota = quota or VendorQuota()
+        self._model_name = self._quota.model or settings.name
+        # Requests held back now, waiting for room in a quota or for a key.
+        self._waiting = 0
         caps = dialect.capabilities
         self._info = ModelInfo(
             name=settings.name,
@@ -112,6 +175,10 @@ class VendorProvider:
     @property
     def max_batch(self) -> int:
         return self._dialect.capabilities.max_batch
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
 
     async def start(self) -> None:
         await self._sender.start()
@@ -146,18 +213,90 @@ class VendorProvider:
             normalize=normalize,
         )
         body = self._dialect.embed_body(inputs, wire)
-        payload = await self._call(self._dialect.embed_path, body, options.request_id, len(inputs))
+        admission = self._admission(inputs)
+        payload = await self._call(
+            self._dialect.embed_path, body, options.request_id, len(inputs), admission
+        )
         try:
             parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
         self._health.succeeded()
         tokens = parsed.prompt_tokens
+        if admission is not None:
+            await admission.settle(tokens)
         return EmbedBatch(
             vectors=parsed.vectors,
             tokens=(tokens,) if tokens is not None and len(inputs) == 1 else None,
             total_tokens=tokens,
         )
+
+    # -- quotas -------------------------------------------------------------------
+
+    def _admission(self, inputs: Sequence[Input | str]) -> Admission | None:
+        quota = self._quota.quota
+        return quota.admission(estimate_tokens(inputs)) if quota is not None else None
+
+    async def _admit(self, admission: Admission, key: int | None) -> None:
+        """Take one attempt's share of the quotas (``key``: the key it goes with),
+        waiting for room when that is within the deadline and this model waits; else
+        ``QuotaExhaustedError``, or ``_KeyFull`` when only the key of a pool is full."""
+        loop = asyncio.get_running_loop()
+        deadline = current_deadline()
+        while True:
+            refusal = await admission.take(key)
+            if refusal is None:
+                return
+            counter = self._meter_quota(refusal)
+            if refusal.by_key and len(self._keys) > 1:
+                counter("refused")
+                raise _KeyFull(refusal)
+            in_time = deadline is None or loop.time() + refusal.wait_s < deadline
+            if not (self._quota.waits and in_time):
+                counter("refused")
+                raise self._exhausted(refusal)
+            counter("waited")
+            self._waiting += 1
+            try:
+                await asyncio.sleep(refusal.wait_s)
+            finally:
+                self._waiting -= 1
+
+    def _meter_quota(self, refusal: Refusal) -> Callable[[str], None]:
+        def count(outcome: str) -> None:
+            counter = self._quota_metrics[outcome]
+            for limit in refusal.limits:
+                counter.labels(self._model_name, self._settings.name, limit.kind).inc()
+
+        return count
+
+    def _exhausted(self, refusal: Refusal) -> QuotaExhaustedError:
+        name = self._settings.name
+        where = (
+            f"deployment {name!r} of model {self._model_name}"
+            if self._quota.model
+            else f"model {name}"
+        )
+        spent = ", ".join(limit.what for limit in refusal.limits)
+        return QuotaExhaustedError(
+            f"the vendor quota of {where} has no room now ({spent}); room again in "
+            f"{refusal.wait_s:.2f} s",
+            retry_after_s=refusal.wait_s,
+            metadata={"model": self._model_name, "deployment": name},
+            violations=[
+                QuotaViolation(
+                    f"deployment:{name}"
+                    + (f"/key:{limit.key_index}" if limit.key_index is not None else ""),
+                    limit.what,
+                )
+                for limit in refusal.limits
+            ],
+        )
+
+    def _admitter(
+        self, admission: Admission | None, key: int | None
+    ) -> Callable[[], Awaitable[None]] | None:
+        return None if admission is None else functools.partial(self._admit, admission, key)
 
     # -- the call and its failures ---------------------------------------------
 
@@ -174,7 +313,9 @@ class VendorProvider:
             headers["authorization"] = f"Bearer {key}"
         return headers
 
-    async def _send(self, url: str, body: bytes, request_id: str) -> HttpReply:
+    async def _send(
+        self, url: str, body: bytes, request_id: str, admission: Admission | None
+    ) -> HttpReply:
         """The request's final reply. With a pool of keys, a key the vendor refuses
         leaves the pool and one it tells to wait sits out, the request going on with
         another key; when every key waits, the request waits for the first (within the
@@ -182,23 +323,37 @@ class VendorProvider:
         pool = self._keys
         if len(pool) <= 1:
             key = pool.key(0) if len(pool) else None
-            return await self._post(url, body, self._headers(request_id, key), retryable_status)
+            headers = self._headers(request_id, key)
+            admit = self._admitter(admission, 0 if key is not None else None)
+            return await self._post(url, body, headers, retryable_status, admit)
         loop = asyncio.get_running_loop()
         deadline = current_deadline()
         turns = len(pool) * (self._retry.max_retries + 1)
         reply: HttpReply | None = None
+        full: Refusal | None = None  # the last key whose own quota had no room
         for _ in range(turns):
             index = pool.pick()
             if index is None:
                 wait = pool.ready_in()
                 if wait is None or (deadline is not None and loop.time() + wait >= deadline):
                     break  # every key refused, or waiting past the deadline
-                await asyncio.sleep(wait)
+                self._waiting += 1
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    self._waiting -= 1
                 index = pool.pick()
                 if index is None:
                     continue
             headers = self._headers(request_id, pool.key(index))
-            reply = await self._post(url, body, headers, _retryable_with_a_pool)
+            try:
+                reply = await self._post(
+                    url, body, headers, _retryable_with_a_pool, self._admitter(admission, index)
+                )
+            except _KeyFull as over:
+                full = over.refusal
+                pool.wait(index, full.wait_s)
+                continue
             if reply.status in (401, 403):
                 pool.refuse(index)
                 self._meter.keys_in_service.set(pool.in_service)
@@ -216,6 +371,8 @@ class VendorProvider:
         if reply is not None:
             return reply
         wait, name = pool.ready_in(), self._settings.name
+        if full is not None and wait is not None:
+            raise self._exhausted(Refusal(wait, full.limits))
         metadata = {"vendor": self._dialect.vendor, "keys": str(len(pool))}
         if wait is None:
             self._health.out_of_service()
@@ -234,6 +391,7 @@ class VendorProvider:
         body: bytes,
         headers: Mapping[str, str],
         retryable: Callable[[int], bool],
+        admit: Callable[[], Awaitable[None]] | None,
     ) -> HttpReply:
         return await post(
             self._sender,
@@ -245,16 +403,24 @@ class VendorProvider:
             vendor=self._dialect.title,
             meter=self._meter,
             retryable=retryable,
+            admit=admit,
         )
 
-    async def _call(self, path: str, body: Mapping[str, Any], request_id: str, items: int) -> Any:
+    async def _call(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        request_id: str,
+        items: int,
+        admission: Admission | None,
+    ) -> Any:
         url = self._base_url.rstrip("/") + path
         started = time.perf_counter()
         title = self._dialect.title
         meter = self._meter
         meter.inputs.observe(items)
         try:
-            reply = await self._send(url, dumps(body), request_id)
+            reply = await self._send(url, dumps(body), request_id, admission)
         except VendorBadReplyError:
             self._health.failed()
             raise
@@ -370,24 +536,30 @@ class RerankingVendorProvider(VendorProvider):
         base_url: str,
         keys: Sequence[str] = (),
         health: ModelHealth | None = None,
+        quota: VendorQuota | None = None,
     ) -> None:
         if not isinstance(dialect, Dialect):
             raise TypeError(f"{type(dialect).__name__} is not a vendor dialect")
-        super().__init__(dialect, sender, metrics, base_url=base_url, keys=keys, health=health)
+        super().__init__(
+            dialect, sender, metrics, base_url=base_url, keys=keys, health=health, quota=quota
+        )
         self._reranker = dialect
 
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
     ) -> Ranking:
         body = self._reranker.rerank_body(query, documents, top_n)
+        admission = self._admission([query, *documents])
         payload = await self._call(
-            self._reranker.rerank_path, body, options.request_id, len(documents)
+            self._reranker.rerank_path, body, options.request_id, len(documents), admission
         )
         try:
             ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
         self._health.succeeded()
+        if admission is not None:
+            await admission.settle(ranking.total_tokens)
         return ranking
 
 

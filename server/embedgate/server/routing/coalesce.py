@@ -2,8 +2,10 @@
 
 Calls for the same model with the same options (everything but the request id) put
 their inputs in one queue; a batch leaves when it holds ``max_batch`` inputs or when
-the first input has waited ``wait_s``. Each input has its own future, so each caller
-gets exactly its own vectors back, whatever batch they travelled in.
+the first input has waited ``wait_s`` (longer, while earlier requests of the model wait
+for room in a vendor quota: then it keeps filling, up to its callers' deadlines). Each
+input has its own future, so each caller gets exactly its own vectors back, whatever
+batch they travelled in.
 
 Callers stay independent: a caller that cancels or runs out of time drops its inputs
 that have not left yet; a batch already sent keeps going for the callers still waiting
@@ -173,7 +175,27 @@ class Coalescer:
 
     def _flush(self, key: EmbedOptions) -> None:
         self._timers.pop(key, None)
+        queue = self._pending.get(key)
+        if queue and self._holds(queue):
+            # Earlier requests are waiting for room at the vendor: this batch would only
+            # wait behind them, so it goes on filling.
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(self._wait_s, self._flush, key)
+            return
         self._launch_all(key, self._pending.pop(key, []))
+
+    def _holds(self, queue: Sequence[_Item]) -> bool:
+        """Whether a batch not yet full keeps filling for another wait: while the model
+        has requests waiting for a quota or a vendor's Retry-After, and no caller in it
+        would reach its deadline before the next look."""
+        if len(queue) >= self.size or not self._provider.waiting:
+            return False
+        soon = asyncio.get_running_loop().time() + 2 * self._wait_s
+        return all(
+            waiter.deadline is None or waiter.deadline > soon
+            for item in queue
+            for waiter in item.waiters
+        )
 
     def _launch_all(self, key: EmbedOptions, items: list[_Item]) -> None:
         for start in range(0, len(items), self.size):

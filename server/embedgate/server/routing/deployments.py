@@ -42,6 +42,7 @@ from embedgate.server.errors import (
     EmbedgateError,
     NoDeploymentError,
     Problem,
+    QuotaExhaustedError,
     VendorAuthError,
     VendorBadReplyError,
     VendorError,
@@ -130,6 +131,10 @@ class DeploymentSet:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
+        self._waiting = 0
+        # Each deployment's last refusal by its own quota: it waits until its
+        # ``waiting_until``.
+        self._full: dict[Member, QuotaExhaustedError] = {}
 
     @staticmethod
     def breaker(
@@ -206,6 +211,10 @@ class DeploymentSet:
         """What every deployment takes in one request."""
         return min(d.provider.max_batch for d in self._deployments)
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting + sum(d.provider.waiting for d in self._deployments)
+
     async def start(self) -> None:
         await asyncio.gather(*(d.provider.start() for d in self._deployments))
 
@@ -231,16 +240,29 @@ class DeploymentSet:
             if member is None or not member.breaker.allow():
                 wait = self._wait_for_retry_after(loop.time(), deadline)
                 if wait is not None:
-                    await self._sleep(wait)
+                    self._waiting += 1
+                    try:
+                        await self._sleep(wait)
+                    finally:
+                        self._waiting -= 1
                     continue
+                full = self._waiting_for_quota()
+                if full:
+                    raise self._exhausted(full)
                 none = self._none_usable()
                 # A call that has tried hears its vendor's last answer.
                 raise last or none
-            attempts += 1
             member.in_flight += 1
             try:
                 batch = await self._by_member[member].provider.embed(inputs, options)
+            except QuotaExhaustedError as error:
+                # No room in its quota: waiting, like a vendor's 429, not broken.
+                member.breaker.released()
+                member.waiting_until = self._clock() + (error.retry_after_s or 0.0)
+                self._full[member] = error
+                continue
             except VendorError as error:
+                attempts += 1
                 last = error
                 self._count(member, error.reason.lower())
                 retry = self._judge(member, error)
@@ -276,9 +298,9 @@ class DeploymentSet:
 
     def _wait_for_retry_after(self, now: float, deadline: float | None) -> float | None:
         """When no deployment is usable only because some wait out a vendor's
-        Retry-After (their breakers are fine), how long until the first may go again, if
-        that is within the caller's deadline; else None. Open breakers are never waited
-        for: then the call fails at once."""
+        Retry-After or for room in their quota (their breakers are fine), how long until
+        the first may go again, if that is within the caller's deadline; else None. Open
+        breakers are never waited for: then the call fails at once."""
         clock = self._clock()
         waiting = [
             m.waiting_until - clock
@@ -300,6 +322,7 @@ class DeploymentSet:
         if isinstance(error, VendorRateLimitedError) and error.retry_after_s is not None:
             # Waiting, not broken: the breaker does not count it.
             member.waiting_until = self._clock() + error.retry_after_s
+            self._full.pop(member, None)
             member.breaker.released()
             return True
         if isinstance(error, VendorUnavailableError | VendorBadReplyError | VendorRateLimitedError):
@@ -320,6 +343,32 @@ class DeploymentSet:
         if error.retry_after_s is not None:
             return error.retry_after_s
         return self._retries.backoff(attempts, self._rng)
+
+    def _waiting_for_quota(self) -> dict[Member, QuotaExhaustedError]:
+        """The deployments waiting for room in their own quota, with what it said."""
+        now = self._clock()
+        return {
+            member: error
+            for member, error in self._full.items()
+            if member.waiting_until > now and member.breaker.usable()
+        }
+
+    def _exhausted(self, full: dict[Member, QuotaExhaustedError]) -> QuotaExhaustedError:
+        """No deployment the call could use has room in its quota in time."""
+        now = self._clock()
+        wait = max(0.0, min(member.waiting_until for member in full) - now)
+        name = self._info.name
+        spent = "; ".join(
+            f"{member.name!r}: " + ", ".join(v.description for v in error.violations)
+            for member, error in full.items()
+        )
+        return QuotaExhaustedError(
+            f"no deployment of model {name} has room in its vendor quota within the "
+            f"call's deadline ({spent}); room again in {wait:.2f} s",
+            retry_after_s=wait,
+            metadata={"model": name, "deployments": ",".join(m.name for m in full)},
+            violations=[v for error in full.values() for v in error.violations],
+        )
 
     def _none_usable(self) -> NoDeploymentError:
         now = self._clock()

@@ -15,6 +15,7 @@ from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
 from embedgate.server.errors import ModelNotFoundError, echo
 from embedgate.server.providers.base import Provider
+from embedgate.server.quotas import Store
 from embedgate.server.routing.cache import VectorCache
 from embedgate.server.routing.coalesce import Coalescer
 from embedgate.server.routing.deployments import DeploymentSet
@@ -36,11 +37,14 @@ class Router:
         *,
         coalesce_wait_s: Mapping[str, float] | None = None,
         cache: VectorCache | None = None,
+        quotas: Store | None = None,
     ) -> None:
         """``coalesce_wait_s``: per model name, how long a batch waits for other calls to
         join it (absent or 0: calls are not merged). ``cache``: where vectors are kept
-        between calls (None: nowhere, and identical inputs in flight are not merged)."""
+        between calls (None: nowhere, and identical inputs in flight are not merged).
+        ``quotas``: where the providers' vendor quotas are counted, closed with them."""
         self._providers = list(providers)
+        self._quotas = quotas
         self._waits = dict(coalesce_wait_s or {})
         self._cache = cache
         self._embedder = Embedder(cache)
@@ -70,6 +74,8 @@ class Router:
         )
         if self._cache is not None:
             await self._cache.close()
+        if self._quotas is not None:
+            await self._quotas.close()
 
     def models(self) -> list[ModelInfo]:
         return [provider.info for provider in self._providers]
