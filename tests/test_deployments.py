@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import structlog
 import yaml
-from conftest import rich_error
+from conftest import ScriptedProvider, rich_error
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import KEY, free_port, health_status, key_file, running, samples, value
 from vendor_world import retry_delay
@@ -29,10 +29,20 @@ from vendor_world import retry_delay
 import embedgate.client as eg
 from embedgate.server.app import build_gateway, check
 from embedgate.server.config import ConfigError
-from embedgate.server.domain import Dimensions, ImageInput, Modality, ModelInfo, TextInput
+from embedgate.server.domain import (
+    Dimensions,
+    EmbedOptions,
+    ImageInput,
+    Modality,
+    ModelInfo,
+    TextInput,
+)
 from embedgate.server.edge.images import sniff_image
+from embedgate.server.health import Health
 from embedgate.server.providers.registry import parse_config
-from embedgate.server.routing.deployments import probe_inputs
+from embedgate.server.routing.balance import Member
+from embedgate.server.routing.breaker import Breaker, BreakerPolicy
+from embedgate.server.routing.deployments import Deployment, DeploymentSet, probe_inputs
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -578,3 +588,39 @@ def test_the_probes_follow_the_models_modalities() -> None:
     images = [probe for probe in probe_inputs(both) if isinstance(probe, ImageInput)]
     assert len(images) == 1
     assert sniff_image(images[0].image.data or b"") == "image/png"
+
+
+async def test_a_wait_that_ends_while_the_balancer_looks_is_still_waited_for() -> None:
+    """The last usable deployment's Retry-After ends just as a call looks for one, and
+    the other's breaker is open: the call waits the last microsecond and is served, never
+    told NO_DEPLOYMENT_AVAILABLE because the clock moved between two readings."""
+    flaky, down = ScriptedProvider("m", dims=8), ScriptedProvider("m", dims=8)
+    ends = 500.0
+    readings: list[float] = []
+
+    def clock() -> float:
+        # Just before the wait ends at the first reading, at its end from then on.
+        readings.append(ends - 1e-6 if not readings else ends)
+        return readings[-1]
+
+    members = [
+        Member("flaky", Breaker(BreakerPolicy(), clock=lambda: ends), waiting_until=ends),
+        Member("down", Breaker(BreakerPolicy(), clock=lambda: ends)),
+    ]
+    members[1].breaker.trip()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    models = DeploymentSet(
+        flaky.info,
+        [Deployment(flaky, members[0]), Deployment(down, members[1])],
+        health=Health().model("m"),
+        clock=clock,
+        sleep=sleep,
+    )
+    batch = await models.embed([TextInput("x")], EmbedOptions())
+    assert batch.deployment == "flaky"
+    assert slept == [pytest.approx(1e-6)]
+    assert (flaky.calls, down.calls) == ([1], [])

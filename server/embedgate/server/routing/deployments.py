@@ -236,9 +236,12 @@ class DeploymentSet:
         attempts = 0
         last: VendorError | None = None
         while True:
-            member = choose(self._members, self._clock(), avoid=tried, rng=self._rng)
+            # One reading of the clock for the whole decision: a deployment whose wait
+            # ends between two readings would be neither chosen nor waited for.
+            now = self._clock()
+            member = choose(self._members, now, avoid=tried, rng=self._rng)
             if member is None or not member.breaker.allow():
-                wait = self._wait_for_retry_after(loop.time(), deadline)
+                wait = self._wait_for_retry_after(now, loop.time(), deadline)
                 if wait is not None:
                     self._waiting += 1
                     try:
@@ -246,10 +249,10 @@ class DeploymentSet:
                     finally:
                         self._waiting -= 1
                     continue
-                full = self._waiting_for_quota()
+                full = self._waiting_for_quota(now)
                 if full:
-                    raise self._exhausted(full)
-                none = self._none_usable()
+                    raise self._exhausted(full, now)
+                none = self._none_usable(now)
                 # A call that has tried hears its vendor's last answer.
                 raise last or none
             member.in_flight += 1
@@ -296,12 +299,14 @@ class DeploymentSet:
     def _count(self, member: Member, outcome: str) -> None:
         self._requests.labels(self._info.name, member.name, outcome).inc()
 
-    def _wait_for_retry_after(self, now: float, deadline: float | None) -> float | None:
+    def _wait_for_retry_after(
+        self, clock: float, now: float, deadline: float | None
+    ) -> float | None:
         """When no deployment is usable only because some wait out a vendor's
         Retry-After or for room in their quota (their breakers are fine), how long until
         the first may go again, if that is within the caller's deadline; else None. Open
-        breakers are never waited for: then the call fails at once."""
-        clock = self._clock()
+        breakers are never waited for: then the call fails at once. ``clock`` is the
+        balancer's time, ``now`` the event loop's."""
         waiting = [
             m.waiting_until - clock
             for m in self._members
@@ -344,18 +349,18 @@ class DeploymentSet:
             return error.retry_after_s
         return self._retries.backoff(attempts, self._rng)
 
-    def _waiting_for_quota(self) -> dict[Member, QuotaExhaustedError]:
+    def _waiting_for_quota(self, now: float) -> dict[Member, QuotaExhaustedError]:
         """The deployments waiting for room in their own quota, with what it said."""
-        now = self._clock()
         return {
             member: error
             for member, error in self._full.items()
             if member.waiting_until > now and member.breaker.usable()
         }
 
-    def _exhausted(self, full: dict[Member, QuotaExhaustedError]) -> QuotaExhaustedError:
+    def _exhausted(
+        self, full: dict[Member, QuotaExhaustedError], now: float
+    ) -> QuotaExhaustedError:
         """No deployment the call could use has room in its quota in time."""
-        now = self._clock()
         wait = max(0.0, min(member.waiting_until for member in full) - now)
         name = self._info.name
         spent = "; ".join(
@@ -370,8 +375,7 @@ class DeploymentSet:
             violations=[v for error in full.values() for v in error.violations],
         )
 
-    def _none_usable(self) -> NoDeploymentError:
-        now = self._clock()
+    def _none_usable(self, now: float) -> NoDeploymentError:
         wait = max(0.0, ready_at(self._members, now) - now)
         self._health.out_of_service()
         name = self._info.name
