@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL
 
-.PHONY: run test check generate install clean bench
+.PHONY: run test check generate install clean bench soak
 
 run:
 	scripts/setup run
@@ -38,3 +38,10 @@ bench:
 	scripts/setup test
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench $(ARGS)
+
+# 10,000 RPCs through a model with one deployment down and the other failing 12 % of
+# requests: no RPC may fail, every vector must be its input's (docs/soak.json and the
+# soak section of docs/benchmarks.md). `make soak ARGS="--rpcs 300"` takes seconds.
+soak:
+	scripts/setup test
+	$(PY) -m bench.soak $(ARGS)

@@ -11,4 +11,8 @@ Modules: ``fake_vendor`` (the vendor), ``servers`` (echo and naive gateways),
 ``profile`` (py-spy), ``environment`` (machine and versions), ``targets``,
 ``results``, ``report`` and ``plot`` (the outputs), ``run`` (the command).
 ``analysis.md`` is the hand-written reading of the figures that closes the report.
+
+``python -m bench.soak`` (``soak``) is a separate run: RPCs through a model with one
+deployment down and the other failing at random (``flaky_vendor``), every vector
+checked; ``soak_report`` holds its figures and its section of the report.
 """

@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import base64
 import http.client
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -38,12 +38,15 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 TOKENS_PER_INPUT = 8
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-REASONS |= {411: "Length Required", 413: "Content Too Large"}
+REASONS |= {411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests"}
+REASONS |= {503: "Service Unavailable"}
 
 
 @dataclass
 class Counters:
-    """What the vendor has seen; ``in_flight_inputs`` are received but not yet answered."""
+    """What the vendor has seen; ``in_flight_inputs`` are received but not yet answered.
+    ``requests`` and ``inputs`` count every well-formed embeddings request, including
+    those a flaky vendor (``bench.flaky_vendor``) answered with a 503 or a 429."""
 
     connections: int = 0
     requests: int = 0
@@ -51,6 +54,8 @@ class Counters:
     rejected: int = 0
     in_flight_inputs: int = 0
     max_in_flight_inputs: int = 0
+    unavailable: int = 0  # answered 503
+    rate_limited: int = 0  # answered 429
 
 
 def unit_vector(dims: int) -> npt.NDArray[np.float32]:
@@ -88,12 +93,16 @@ def error_body(message: str, param: str | None) -> bytes:
     return orjson.dumps({"error": error})
 
 
-def http_response(status: int, body: bytes, *, close: bool = False) -> bytes:
+def http_response(
+    status: int, body: bytes, *, close: bool = False, headers: Mapping[str, str] | None = None
+) -> bytes:
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
     )
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
     if close:
         head += "connection: close\r\n"
     return head.encode("ascii") + b"\r\n" + body
@@ -128,6 +137,10 @@ class FakeVendor:
 
     def parse(self, body: bytes) -> EmbeddingsCall:
         """Check a request body as the OpenAI API does; raise ``BadRequest`` if wrong."""
+        return self.parse_with_texts(body)[0]
+
+    def parse_with_texts(self, body: bytes) -> tuple[EmbeddingsCall, list[str]]:
+        """``parse``, and the texts to embed, in their order."""
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -152,7 +165,7 @@ class FakeVendor:
         dims = request.get("dimensions", self.dims)
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= self.dims:
             raise BadRequest(f"dimensions must be an integer from 1 to {self.dims}", "dimensions")
-        return EmbeddingsCall(model, len(texts), dims, encoding)
+        return EmbeddingsCall(model, len(texts), dims, encoding), texts
 
     def reply(self, call: EmbeddingsCall) -> bytes:
         """The whole HTTP response for ``call``, built on first use and then reused."""
@@ -164,6 +177,14 @@ class FakeVendor:
             body = embeddings_body(vector, call.count, call.encoding, call.model)
             response = self._replies[call] = http_response(200, body)
         return response
+
+    def answer(self, body: bytes) -> tuple[bytes, int]:
+        """The whole HTTP response to an embeddings request body, and how many inputs
+        it answers; raises ``BadRequest``."""
+        call = self.parse(body)
+        self.counters.requests += 1
+        self.counters.inputs += call.count
+        return self.reply(call), call.count
 
     def stats(self) -> bytes:
         return orjson.dumps(asdict(self.counters))
@@ -253,28 +274,25 @@ class VendorConnection(asyncio.Protocol):
             self._reject(405, BadRequest("use POST"), head.close)
             return
         try:
-            call = vendor.parse(body)
+            reply, inputs = vendor.answer(body)
         except BadRequest as problem:
             vendor.counters.rejected += 1
             self._reject(400, problem, head.close)
             return
         counters = vendor.counters
-        counters.requests += 1
-        counters.inputs += call.count
-        counters.in_flight_inputs += call.count
+        counters.in_flight_inputs += inputs
         counters.max_in_flight_inputs = max(
             counters.max_in_flight_inputs, counters.in_flight_inputs
         )
-        reply = vendor.reply(call)
         if head.close:
             reply = reply.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         if vendor.latency_s > 0:
             # The vendor "computes" on a timer, so thousands of waiting requests cost
             # nothing but a timer handle each.
             self._busy = True
-            self._loop.call_later(vendor.latency_s, self._send_late, reply, call.count, head.close)
+            self._loop.call_later(vendor.latency_s, self._send_late, reply, inputs, head.close)
         else:
-            self._send(reply, call.count, head.close)
+            self._send(reply, inputs, head.close)
 
     def _reject(self, status: int, problem: BadRequest, close: bool) -> None:
         body = error_body(str(problem), problem.param)

@@ -133,6 +133,17 @@ def wait_for_embed(child: Child, port: int, dims: int, timeout_s: float) -> None
     """Wait for the port to take connections (the process may die meanwhile), then
     for one correct answer (which may take as long as the vendor does)."""
     deadline = time.monotonic() + timeout_s
+    wait_for_listening(child, port, timeout_s)
+    try:
+        check_embed(port, dims, timeout_s=max(1.0, deadline - time.monotonic()))
+    except BenchError as problem:
+        raise child.fail(str(problem)) from None
+
+
+def wait_for_listening(child: Child, port: int, timeout_s: float) -> None:
+    """Wait for the gateway's port to take gRPC connections; the process may die
+    meanwhile."""
+    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         ready = grpc.channel_ready_future(channel)
         while True:
@@ -143,7 +154,3 @@ def wait_for_embed(child: Child, port: int, dims: int, timeout_s: float) -> None
             except grpc.FutureTimeoutError:
                 if time.monotonic() > deadline:
                     raise child.fail(f"not listening within {timeout_s:g} s") from None
-    try:
-        check_embed(port, dims, timeout_s=max(1.0, deadline - time.monotonic()))
-    except BenchError as problem:
-        raise child.fail(str(problem)) from None

@@ -2,7 +2,8 @@
 
 Everything but the closing analysis is generated from the run's figures; the
 analysis (``bench/analysis.md``) is written by hand from the profiles and is
-included as it is.
+included as it is. The soak's section comes from ``soak.json`` beside the report,
+when there is one (``python -m bench.soak`` writes it, and that section alone).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from bench.cases import CASES, CaseResult, Level
 from bench.decode import DecodeResult
 from bench.profile import ProfileResult
 from bench.results import Results
+from bench.soak_report import BEGIN, END, SoakResult, read_if_there
+from bench.soak_report import render as render_soak
 from bench.streams import StreamsResult
 from bench.targets import TIMES, TargetResult
 
@@ -59,6 +62,8 @@ def _header(results: Results) -> list[str]:
         "make bench                # installs bench/requirements.txt into .venv, then "
         "python -m bench",
         "make bench ARGS=--quick   # a few seconds, one concurrency (the smoke test's mode)",
+        "make soak                 # python -m bench.soak: the soak below (rewrites that "
+        "section only)",
         "```",
         "",
         "It writes `docs/benchmarks.md` (this file), `docs/benchmarks.json` (every figure, "
@@ -287,11 +292,18 @@ def _profiles(profiles: tuple[ProfileResult, ...]) -> list[str]:
     return lines
 
 
-def render(results: Results, plot_name: str) -> str:
+def _soak(soak: SoakResult | None) -> list[str]:
+    if soak is None:
+        return []
+    return [BEGIN, *render_soak(soak), END, ""]
+
+
+def render(results: Results, plot_name: str, soak: SoakResult | None = None) -> str:
     lines = _header(results) + _method(results) + _table(results, plot_name)
     lines += _targets(results)
     lines += _streams(results.streams, results.streams_error, results)
     lines += _decode(results.decode, results.decode_error)
+    lines += _soak(soak)
     lines += _profiles(results.profiles)
     if ANALYSIS.exists():
         lines += [ANALYSIS.read_text().strip(), ""]
@@ -300,5 +312,5 @@ def render(results: Results, plot_name: str) -> str:
 
 def write(results: Results, out: Path, plot_name: str) -> Path:
     path = out / REPORT_NAME
-    path.write_text(render(results, plot_name))
+    path.write_text(render(results, plot_name, read_if_there(out)))
     return path

@@ -1,5 +1,6 @@
 """The benchmark (``bench/``) in its quick mode: it runs end to end, in seconds, and
-measures every case."""
+measures every case; the soak (``bench/soak.py``) in its small mode: no RPC lost, no
+vector misplaced, and its section kept by both commands that write the report."""
 
 from __future__ import annotations
 
@@ -83,3 +84,120 @@ def test_results_and_report_go_to_the_output_directory(
     streams = results["streams"]
     assert streams is not None, results["streams_error"]
     assert streams["completed"] == streams["streams"]
+
+
+SOAK_RPCS = 300
+STUB_REPORT = "# Benchmarks\n\n## Decoding a vendor reply\n\nText.\n\n## Profiles\n\nMore.\n"
+
+
+@pytest.fixture(scope="module")
+def soak_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The soak in its small mode, written next to a stand-in report."""
+    out = tmp_path_factory.mktemp("soak")
+    (out / "benchmarks.md").write_text(STUB_REPORT)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--rpcs", str(SOAK_RPCS), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    soak: dict[str, Any] = json.loads((out / "soak.json").read_text())
+    return out, soak
+
+
+def test_the_soak_loses_no_rpc_and_misplaces_no_vector(
+    soak_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """With one deployment refusing connections and the other failing 12 % of its
+    requests (503 or 429), every RPC succeeds and every vector is the one the vendor
+    derives for the input at its position; the vendor did fail requests, and every one
+    of its answers reached a caller."""
+    _, soak = soak_run
+    cycle = soak["plan"]["inputs_per_rpc"]
+    inputs = sum(cycle[index % len(cycle)] for index in range(SOAK_RPCS))
+    assert soak["rpcs_sent"] == soak["rpcs_ok"] == SOAK_RPCS
+    assert soak["rpcs_failed"] == 0, soak["failure_examples"]
+    assert soak["vectors_checked"] == inputs
+    assert soak["vectors_wrong"] == 0, soak["failure_examples"]
+    # The vendor's first 300 draws (seed 13) hold 27 503s and 8 429s.
+    assert soak["vendor_unavailable"] > 0
+    assert soak["vendor_rate_limited"] > 0
+    flaky = soak["attempts"]["flaky"]
+    # No coalescing: one answered vendor request per RPC, the rest retried.
+    assert flaky["ok"] == SOAK_RPCS
+    assert sum(flaky.values()) == soak["vendor_requests"] > SOAK_RPCS
+
+
+def test_the_soaks_breakers_take_out_the_dead_deployment_only(
+    soak_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """The breaker of the deployment that refuses connections opens, and after that it
+    gets no request but half-open probes (beyond those already on their way); the flaky
+    deployment's breaker never leaves closed."""
+    _, soak = soak_run
+    plan, transitions = soak["plan"], soak["transitions"]
+    down = transitions.get("down", {})
+    assert down.get("open", 0) >= 1
+    assert not any(transitions.get("flaky", {}).values())
+    assert soak["breaker_states"] == {"down": "open", "flaky": "closed"}
+    attempts = sum(soak["attempts"]["down"].values())
+    probes = down.get("half_open", 0)
+    # The failures that opened it, and at most one for each other RPC then in flight.
+    before = attempts - probes
+    assert plan["breaker_failures"] <= before <= plan["breaker_failures"] + plan["concurrency"]
+    assert all(check["passed"] for check in soak["checks"])
+
+
+def test_the_soak_writes_its_section_into_the_report(
+    soak_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """The soak puts its section into an existing report once, before the profiles,
+    between its markers, and leaves the rest of the report as it was."""
+    out, _ = soak_run
+    report = (out / "benchmarks.md").read_text()
+    begin, end = report.index("<!-- soak:"), report.index("<!-- end of soak -->")
+    assert report.count("## Soak: one deployment down, the other flaky") == 1
+    assert report.index("## Decoding a vendor reply") < begin < end < report.index("## Profiles")
+    # The section, then the blank line that parts it from the next one.
+    outside = report[:begin] + report[end:].split("\n", 2)[2]
+    assert outside == STUB_REPORT
+
+
+def test_the_report_renders_the_soak_section_as_the_soak_does(
+    quick_run: tuple[Path, dict[str, Any]],
+    soak_run: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """A report rewritten from a run's results keeps the soak's section: rendered from
+    the soak.json beside it, the same text the soak wrote, before the closing analysis."""
+    bench_out, soak_out = quick_run[0], soak_run[0]
+    shutil.copy(soak_out / "soak.json", tmp_path / "soak.json")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--report-from",
+            str(bench_out / "benchmarks.json"),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def section(report: str) -> str:
+        begin, end = report.index("<!-- soak:"), report.index("<!-- end of soak -->")
+        return report[begin:end]
+
+    rendered = (tmp_path / "benchmarks.md").read_text()
+    assert section(rendered) == section((soak_out / "benchmarks.md").read_text())
+    assert "## Soak: one deployment down, the other flaky" in section(rendered)
+    assert rendered.index("<!-- end of soak -->") < rendered.index("## Reading the results")
