@@ -30,7 +30,12 @@ def serves_locally(example: Path) -> bool:
 
 def test_there_are_examples() -> None:
     """The examples the README points to exist."""
-    assert {path.name for path in EXAMPLES} >= {"openai.yaml", "vendors.yaml", "local.yaml"}
+    assert {path.name for path in EXAMPLES} >= {
+        "openai.yaml",
+        "vendors.yaml",
+        "local.yaml",
+        "deployments.yaml",
+    }
 
 
 @pytest.mark.parametrize(
@@ -49,14 +54,23 @@ async def test_an_example_config_loads_and_serves(
     raw: dict[str, Any] = yaml.safe_load(TEXTS[example])
     secret = tmp_path / "key"
     secret.write_text(CANARY + "\n")
-    for entry in raw["models"]:
-        if entry["provider"] == "local":
-            continue
-        entry["base_url"] = world.fakes[entry["provider"]].base_url
-        if "api_key_env" in entry:
-            monkeypatch.setenv(entry["api_key_env"], CANARY)
-        elif "api_key_file" in entry:
-            entry["api_key_file"] = str(secret)
+    for model in raw["models"]:
+        # The space check needs deployments of one space; the fakes are each their own
+        # (the check is tested in test_deployments.py).
+        model.pop("space_check", None)
+        for entry in model.get("deployments", [model]):
+            if entry["provider"] == "local":
+                continue
+            entry["base_url"] = world.fakes[entry["provider"]].base_url
+            if "api_key_env" in entry:
+                monkeypatch.setenv(entry["api_key_env"], CANARY)
+            # A pool's keys differ; the fakes take one key: the others are refused and
+            # leave the pool, as they would at the vendor.
+            for position, env in enumerate(entry.get("api_key_envs", [])):
+                name = env if isinstance(env, str) else env["env"]
+                monkeypatch.setenv(name, CANARY if position == 0 else f"{CANARY}-{position}")
+            if "api_key_file" in entry:
+                entry["api_key_file"] = str(secret)
     server = raw.setdefault("server", {})
     server.update(host="127.0.0.1", port=0)
     if "metrics_port" in server:

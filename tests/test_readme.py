@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -35,7 +36,13 @@ BIN = Path(sys.executable).parent
 VENV = BIN.parent
 ANNOTATION = re.compile(r"<!-- readme-test: (.+?) -->")
 # Each scenario names the server a block needs; `pip` blocks are run by test_packaging.
-SCENARIOS = {"front-door", "default", "vendor examples/openai.yaml", "pip"}
+SCENARIOS = {
+    "front-door",
+    "default",
+    "vendor examples/openai.yaml",
+    "pip",
+    "config examples/deployments.yaml",
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,44 @@ def test_every_readme_block_is_run_by_a_test() -> None:
     """No code block in the README goes untested: each names the scenario that runs it."""
     for block in blocks(README):
         assert block.scenario in SCENARIOS, f"README.md line {block.line}: {block.scenario}"
+
+
+DEPLOYMENT_KEYS = (
+    "name",
+    "provider",
+    "vendor_model",
+    "weight",
+    "priority",
+    "rate_limit",
+    "token_limit",
+    "base_url",
+    "dimensions",
+)
+
+
+def test_the_readme_config_is_its_example_file() -> None:
+    """The README's deployments configuration loads, and is the example file's model:
+    the same space, checks, breaker and deployments (name, provider, vendor model,
+    weight, priority, limits)."""
+    (block,) = readme_blocks("config examples/deployments.yaml")
+    shown = parse_config(yaml.safe_load(block.code)).models
+    example = parse_config(
+        yaml.safe_load((REPO / "examples" / "deployments.yaml").read_text(encoding="utf-8"))
+    ).models
+
+    def outline(models: list[Any]) -> list[Any]:
+        return [
+            (
+                model.name,
+                model.space,
+                model.space_check,
+                model.breaker,
+                [{key: getattr(d, key) for key in DEPLOYMENT_KEYS} for d in model.deployments],
+            )
+            for model in models
+        ]
+
+    assert outline(shown) == outline(example)
 
 
 @dataclass(frozen=True)
