@@ -27,8 +27,10 @@ from gateways import KEY, free_port, key_file, openai_model, running, samples, v
 from redis_server import RedisServer
 from vendor_world import retry_delay
 
+from embedgate.server.app import build_quota_store
 from embedgate.server.config import ConfigError
 from embedgate.server.edge.server import Gateway
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import parse_config
 from embedgate.server.providers.vendor import estimate_tokens
 from embedgate.server.quotas import Ask, LocalStore, Rate, SharedStore
@@ -218,13 +220,39 @@ async def test_a_call_waits_for_room_within_its_deadline(fake: FakeVendor, tmp_p
     """2 requests a second: the third call waits until the first has left the window,
     then goes; none fails."""
     model = openai_model(fake, key_file(tmp_path), rate_limit="2/second")
-    async with serving([model]) as (stub, _):
+    async with serving([model]) as (stub, gateway):
         for position in range(3):
             await embed(stub, f"wait-{position}", deadline_s=5)
+        metrics = samples(gateway.metrics.exposition().decode())
+    labels = {"model": "m", "deployment": "m", "limit": "requests"}
+    assert value(metrics, "embedgate_quota_waits_total", **labels) == 1
+    assert value(metrics, "embedgate_quota_refusals_total", **labels) == 0
     times = [r.at for r in fake.received]
     assert len(times) == 3
     assert times[2] - times[0] >= 0.98
     assert most_in_any_window(times, 1.0 - JITTER_S) <= 2
+
+
+async def test_calls_waiting_for_room_are_served_in_the_order_they_came(
+    fake: FakeVendor, tmp_path: Path
+) -> None:
+    """Five requests a second, the window full, then eight calls a few milliseconds
+    apart: they reach the vendor in the order they came, none passed over by a later
+    one, and each as soon as there is room (all within about two seconds)."""
+    model = openai_model(fake, key_file(tmp_path), rate_limit="5/second")
+    async with serving([model]) as (stub, _):
+        await asyncio.gather(*(embed(stub, f"fill-{n}") for n in range(5)))
+
+        async def later(position: int) -> None:
+            await asyncio.sleep(0.005 * position)
+            await embed(stub, f"queued-{position}", deadline_s=5)
+
+        started = time.monotonic()
+        await asyncio.gather(*(later(position) for position in range(8)))
+        took = time.monotonic() - started
+    queued = [r.body["input"][0] for r in fake.received if r.body["input"][0][0] == "q"]
+    assert queued == [f"queued-{position}" for position in range(8)]
+    assert took < 2.5
 
 
 async def test_no_room_within_the_deadline_fails_at_once_naming_the_deployment(
@@ -422,6 +450,28 @@ async def test_an_unreachable_redis_leaves_each_replica_its_share(
     logged = capsys.readouterr().out
     assert logged.count("quota_store_unreachable") == 1
     assert "secret-pass" not in logged
+
+
+def test_the_quotas_use_the_caches_redis_when_they_name_none(tmp_path: Path) -> None:
+    """Without quotas.redis_url the quotas share the cache's Redis; with neither, each
+    replica counts alone; with no limit anywhere, there is nothing to count."""
+    model = {
+        "name": "m",
+        "provider": "openai",
+        "base_url": "http://127.0.0.1:9/v1",
+        "vendor_model": "text-embedding-3-small",
+        "api_key_file": str(key_file(tmp_path)),
+        "rate_limit": "5/second",
+    }
+    cache = {"redis_url": "redis://127.0.0.1:1/0"}
+    shared = build_quota_store(parse_config({"cache": cache, "models": [model]}), Metrics())
+    assert isinstance(shared, SharedStore)
+    alone = build_quota_store(parse_config({"models": [model]}), Metrics())
+    assert isinstance(alone, LocalStore)
+    unlimited = {k: v for k, v in model.items() if k != "rate_limit"}
+    assert (
+        build_quota_store(parse_config({"cache": cache, "models": [unlimited]}), Metrics()) is None
+    )
 
 
 def serve_config(fake: FakeVendor, keys: Path, redis_url: str, **model: Any) -> dict[str, Any]:

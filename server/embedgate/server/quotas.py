@@ -405,7 +405,9 @@ class Admission:
             self._last = (limits, taken)
             return None
         refused = [limit for limit, wait in zip(limits, taken.waits, strict=True) if wait]
-        return Refusal(max(taken.waits), tuple(refused))
+        # A millisecond more: a timer may fire a hair early, and the windows count whole
+        # milliseconds.
+        return Refusal(max(taken.waits) + 0.001, tuple(refused))
 
     async def settle(self, tokens: int | None) -> None:
         """The vendor counted ``tokens`` for the request (None: it did not say)."""

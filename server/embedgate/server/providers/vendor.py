@@ -151,6 +151,11 @@ class VendorProvider:
         self._model_name = self._quota.model or settings.name
         # Requests held back now, waiting for room in a quota or for a key.
         self._waiting = 0
+        # Requests waiting for room in the quota, in arrival order; the last refusal
+        # seen in line and when it said there would be room (event loop time).
+        self._line = asyncio.Lock()
+        self._last_refusal: Refusal | None = None
+        self._room_at = 0.0
         caps = dialect.capabilities
         self._info = ModelInfo(
             name=settings.name,
@@ -241,26 +246,58 @@ class VendorProvider:
         """Take one attempt's share of the quotas (``key``: the key it goes with),
         waiting for room when that is within the deadline and this model waits; else
         ``QuotaExhaustedError``, or ``_KeyFull`` when only the key of a pool is full."""
-        loop = asyncio.get_running_loop()
         deadline = current_deadline()
-        while True:
+        if not (self._quota.waits and self._line.locked()):
             refusal = await admission.take(key)
             if refusal is None:
                 return
-            counter = self._meter_quota(refusal)
-            if refusal.by_key and len(self._keys) > 1:
-                counter("refused")
-                raise _KeyFull(refusal)
-            in_time = deadline is None or loop.time() + refusal.wait_s < deadline
-            if not (self._quota.waits and in_time):
-                counter("refused")
-                raise self._exhausted(refusal)
-            counter("waited")
-            self._waiting += 1
+            self._may_wait(refusal, deadline)
+        await self._wait_in_line(admission, key, deadline)
+
+    def _may_wait(self, refusal: Refusal, deadline: float | None) -> None:
+        """Raise unless the request may wait out ``refusal``."""
+        counter = self._meter_quota(refusal)
+        if refusal.by_key and len(self._keys) > 1:
+            counter("refused")
+            raise _KeyFull(refusal)
+        now = asyncio.get_running_loop().time()
+        if not self._quota.waits or (deadline is not None and now + refusal.wait_s >= deadline):
+            counter("refused")
+            raise self._exhausted(refusal)
+        counter("waited")
+        self._last_refusal = refusal
+        self._room_at = now + refusal.wait_s
+
+    async def _wait_in_line(
+        self, admission: Admission, key: int | None, deadline: float | None
+    ) -> None:
+        """Wait for room in arrival order: only the first request in line asks the quota
+        again, so no request is passed over time after time by later ones."""
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        try:
             try:
-                await asyncio.sleep(refusal.wait_s)
+                # Out of time in line: the quota's answer, a moment before the deadline's.
+                async with asyncio.timeout_at(None if deadline is None else deadline - 0.02):
+                    await self._line.acquire()
+            except TimeoutError:
+                last = self._last_refusal or Refusal(0.0, ())
+                wait = max(0.0, self._room_at - loop.time())
+                raise self._exhausted(Refusal(wait, last.limits)) from None
+            try:
+                while True:
+                    # Until the room the last refusal promised, then ask again.
+                    delay = self._room_at - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    refusal = await admission.take(key)
+                    if refusal is None:
+                        return
+                    self._may_wait(refusal, deadline)
             finally:
-                self._waiting -= 1
+                self._line.release()
+        finally:
+            self._waiting -= 1
 
     def _meter_quota(self, refusal: Refusal) -> Callable[[str], None]:
         def count(outcome: str) -> None:
