@@ -58,6 +58,13 @@ def git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def changed_since_commit(*outputs: str) -> bool:
+    """Whether the working tree differs from its commit, not counting ``outputs`` (the
+    paths a run writes itself)."""
+    excluded = [f":!{path}" for path in outputs]
+    return bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
+
+
 def collect(cores: Cores, h2load: str) -> Environment:
     return Environment(
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -72,15 +79,5 @@ def collect(cores: Cores, h2load: str) -> Environment:
         commit=git("rev-parse", "--short", "HEAD") or "unknown",
         # The measured code is the working tree: say when it is not the commit alone
         # (the benchmark's own outputs, rewritten by every run, do not count).
-        uncommitted_changes=bool(
-            git(
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-                "--",
-                ".",
-                ":!docs/benchmarks.*",
-                ":!bench/analysis.md",
-            )
-        ),
+        uncommitted_changes=changed_since_commit("docs/benchmarks.*", "bench/analysis.md"),
     )

@@ -35,7 +35,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.environment import git
+from bench.environment import changed_since_commit, git
 from bench.fake_vendor import read_stats
 from bench.flaky_vendor import text_vector
 from bench.gateway import embedgate_command, free_port, wait_for_listening
@@ -380,17 +380,7 @@ def run(plan: SoakPlan, work_dir: Path) -> SoakResult:
     result = SoakResult(
         date=date,
         commit=git("rev-parse", "--short", "HEAD") or "unknown",
-        uncommitted_changes=bool(
-            git(
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-                "--",
-                ".",
-                ":!docs/benchmarks.md",
-                ":!docs/soak.json",
-            )
-        ),
+        uncommitted_changes=changed_since_commit("docs/benchmarks.md", "docs/soak.json"),
         cores=len(os.sched_getaffinity(0)),
         plan=plan,
         rpcs_sent=outcome.sent,

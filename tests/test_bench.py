@@ -17,13 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = ("a", "b", "n1", "n2", "c", "d", "e")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    # scripts/setup test installs it: a machine without it fails here, never skips.
-    assert shutil.which("h2load"), "h2load is missing (Debian package nghttp2-client)"
-    out = tmp_path_factory.mktemp("bench")
+def run_module(module: str, *args: str) -> None:
+    """``python -m module args`` from the repository, within a minute; it must succeed."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -31,6 +28,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    # scripts/setup test installs it: a machine without it fails here, never skips.
+    assert shutil.which("h2load"), "h2load is missing (Debian package nghttp2-client)"
+    out = tmp_path_factory.mktemp("bench")
+    run_module("bench", "--quick", "--out", str(out))
     results: dict[str, Any] = json.loads((out / "benchmarks.json").read_text())
     return out, results
 
@@ -95,15 +100,7 @@ def soak_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     """The soak in its small mode, written next to a stand-in report."""
     out = tmp_path_factory.mktemp("soak")
     (out / "benchmarks.md").write_text(STUB_REPORT)
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--rpcs", str(SOAK_RPCS), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_module("bench.soak", "--rpcs", str(SOAK_RPCS), "--out", str(out))
     soak: dict[str, Any] = json.loads((out / "soak.json").read_text())
     return out, soak
 
