@@ -1,11 +1,13 @@
 """Merging concurrent calls into shared model batches.
 
 Calls for the same model with the same options (everything but the request id) put
-their inputs in one queue; a batch leaves when it holds ``max_batch`` inputs or when
-the first input has waited ``wait_s`` (longer, while earlier requests of the model wait
-for room in a vendor quota: then it keeps filling, up to its callers' deadlines). Each
-input has its own future, so each caller gets exactly its own vectors back, whatever
-batch they travelled in.
+their inputs in one queue. A batch leaves when it holds ``max_batch`` inputs; when it
+holds every input it can expect (a lone call leaves at once, with only the calls
+arriving at that same moment; calls of a crowd the model has seen lately wait for the
+rest of it, see ``_complete``); or at the latest when its first input has waited
+``wait_s`` (longer, while earlier requests of the model wait for room in a vendor quota:
+then it keeps filling, up to its callers' deadlines). Each input has its own future, so
+each caller gets exactly its own vectors back, whatever batch they travelled in.
 
 Callers stay independent: a caller that cancels or runs out of time drops its inputs
 that have not left yet; a batch already sent keeps going for the callers still waiting
@@ -16,6 +18,7 @@ gone. With ``wait_s`` 0, nothing waits: each call's inputs are batched among the
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +27,10 @@ from embedgate.server.domain import EmbedOptions, Input
 from embedgate.server.errors import DeadlineExceededError, InternalError, unexpected
 from embedgate.server.providers.base import EmbedBatch, Provider, Vectors
 from embedgate.server.routing.vectors import shape_vectors
+
+# How fast the memory of a crowd of callers fades: a lone caller after a burst waits for
+# company that will not come for a few tenths of a second at most.
+CROWD_HALF_LIFE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,8 @@ class _Item:
 class _Batch:
     items: list[_Item]
     task: asyncio.Task[None] | None = None
+    # Its inputs no longer count as being sent (its request is over).
+    over: bool = False
 
 
 class Coalescer:
@@ -83,7 +92,14 @@ class Coalescer:
         self._provider = provider
         self._wait_s = wait_s
         self._pending: dict[EmbedOptions, list[_Item]] = {}
-        self._timers: dict[EmbedOptions, asyncio.TimerHandle] = {}
+        self._timers: dict[EmbedOptions, asyncio.Handle] = {}
+        # Batches that leave at the end of this turn of the event loop.
+        self._soon: set[EmbedOptions] = set()
+        # Inputs in batches being sent; the most outstanding at once lately (see
+        # ``_company``) and when that was last looked at.
+        self._sending = 0
+        self._crowd = 0.0
+        self._crowd_at = 0.0
         self._running: set[asyncio.Task[None]] = set()
         # Items in the queue or in a batch, by content key: a caller asking for the
         # same content joins the item instead of sending it again.
@@ -147,23 +163,52 @@ class Coalescer:
             return futures
         queue = self._pending.setdefault(batch_key, [])
         queue.extend(fresh)
+        soon = self._complete(len(fresh), len(queue), loop.time())
         while len(queue) >= self.size:
             self._launch(batch_key, queue[: self.size])
             del queue[: self.size]
         timer = self._timers.get(batch_key)
-        if queue and timer is None:
-            self._timers[batch_key] = loop.call_later(self._wait_s, self._flush, batch_key)
-        elif not queue:
+        if not queue:
             if timer is not None:
                 timer.cancel()
                 del self._timers[batch_key]
+            self._soon.discard(batch_key)
             del self._pending[batch_key]
+        elif soon:
+            # Every input there is to expect is here: the batch leaves once the calls
+            # arriving at this same moment have joined it.
+            if batch_key not in self._soon:
+                if timer is not None:
+                    timer.cancel()
+                self._soon.add(batch_key)
+                self._timers[batch_key] = loop.call_soon(self._flush, batch_key)
+        elif timer is None:
+            self._timers[batch_key] = loop.call_later(self._wait_s, self._flush, batch_key)
         return futures
+
+    def _complete(self, arrived: int, queued: int, now: float) -> bool:
+        """Whether a batch of ``queued`` inputs, ``arrived`` of them just now, holds all
+        the company it can expect. The memory of a crowd is the most inputs outstanding
+        at once lately (queued or being sent), halving every ``CROWD_HALF_LIFE_S``:
+        - more outstanding than remembered: a crowd is forming, so the batch waits (up
+          to ``wait_s``) unless nothing else is outstanding: a lone call leaves at once;
+        - as many or fewer: a known crowd whose callers come back as their requests
+          return; the batch leaves once it holds every one not being sent."""
+        outstanding = self._sending + sum(len(queue) for queue in self._pending.values())
+        remembered: float = self._crowd * 0.5 ** ((now - self._crowd_at) / CROWD_HALF_LIFE_S)
+        self._crowd = max(float(outstanding), remembered)
+        self._crowd_at = now
+        # A crowd fading by a fraction is the same crowd.
+        known = math.ceil(remembered)
+        if outstanding > known:
+            return outstanding == arrived
+        return queued >= known - self._sending
 
     async def close(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._soon.clear()
         for queue in self._pending.values():
             for item in queue:
                 for waiter in item.waiters:
@@ -175,6 +220,7 @@ class Coalescer:
 
     def _flush(self, key: EmbedOptions) -> None:
         self._timers.pop(key, None)
+        self._soon.discard(key)
         queue = self._pending.get(key)
         if queue and self._holds(queue):
             # Earlier requests are waiting for room at the vendor: this batch would only
@@ -219,14 +265,31 @@ class Coalescer:
         for item in items:
             item.batch = batch
         self._batches += 1
-        task = asyncio.get_running_loop().create_task(self._run(key, items, self._batches, latest))
+        task = asyncio.get_running_loop().create_task(
+            self._run(key, items, self._batches, latest, batch)
+        )
         batch.task = task
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._sending += len(items)
+        task.add_done_callback(self._sent(batch))
         task.add_done_callback(lambda _: self._forget_all(items))
         for item in items:
             for waiter in item.waiters:
                 waiter.future.add_done_callback(self._on_left(item))
+
+    def _sent(self, batch: _Batch) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            self._over(batch)  # if it ended before it began
+
+        return done
+
+    def _over(self, batch: _Batch) -> None:
+        """The batch's request is over: its inputs are no longer being sent. Said before
+        its callers are answered, so those who call again see the model as it is."""
+        if not batch.over:
+            batch.over = True
+            self._sending -= len(batch.items)
 
     def _outlasting(self, items: Sequence[_Item], deadline: float) -> list[_Item]:
         """Move the waiters whose deadline is later than ``deadline`` to new items."""
@@ -335,13 +398,21 @@ class Coalescer:
         return batch, vectors
 
     async def _run(
-        self, key: EmbedOptions, items: list[_Item], batch_id: int, deadline: float | None
+        self,
+        key: EmbedOptions,
+        items: list[_Item],
+        batch_id: int,
+        deadline: float | None,
+        sent: _Batch,
     ) -> None:
         try:
-            with deadline_at(deadline):
-                batch, vectors = await self._send(
-                    key, [item.input for item in items], self._request_id(items)
-                )
+            try:
+                with deadline_at(deadline):
+                    batch, vectors = await self._send(
+                        key, [item.input for item in items], self._request_id(items)
+                    )
+            finally:
+                self._over(sent)
         except asyncio.CancelledError:
             for item in items:
                 for waiter in item.waiters:
