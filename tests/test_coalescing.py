@@ -86,25 +86,6 @@ async def test_a_burst_shares_requests_once_its_first_call_left(world: VendorWor
     assert len(sizes) <= 6
 
 
-async def test_a_crowd_larger_than_a_batch_fills_every_batch() -> None:
-    """Forty callers calling again as soon as they are answered, 16 inputs per batch:
-    once the crowd is known, batches leave full, not in the fragments the crowd
-    happened to arrive in."""
-    provider = ScriptedProvider("m", batch=16)
-    queue = Coalescer(provider, wait_s=0.05)
-
-    async def caller(who: int) -> None:
-        for turn in range(12):
-            (future,) = queue.submit([TextInput(f"{who}-{turn}")], EmbedOptions())
-            await future
-
-    async with asyncio.timeout(10):
-        await asyncio.gather(*(caller(who) for who in range(40)))
-    await queue.close()
-    assert sum(provider.calls) == 480
-    assert provider.calls.count(16) >= 0.8 * len(provider.calls), provider.calls
-
-
 async def test_a_crowd_of_callers_is_waited_for_only_until_it_is_all_there() -> None:
     """Four callers calling again as soon as they are answered, a model taking 16 per
     batch and a 10 s window: once the crowd is known, each batch leaves as soon as all

@@ -193,8 +193,7 @@ class Coalescer:
         - more outstanding than remembered: a crowd is forming, so the batch waits (up
           to ``wait_s``) unless nothing else is outstanding: a lone call leaves at once;
         - as many or fewer: a known crowd whose callers come back as their requests
-          return; the batch leaves once it holds every one not being sent, or, for a
-          crowd larger than a batch, once it is full."""
+          return; the batch leaves once it holds every one not being sent."""
         outstanding = self._sending + sum(len(queue) for queue in self._pending.values())
         remembered: float = self._crowd * 0.5 ** ((now - self._crowd_at) / CROWD_HALF_LIFE_S)
         self._crowd = max(float(outstanding), remembered)
@@ -203,8 +202,6 @@ class Coalescer:
         known = math.ceil(remembered)
         if outstanding > known:
             return outstanding == arrived
-        if known >= self.size:
-            return False  # a crowd larger than a batch fills it: only a full one leaves
         return queued >= known - self._sending
 
     async def close(self) -> None:
