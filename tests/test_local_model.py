@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from conftest import LOCAL, LocalServed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedgate.server.domain import EmbedOptions, Image, ImageInput, Input, TextInput
+from embedgate.server.providers.local import LocalProvider, plan_passes
 from embedgate.v1 import embedding_service_pb2 as pb
 
 pytestmark = pytest.mark.local
@@ -176,3 +179,68 @@ async def test_list_models_describes_the_local_model(local_served: LocalServed) 
     assert list(local.allowed_dimensions) == []
     assert (local.embeds, local.reranks, local.accepts_instruction) == (True, True, False)
     assert local.max_text_chars == 8192
+
+
+def test_plan_passes_groups_texts_of_like_length() -> None:
+    """A batch is split into passes of texts of similar length, each text in one pass,
+    no pass over the limit; texts of one length stay together."""
+    assert plan_passes([12] * 20, 32) == [list(range(20))]
+    assert sorted(len(rows) for rows in plan_passes([12] * 40, 32)) == [8, 32]
+    # Eight short texts and two long ones: padding the short ones to 200 tokens costs
+    # more than a second pass.
+    mixed = [200, 5, 5, 5, 5, 200, 5, 5, 5, 5]
+    assert plan_passes(mixed, 32) == [[1, 2, 3, 4, 6, 7, 8, 9], [0, 5]]
+    # Close lengths are not worth a pass of their own.
+    assert plan_passes([10, 11, 12, 13], 32) == [[0, 1, 2, 3]]
+    assert plan_passes([], 32) == []
+    assert plan_passes([7], 1) == [[0]]
+    lengths = [(i * 37) % 101 + 3 for i in range(300)]
+    passes = plan_passes(lengths, 32)
+    assert sorted(row for rows in passes for row in rows) == list(range(300))
+    assert max(len(rows) for rows in passes) <= 32
+    # Runs of neighbours in length: no pass reaches into another's range.
+    ranges = sorted(
+        (min(lengths[r] for r in rows), max(lengths[r] for r in rows)) for rows in passes
+    )
+    assert all(high <= low for (_, high), (low, _) in pairwise(ranges))
+
+
+class _Recording:
+    """Stands in for the model: records each pass's (texts, padded length)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.passes: list[tuple[int, int]] = []
+
+    def __call__(self, features: dict[str, Any]) -> Any:
+        self.passes.append(tuple(features["attention_mask"].shape))
+        return self.model(features)
+
+
+async def _alone_and_together(local: LocalProvider, texts: list[str]) -> tuple[Any, Any]:
+    alone = [(await local.embed([TextInput(t)], EmbedOptions())).vectors[0] for t in texts]
+    together = await local.embed([TextInput(t) for t in texts], EmbedOptions())
+    return np.array(alone), together
+
+
+@pytest.mark.parametrize("right_padded", [True, False])
+async def test_a_batch_of_mixed_lengths_runs_in_passes_with_the_same_vectors(
+    local_served: LocalServed, right_padded: bool
+) -> None:
+    """Short and long texts in one batch run in separate passes, each padded only to its
+    own longest text, at most max_batch texts a pass; every text gets the vector and the
+    token count it gets alone. Features that cannot be cut down are tokenized again."""
+    local = local_served.local
+    texts = [f"fruit {i}" for i in range(30)] + [("word " * 150) + str(i) for i in range(6)]
+    recording = _Recording(local._model)
+    local._model = recording
+    local._right_padded = right_padded
+    try:
+        alone, together = await _alone_and_together(local, texts)
+    finally:
+        local._model = recording.model
+        local._right_padded = True
+    np.testing.assert_allclose(together.vectors, alone, atol=1e-5)
+    assert together.tokens == (4,) * 30 + (153,) * 6
+    batch_passes = recording.passes[len(texts) :]
+    assert sorted(batch_passes) == [(6, 153), (30, 4)]
