@@ -126,6 +126,9 @@ def measure_streams(
             # Every input must reach the vendor at once for all the calls to be open
             # at once: no limit below the HTTP client's own connection pool.
             max_concurrency=256,
+            # Every call embeds the same text: with the cache on, calls would wait on
+            # the first one's vector instead of reaching the vendor.
+            cache=False,
         )
         gateway, port = start_gateway("streams-gateway", settings, cores.server, work_dir)
         try:
