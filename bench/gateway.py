@@ -41,6 +41,7 @@ class GatewaySettings:
     coalesce_wait_ms: float | None = None
     cache: bool = True
     max_concurrency: int | None = None
+    max_concurrent_rpcs: int | None = None
     log_level: str | None = None
 
 
@@ -57,10 +58,10 @@ def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
         model["max_concurrency"] = settings.max_concurrency
     if settings.coalesce_wait_ms is not None:
         model["coalesce_wait_ms"] = settings.coalesce_wait_ms
-    config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
-        "models": [model],
-    }
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1}
+    if settings.max_concurrent_rpcs is not None:
+        server["max_concurrent_rpcs"] = settings.max_concurrent_rpcs
+    config: dict[str, Any] = {"server": server, "models": [model]}
     # Every h2load request embeds the same text: with the cache on (the default),
     # every call after the first is a hit. The cases that measure the vendor path
     # turn it off; the cache case keeps it.

@@ -19,7 +19,7 @@ from bench.profile import ProfileResult
 from bench.results import Results
 from bench.soak_report import BEGIN, END, SoakResult, read_if_there
 from bench.soak_report import render as render_soak
-from bench.streams import StreamsResult
+from bench.streams import StreamsResult, rpc_cap
 from bench.targets import TIMES, TargetResult
 
 REPORT_NAME = "benchmarks.md"
@@ -297,8 +297,9 @@ def _streams(streams: StreamsResult | None, error: str | None, results: Results)
         f"open in the gateway; a grpc.aio client process opens {plan.streams:,} "
         "StreamEmbed calls (one text each) over several channels. The gateway's VmRSS is "
         "read while the fake reports every input in flight, i.e. every call open at once "
-        "(embedgate with coalescing on, vendor limit 16, `max_concurrency: 256`, cache off: "
-        "every call embeds the same text).",
+        "(embedgate with coalescing on, vendor limit 16, `max_concurrency: 256`, "
+        f"`max_concurrent_rpcs: {rpc_cap(plan.streams)}` so that none is refused, "
+        "cache off: every call embeds the same text).",
         "",
     ]
     if streams is None:
