@@ -127,7 +127,9 @@ def _method(results: Results) -> list[str]:
         "serialized `EmbedRequest` behind the 5-byte length prefix, `content-type: "
         "application/grpc`, `te: trailers`) on one HTTP/2 connection with N concurrent "
         "streams, as one gRPC channel would; the direct case gets the same JSON body "
-        "embedgate sends, over N HTTP/1.1 keep-alive connections.",
+        "embedgate sends, over N HTTP/1.1 keep-alive connections, and so does the LiteLLM "
+        "case, with its key (checked the same way: a real request must return a vector "
+        "of the right size).",
         f"- **Concurrency** {levels}: requests kept in flight. For each, a "
         f"{plan.probe_s:g} s timed h2load run warms the server up and sizes the measured "
         f"runs: {plan.repetitions} run{'s' if plan.repetitions > 1 else ''} of about "
