@@ -21,6 +21,7 @@ from typing import Literal
 
 import orjson
 
+from bench import litellm_proxy
 from bench.fake_vendor import Counters, read_stats
 from bench.gateway import (
     EMBED_METHOD,
@@ -32,21 +33,27 @@ from bench.gateway import (
     embed_request,
     start_gateway,
 )
-from bench.load import LoadResult, Target, grpc_target, http_target, run_h2load
+from bench.load import JSON_HEADERS, LoadResult, Target, grpc_target, http_target, run_h2load
 from bench.procs import BenchError, Child, Cores, cpu_seconds, memory_kib, pinned, python_module
 
-Kind = Literal["direct", "echo", "naive-httpx", "naive-aiohttp", "embedgate"]
+Kind = Literal["direct", "echo", "naive-httpx", "naive-aiohttp", "embedgate", "litellm"]
 KIB_PER_MB = 1000 * 1000 / 1024  # memory is reported in MB (10^6 bytes)
 JSON_CONTENT = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
 class Case:
+    """One server under test. embedgate cases use embedgate's defaults (configuration
+    and log level) but for what a field here sets: None leaves the default."""
+
     key: str
     label: str
     kind: Kind
-    coalesce_wait_ms: float = 0.0
-    cache: bool = False
+    coalesce_wait_ms: float | None = None
+    cache: bool = True
+    log_level: str | None = None
+    # Only these concurrencies (of the plan's); None: every one.
+    concurrencies: tuple[int, ...] | None = None
 
 
 CASES: tuple[Case, ...] = (
@@ -54,10 +61,21 @@ CASES: tuple[Case, ...] = (
     Case("b", "grpc.aio echo (the floor)", "echo"),
     Case("n1", "naive gateway: httpx + float JSON", "naive-httpx"),
     Case("n2", "naive gateway: aiohttp + base64", "naive-aiohttp"),
-    Case("c", "embedgate, coalescing off", "embedgate", coalesce_wait_ms=0.0),
-    Case("d", "embedgate, coalescing on (5 ms, the default)", "embedgate", coalesce_wait_ms=5.0),
-    # The configured default wait: a hit should not pay it.
-    Case("e", "embedgate, all cache hits", "embedgate", coalesce_wait_ms=5.0, cache=True),
+    # h2load sends one text over and over: the cases that measure the vendor path turn
+    # the cache off, which is their one departure from the default configuration.
+    Case("c", "embedgate, coalescing off, cache off", "embedgate", coalesce_wait_ms=0, cache=False),
+    Case("d", "embedgate, default config, cache off", "embedgate", cache=False),
+    # d again, writing only warnings: the difference is the access log's cost.
+    Case(
+        "dw",
+        "embedgate, as d at --log-level warning",
+        "embedgate",
+        cache=False,
+        log_level="warning",
+    ),
+    # The default configuration as it is: every RPC after the first is a hit.
+    Case("e", "embedgate, default config, all cache hits", "embedgate"),
+    Case("l", "LiteLLM proxy, 1 worker (HTTP/1.1)", "litellm", concurrencies=(16,)),
 )
 
 
@@ -111,6 +129,7 @@ class CaseResult:
     levels: tuple[Level, ...]
     error: str | None = None
     notes: tuple[str, ...] = ()
+    skipped: str | None = None  # not measured, and why (never a silent omission)
 
 
 @dataclass
@@ -183,6 +202,8 @@ def _deploy(
 ) -> Deployment:
     if case.kind == "direct":
         return _deploy_direct(case, plan, cores, work_dir, children)
+    if case.kind == "litellm":
+        return _deploy_litellm(case, plan, cores, work_dir, children)
     if case.kind == "echo":
         command = python_module("bench.servers", "echo", f"--dims={plan.dims}")
         server = _start_server(f"case-{case.key}", command, cores, work_dir, children)
@@ -196,6 +217,7 @@ def _deploy(
             max_batch=plan.vendor_max_inputs,
             coalesce_wait_ms=case.coalesce_wait_ms,
             cache=case.cache,
+            log_level=case.log_level,
         )
         server, port = start_gateway(f"case-{case.key}", settings, cores.server, work_dir)
         children.append(server)
@@ -218,6 +240,29 @@ def _deploy_direct(
     children.append(vendor)
     target = http_target(port, "/v1/embeddings", direct_body(), work_dir)
     return Deployment(vendor, target, lambda: check_direct(port, plan.dims), vendor, port)
+
+
+def _deploy_litellm(
+    case: Case, plan: Plan, cores: Cores, work_dir: Path, children: list[Child]
+) -> Deployment:
+    version = litellm_proxy.ensure_installed()
+    vendor, vendor_port = start_vendor(f"case-{case.key}-vendor", cores.load, plan, work_dir)
+    children.append(vendor)
+    name = f"case-{case.key}"
+    server, port, key = litellm_proxy.start(name, vendor_port, cores.server, work_dir)
+    children.append(server)
+    body = direct_body()
+    headers = (*JSON_HEADERS, f"authorization: Bearer {key}")
+    target = http_target(port, "/v1/embeddings", body, work_dir, headers)
+    deployment = Deployment(
+        server, target, lambda: litellm_proxy.check(port, key, body, plan.dims), vendor, vendor_port
+    )
+    deployment.notes.append(
+        f"LiteLLM {version} (`{litellm_proxy.SPEC}` from the package index, in its own "
+        "virtualenv), `litellm --config` with `--num_workers 1`, a master key, "
+        "`LITELLM_OFFLINE_MODE=true`, its default log level"
+    )
+    return deployment
 
 
 def _start_server(
@@ -341,15 +386,36 @@ def _level(concurrency: int, repetitions: list[Repetition], peak_kib: int) -> Le
     )
 
 
+def case_concurrencies(case: Case, plan: Plan) -> tuple[int, ...]:
+    if case.concurrencies is None:
+        return plan.concurrencies
+    return tuple(c for c in plan.concurrencies if c in case.concurrencies)
+
+
+def skipped(case: Case, why: str) -> CaseResult:
+    return CaseResult(case.key, case.label, case.kind, (), skipped=why)
+
+
 def run_case(case: Case, plan: Plan, cores: Cores, work_dir: Path) -> CaseResult:
-    """Measure one case at every concurrency; a failure is recorded, not raised."""
+    """Measure one case at each of its concurrencies; a failure is recorded, not raised,
+    and so is a case that cannot run here (skipped, with why)."""
     levels: list[Level] = []
     notes: list[str] = []
+    concurrencies = case_concurrencies(case, plan)
+    if not concurrencies:
+        return skipped(
+            case,
+            "measured only at concurrency "
+            + ", ".join(str(c) for c in case.concurrencies or ())
+            + ", which this run does not have",
+        )
     try:
         with deployed(case, plan, cores, work_dir) as deployment:
             notes = deployment.notes
-            for concurrency in plan.concurrencies:
+            for concurrency in concurrencies:
                 levels.append(measure_level(deployment, concurrency, plan, cores, work_dir))
+    except litellm_proxy.UnavailableError as problem:
+        return skipped(case, str(problem))
     except BenchError as problem:
         return CaseResult(
             case.key, case.label, case.kind, tuple(levels), str(problem), tuple(notes)

@@ -1,6 +1,10 @@
 """embedgate as the benchmark runs it: ``embedgate serve`` in a child process, with a
 generated configuration whose one model is the fake vendor behind the ``openai``
-provider, and the checks that it answers correctly."""
+provider, and the checks that it answers correctly.
+
+Every setting the configuration does not name is embedgate's default, and so is the
+log level (info: one access line per RPC, written to stderr, which goes to a file)
+unless a case says otherwise."""
 
 from __future__ import annotations
 
@@ -26,38 +30,44 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
-    """The knobs the benchmark cases turn; everything else is embedgate's default."""
+    """The knobs the benchmark cases turn; everything else is embedgate's default.
+    None: the key is left out of the configuration (or the flag off the command line),
+    so embedgate's own default applies."""
 
     vendor_port: int
     dims: int = 1024
+    # What the fake vendor takes per request: a fact about the vendor, not a tuning.
     max_batch: int = 16
-    coalesce_wait_ms: float = 0.0
-    cache: bool = False
-    max_concurrency: int = 64
+    coalesce_wait_ms: float | None = None
+    cache: bool = True
+    max_concurrency: int | None = None
+    max_concurrent_rpcs: int | None = None
+    log_level: str | None = None
 
 
 def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
-    return {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
-        # Every benchmark request embeds the same text: with a cache, every call after
-        # the first would be a hit, so only the cache case has one.
-        "cache": {"enabled": settings.cache},
-        "models": [
-            {
-                "name": MODEL,
-                "provider": "openai",
-                "base_url": f"http://127.0.0.1:{settings.vendor_port}/v1",
-                "vendor_model": VENDOR_MODEL,
-                "dimensions": settings.dims,
-                "max_batch": settings.max_batch,
-                "max_concurrency": settings.max_concurrency,
-                "coalesce_wait_ms": settings.coalesce_wait_ms,
-                "encoding_format": "base64",
-                # A failed vendor call must show as a failed RPC, not as a slow one.
-                "max_retries": 0,
-            }
-        ],
+    model: dict[str, Any] = {
+        "name": MODEL,
+        "provider": "openai",
+        "base_url": f"http://127.0.0.1:{settings.vendor_port}/v1",
+        "vendor_model": VENDOR_MODEL,
+        "dimensions": settings.dims,
+        "max_batch": settings.max_batch,
     }
+    if settings.max_concurrency is not None:
+        model["max_concurrency"] = settings.max_concurrency
+    if settings.coalesce_wait_ms is not None:
+        model["coalesce_wait_ms"] = settings.coalesce_wait_ms
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1}
+    if settings.max_concurrent_rpcs is not None:
+        server["max_concurrent_rpcs"] = settings.max_concurrent_rpcs
+    config: dict[str, Any] = {"server": server, "models": [model]}
+    # Every h2load request embeds the same text: with the cache on (the default),
+    # every call after the first is a hit. The cases that measure the vendor path
+    # turn it off; the cache case keeps it.
+    if not settings.cache:
+        config["cache"] = {"enabled": False}
+    return config
 
 
 def free_port() -> int:
@@ -68,23 +78,22 @@ def free_port() -> int:
         return port
 
 
-def embedgate_command(config: Path, port: int) -> list[str]:
+def embedgate_command(
+    config: Path | None, port: int, log_level: str | None = None, log_format: str | None = None
+) -> list[str]:
+    """``embedgate serve`` on ``port``; None leaves the configuration file (the embedded
+    local model), the log level (info) or the log format (auto) at its default."""
     executable = Path(sys.executable).parent / "embedgate"
     if not executable.exists():
         raise BenchError("the embedgate command is not installed next to this Python: make install")
-    return [
-        str(executable),
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        # Access logs at info level would cost more than some of the RPCs they describe.
-        "--log-level",
-        "warning",
-        "--log-format",
-        "json",
-    ]
+    command = [str(executable), "serve", "--port", str(port)]
+    if config is not None:
+        command += ["--config", str(config)]
+    if log_level is not None:
+        command += ["--log-level", log_level]
+    if log_format is not None:
+        command += ["--log-format", log_format]
+    return command
 
 
 def start_gateway(
@@ -94,7 +103,8 @@ def start_gateway(
     port = free_port()
     config = work_dir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(gateway_config(settings, port), sort_keys=False))
-    child = Child(name, pinned(embedgate_command(config, port), core), work_dir)
+    command = embedgate_command(config, port, settings.log_level)
+    child = Child(name, pinned(command, core), work_dir)
     try:
         wait_for_embed(child, port, settings.dims, timeout_s=60)
     except BaseException:

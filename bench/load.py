@@ -71,10 +71,16 @@ def grpc_target(port: int, method: str, message: Message, work_dir: Path) -> Tar
     return Target(f"http://127.0.0.1:{port}/{method}", body, GRPC_HEADERS, http1=False)
 
 
-def http_target(port: int, path: str, json_body: bytes, work_dir: Path) -> Target:
+def http_target(
+    port: int,
+    path: str,
+    json_body: bytes,
+    work_dir: Path,
+    headers: tuple[str, ...] = JSON_HEADERS,
+) -> Target:
     body = work_dir / f"http-{port}.json"
     body.write_bytes(json_body)
-    return Target(f"http://127.0.0.1:{port}{path}", body, JSON_HEADERS, http1=True)
+    return Target(f"http://127.0.0.1:{port}{path}", body, headers, http1=True)
 
 
 def h2load_command(

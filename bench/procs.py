@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -87,22 +87,34 @@ def memory_kib(pid: int, field: str) -> int:
 
 
 class Child:
-    """A child process whose stderr goes to a log file, shown when it fails."""
+    """A child process whose stderr goes to a log file, shown when it fails.
 
-    def __init__(self, name: str, command: Sequence[str], log_dir: Path) -> None:
+    Its stdout is a pipe the harness reads (``read_port``), or with ``stdout_to_log``
+    goes to the same file, for a program that prints as it serves (nobody would read
+    the pipe, and a full pipe stops the writer). ``env`` adds to the environment."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        log_dir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout_to_log: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # Loopback only: no proxy from the environment may carry a request elsewhere.
         for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-            env.pop(key, None)
-        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+            environment.pop(key, None)
+        environment["NO_PROXY"] = environment["no_proxy"] = "127.0.0.1,localhost"
         self.process = subprocess.Popen(
             list(command),
-            stdout=subprocess.PIPE,
+            stdout=self._log if stdout_to_log else subprocess.PIPE,
             stderr=self._log,
-            env=env,
+            env=environment,
             cwd=REPO,
             preexec_fn=_die_with_parent,
         )

@@ -13,6 +13,7 @@ from pydantic import TypeAdapter
 from bench.cases import CaseResult, Plan
 from bench.decode import DecodeResult
 from bench.environment import Environment
+from bench.local_model import LocalResult
 from bench.profile import ProfileResult
 from bench.streams import StreamsPlan, StreamsResult
 from bench.targets import TargetResult
@@ -33,6 +34,9 @@ class Results:
     profiles: tuple[ProfileResult, ...]
     targets: tuple[TargetResult, ...]
     seconds: float
+    # The embedded model next to sentence-transformers; the note says why it is absent.
+    local: LocalResult | None = None
+    local_note: str | None = None
 
 
 def _finite(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 ``--quick`` is the smoke test's mode: one concurrency, tiny counts, a few seconds,
 written wherever ``--out`` says (never over the published ``docs/`` figures unless
-asked to).
+asked to). It skips the LiteLLM proxy (an install of minutes) and the local model
+(a minute of model loading), and says so in its output and its report.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import environment
-from bench.cases import CASES, Case, CaseResult, Plan, run_case
+from bench.cases import CASES, Case, CaseResult, Plan, run_case, skipped
 from bench.decode import DecodeResult, measure_decode
 from bench.load import h2load_version
+from bench.local_model import FULL_LOCAL, LocalResult, measure_local
 from bench.procs import REPO, BenchError, Cores, pin_self
 from bench.profile import ProfileResult, profile_cases
 from bench.results import Results, read_json, write_json
@@ -42,6 +44,7 @@ QUICK = Plan(
 )
 FULL_STREAMS = StreamsPlan(streams=1000, vendor_latency_s=3.0)
 QUICK_STREAMS = StreamsPlan(streams=100, vendor_latency_s=1.0)
+QUICK_SKIPS = "skipped in --quick mode (run `python -m bench` to measure it)"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,6 +63,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy profiles of embedgate"
+    )
+    parser.add_argument(
+        "--no-local",
+        action="store_true",
+        help="skip the embedded model next to sentence-transformers",
     )
     parser.add_argument(
         "--report-from",
@@ -98,14 +106,39 @@ def describe_level(case: CaseResult) -> None:
         say(f"  {case.key:>2} FAILED: {case.error}")
 
 
-def measure_cases(cases: list[Case], plan: Plan, cores: Cores, work_dir: Path) -> list[CaseResult]:
+def measure_cases(
+    cases: list[Case], plan: Plan, cores: Cores, work_dir: Path, quick: bool
+) -> list[CaseResult]:
     results = []
     for case in cases:
         say(f"case {case.key}: {case.label}")
-        result = run_case(case, plan, cores, work_dir)
+        if quick and case.kind == "litellm":
+            result = skipped(case, QUICK_SKIPS)
+        else:
+            result = run_case(case, plan, cores, work_dir)
         describe_level(result)
+        if result.skipped:
+            say(f"  {case.key:>2} skipped: {result.skipped}")
         results.append(result)
     return results
+
+
+def measure_local_model(
+    args: argparse.Namespace, cores: Cores, work_dir: Path
+) -> tuple[LocalResult | None, str | None]:
+    say("the embedded model next to sentence-transformers")
+    if args.quick or args.no_local:
+        note = QUICK_SKIPS if args.quick else "skipped (--no-local)"
+        say(f"  {note}")
+        return None, note
+    try:
+        local = measure_local(FULL_LOCAL, cores, work_dir)
+    except BenchError as problem:
+        say(f"  FAILED: {problem}")
+        return None, f"failed: {problem}"
+    for way in (local.reference, local.one_per_call, local.batched):
+        say(f"  {way.texts_per_s:7.1f} texts/s  {way.what}")
+    return local, None
 
 
 def measure_open_streams(
@@ -139,14 +172,20 @@ def run_all(args: argparse.Namespace) -> Results:
     profiles: tuple[ProfileResult, ...] = ()
     with tempfile.TemporaryDirectory(prefix="embedgate-bench-") as tmp:
         work_dir = Path(tmp)
-        cases = measure_cases(chosen_cases(args.cases), plan, cores, work_dir)
+        cases = measure_cases(chosen_cases(args.cases), plan, cores, work_dir, args.quick)
         streams, streams_error = measure_open_streams(streams_plan, plan, cores, work_dir)
+        local, local_note = measure_local_model(args, cores, work_dir)
         if not args.no_profile and not args.quick:
             say("profiles of embedgate under load (py-spy)")
             profiles = tuple(profile_cases(plan, cores, work_dir))
     decode, decode_error = measure_decode_cost(args.quick)
     targets = evaluate(
-        {case.key: case for case in cases}, streams, plan.concurrencies, streams_error
+        {case.key: case for case in cases},
+        streams,
+        plan.concurrencies,
+        streams_error,
+        local,
+        local_note,
     )
     return Results(
         environment=env,
@@ -160,6 +199,8 @@ def run_all(args: argparse.Namespace) -> Results:
         profiles=profiles,
         targets=tuple(targets),
         seconds=time.monotonic() - started,
+        local=local,
+        local_note=local_note,
     )
 
 
@@ -184,4 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     say("wrote " + ", ".join(str(path) for path in written if path is not None))
     if args.report_from is None:
         say(f"done in {results.seconds:.0f} s")
-    return 1 if any(case.error for case in results.cases) or results.streams_error else 0
+    local_failed = (results.local_note or "").startswith("failed")
+    failed = any(case.error for case in results.cases) or results.streams_error or local_failed
+    return 1 if failed else 0

@@ -368,7 +368,9 @@ def run(plan: SoakPlan, work_dir: Path) -> SoakResult:
         config.write_text(
             yaml.safe_dump(gateway_config(plan, port, metrics_port, ports), sort_keys=False)
         )
-        with child("gateway", embedgate_command(config, port), work_dir) as gateway:
+        with child(
+            "gateway", embedgate_command(config, port, "warning", "json"), work_dir
+        ) as gateway:
             wait_for_listening(gateway, port, timeout_s=60)
             say(f"soak: {plan.rpcs:,} RPCs, {plan.concurrency} in flight")
             outcome = asyncio.run(drive(port, plan))

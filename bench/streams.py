@@ -112,6 +112,11 @@ def client_main(argv: list[str] | None = None) -> int:
 # -- the measurement ------------------------------------------------------------------
 
 
+def rpc_cap(streams: int) -> int:
+    """The gateway's cap on calls in progress: room for every stream, and the checks."""
+    return max(512, streams + 64)
+
+
 def measure_streams(
     streams: StreamsPlan, plan: Plan, cores: Cores, work_dir: Path
 ) -> StreamsResult:
@@ -126,6 +131,11 @@ def measure_streams(
             # Every input must reach the vendor at once for all the calls to be open
             # at once: no limit below the HTTP client's own connection pool.
             max_concurrency=256,
+            # The default cap on calls in progress (512) would refuse the rest.
+            max_concurrent_rpcs=rpc_cap(streams.streams),
+            # Every call embeds the same text: with the cache on, calls would wait on
+            # the first one's vector instead of reaching the vendor.
+            cache=False,
         )
         gateway, port = start_gateway("streams-gateway", settings, cores.server, work_dir)
         try:

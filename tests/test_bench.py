@@ -1,20 +1,37 @@
 """The benchmark (``bench/``) in its quick mode: it runs end to end, in seconds, and
-measures every case; the soak (``bench/soak.py``) in its small mode: no RPC lost, no
-vector misplaced, and its section kept by both commands that write the report."""
+measures every case but the two it skips, saying so; its report judges every goal; the
+soak (``bench/soak.py``) in its small mode: no RPC lost, no vector misplaced, and its
+section kept by both commands that write the report."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("a", "b", "n1", "n2", "c", "d", "e")
+CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "e")
+SKIPPED_WHEN_QUICK = ("l",)
+GOALS = {
+    "added_latency_default",
+    "added_latency_coalescing_off",
+    "default_vs_floor",
+    "default_inputs_per_vendor_request",
+    "cache_hits_vs_floor",
+    "coalescing_off_vs_naive",
+    "default_vs_litellm",
+    "access_log_cost",
+    "local_one_per_call",
+    "local_batched",
+    "streams_rss",
+}
 
 
 def run_module(module: str, *args: str) -> None:
@@ -48,12 +65,18 @@ def test_every_case_is_measured_without_failures(
     quick_run: tuple[Path, dict[str, Any]],
 ) -> None:
     """Every case has a result at the quick mode's concurrency, with requests per
-    second above zero, no failed request and no error."""
+    second above zero, no failed request and no error; the LiteLLM case is skipped,
+    with a note that says so."""
     _, results = quick_run
     levels = _levels(results)
-    assert sorted(levels) == sorted(CASES)
+    assert sorted(levels) == sorted(CASES + SKIPPED_WHEN_QUICK)
     for case in results["cases"]:
         assert case["error"] is None, (case["key"], case["error"])
+        if case["key"] in SKIPPED_WHEN_QUICK:
+            assert "--quick" in case["skipped"]
+            assert not case["levels"]
+            continue
+        assert case["skipped"] is None, case["key"]
         assert case["levels"], case["key"]
         for level in case["levels"]:
             assert level["rps"] > 0, case["key"]
@@ -74,21 +97,119 @@ def test_coalescing_makes_fewer_vendor_requests_than_rpcs(
 def test_results_and_report_go_to_the_output_directory(
     quick_run: tuple[Path, dict[str, Any]],
 ) -> None:
-    """The quick run writes its results and report where it is told, with every target
+    """The quick run writes its results and report where it is told, with every goal
     listed, and the open-streams measurement completes every call."""
     out, results = quick_run
     assert (out / "benchmarks.md").read_text().startswith("# Benchmarks")
-    assert {target["key"] for target in results["targets"]} >= {
-        "coalescing_off_vs_naive",
-        "coalescing_on_vs_floor",
-        "coalescing_on_vendor_requests",
-        "cache_hits_vs_floor",
-        "added_latency",
-        "streams_rss",
-    }
+    assert {target["key"] for target in results["targets"]} == GOALS
     streams = results["streams"]
     assert streams is not None, results["streams_error"]
     assert streams["completed"] == streams["streams"]
+
+
+def _goal_rows(report: str) -> dict[str, str]:
+    """The goals table's rows: goal → result cell."""
+    table = report.split("| goal | measured | result |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return {row[0].lstrip("| "): row[-1].rstrip(" |") for row in rows}
+
+
+def test_the_report_states_the_log_level_and_judges_every_goal(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """The report says embedgate runs at its default log level; the goals table has a
+    row per goal, each met, missed by a stated amount, or not judged with the reason;
+    what the quick mode skips (LiteLLM, the local model) it says it skipped."""
+    out, results = quick_run
+    report = (out / "benchmarks.md").read_text()
+    assert "default log level, **info**" in report
+    rows = _goal_rows(report)
+    assert len(rows) == len(GOALS)
+    judged = {target["rule"]: target for target in results["targets"]}
+    for rule, verdict in rows.items():
+        target = judged[rule]
+        if target["met"] is None:
+            assert verdict.startswith("not judged: "), verdict
+        elif target["met"]:
+            assert verdict == "**met**"
+        else:
+            assert verdict == f"**missed**: {target['shortfall']}"
+            assert target["shortfall"]
+    litellm = next(t for t in results["targets"] if t["key"] == "default_vs_litellm")
+    assert litellm["met"] is None
+    assert "skipped in --quick mode" in litellm["note"]
+    assert "Case l was not measured: skipped in --quick mode" in report
+    assert "## The embedded default model" in report
+    assert "Not measured: skipped in --quick mode" in report
+
+
+def test_a_missed_goal_says_by_how_much_and_why(
+    quick_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Rewritten from results where goals are missed, the report lists each missed goal
+    with its shortfall and the reason written for it in bench/notes.toml (or that none
+    is written yet)."""
+    results = copy.deepcopy(quick_run[1])
+    for target in results["targets"]:
+        if target["key"] in ("access_log_cost", "default_inputs_per_vendor_request"):
+            target["met"], target["note"] = False, None
+            target["shortfall"] = "measured 1: 2 short"
+    report = _rewritten(results, tmp_path)
+    missed = report.split("### Missed targets: by how much, and why", 1)[1]
+    notes = tomllib.loads((REPO / "bench" / "notes.toml").read_text())
+    for key in ("access_log_cost", "default_inputs_per_vendor_request"):
+        why = " ".join(notes[key].split())
+        assert f"measured 1: 2 short. Why: {why}" in missed
+
+
+def test_litellm_that_cannot_install_is_skipped_with_a_note(
+    quick_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Where pip cannot install LiteLLM (here: no package index at all), the install
+    raises the note that skips the case, and the report shows it, in the results and
+    as the reason its goal is not judged: never a silent omission."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bench.litellm_proxy import UnavailableError, ensure_installed\n"
+        "try:\n"
+        "    ensure_installed(Path(sys.argv[1]), ('--no-index',))\n"
+        "except UnavailableError as problem:\n"
+        "    print(problem)\n"
+        "else:\n"
+        "    sys.exit('installed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "venv")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    note = done.stdout.strip()
+    assert "`litellm[proxy]` could not be installed" in note
+    assert note.endswith("case skipped")
+    results = copy.deepcopy(quick_run[1])
+    for case in results["cases"]:
+        if case["key"] == "l":
+            case["skipped"] = note
+    for target in results["targets"]:
+        if target["key"] == "default_vs_litellm":
+            target["note"] = f"case l skipped: {note}"
+    report = _rewritten(results, tmp_path / "report")
+    assert f"Case l was not measured: {note}." in report
+    assert f"not judged: case l skipped: {note}" in report
+
+
+def _rewritten(results: dict[str, Any], out: Path) -> str:
+    """The report written by ``--report-from`` from ``results``."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "results.json"
+    source.write_text(json.dumps(results))
+    run_module("bench", "--report-from", str(source), "--out", str(out))
+    return (out / "benchmarks.md").read_text()
 
 
 SOAK_RPCS = 300
