@@ -20,7 +20,7 @@ from conftest import PNG_1X1
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
 from gateways import free_port
 from redis_server import RedisServer
-from vendor_world import rows, texts
+from vendor_world import eventually, rows, texts
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway
@@ -324,14 +324,19 @@ async def test_a_failure_in_flight_reaches_every_caller_on_its_own_input(
 ) -> None:
     """A vendor request shared by callers that fails reaches each of them, its message
     naming that caller's own input; nothing that failed is cached."""
-    fakes.openai.plan(Fault.status(400))
+    # A call held at the vendor first: while it is in flight, the two calls wait for
+    # company and share one request.
+    fakes.openai.plan(Fault.delay(0.3), Fault.status(400))
+    pacer = replica.stub.Embed(pb.EmbedRequest(model="oa-wait", inputs=texts("pacer")), timeout=5)
+    await eventually(lambda: len(fakes.openai.received) == 1)
     calls = [
         replica.stub.Embed(pb.EmbedRequest(model="oa-wait", inputs=texts("x", "bad")), timeout=5),
         replica.stub.Embed(pb.EmbedRequest(model="oa-wait", inputs=texts("bad")), timeout=5),
     ]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    assert len(fakes.openai.received) == 1
-    assert sorted(fakes.inputs_sent()) == ["bad", "x"]
+    await pacer
+    assert len(fakes.openai.received) == 2
+    assert sorted(fakes.openai.received[1].body["input"]) == ["bad", "x"]
     indexes: list[str] = []
     for outcome in outcomes:
         assert isinstance(outcome, grpc.aio.AioRpcError)

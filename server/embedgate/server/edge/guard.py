@@ -156,6 +156,12 @@ class Guard:
         self._max = max_concurrent
         self._tokens = tokens
         self._active = 0
+        self._unary = 0
+
+    @property
+    def unary_active(self) -> int:
+        """Unary RPCs being served now (a stream may stay open, idle, for hours)."""
+        return self._unary
 
     def register(
         self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
@@ -243,9 +249,11 @@ class Guard:
                 else:
                     await self._enter(context, name)
                 gauge.inc()
+                self._unary += 1
                 try:
                     return await inner_unary(request, context)
                 finally:
+                    self._unary -= 1
                     leave()
 
             return grpc.unary_unary_rpc_method_handler(unary, **codec)

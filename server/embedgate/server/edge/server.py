@@ -113,6 +113,7 @@ class Gateway:
         guard = Guard(
             self._metrics, max_concurrent=settings.max_concurrent_rpcs, tokens=self._tokens
         )
+        self._router.watch_calls(lambda: guard.unary_active)
         guard.register(
             pb_grpc.add_EmbeddingServiceServicer_to_server,
             EmbeddingService(

@@ -1,12 +1,12 @@
 """Merging concurrent calls into shared model batches.
 
 Calls for the same model with the same options (everything but the request id) put
-their inputs in one queue. A batch leaves when it holds ``max_batch`` inputs; when it
-holds every input it can expect (a lone call leaves at once, with only the calls
-arriving at that same moment; calls of a crowd the model has seen lately wait for the
-rest of it, see ``_complete``); or at the latest when its first input has waited
-``wait_s`` (longer, while earlier requests of the model wait for room in a vendor quota:
-then it keeps filling, up to its callers' deadlines). Each input has its own future, so
+their inputs in one queue. A batch leaves when it holds ``max_batch`` inputs, or when
+its first input has waited ``wait_s``; but a lone call (nothing else queued or being
+sent, and no crowd of callers lately, see ``_complete``) does not wait for company that
+is not coming: it leaves at once, with only the calls arriving at that same moment.
+While earlier requests of the model wait for room in a vendor quota, a batch keeps
+filling past ``wait_s``, up to its callers' deadlines. Each input has its own future, so
 each caller gets exactly its own vectors back, whatever batch they travelled in.
 
 Callers stay independent: a caller that cancels or runs out of time drops its inputs
@@ -88,9 +88,17 @@ class _Batch:
 class Coalescer:
     """The batching queue of one model."""
 
-    def __init__(self, provider: Provider, *, wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        wait_s: float = 0.0,
+        calls: Callable[[], int] | None = None,
+    ) -> None:
+        """``calls``: how many calls the server is serving now (None: unknown)."""
         self._provider = provider
         self._wait_s = wait_s
+        self._serving = calls
         self._pending: dict[EmbedOptions, list[_Item]] = {}
         self._timers: dict[EmbedOptions, asyncio.Handle] = {}
         # Batches that leave at the end of this turn of the event loop.
@@ -163,7 +171,7 @@ class Coalescer:
             return futures
         queue = self._pending.setdefault(batch_key, [])
         queue.extend(fresh)
-        soon = self._complete(len(fresh), len(queue), loop.time())
+        soon = self._complete(len(fresh), loop.time())
         while len(queue) >= self.size:
             self._launch(batch_key, queue[: self.size])
             del queue[: self.size]
@@ -175,8 +183,8 @@ class Coalescer:
             self._soon.discard(batch_key)
             del self._pending[batch_key]
         elif soon:
-            # Every input there is to expect is here: the batch leaves once the calls
-            # arriving at this same moment have joined it.
+            # A lone call: it leaves once the calls arriving at this same moment (if
+            # any) have joined it.
             if batch_key not in self._soon:
                 if timer is not None:
                     timer.cancel()
@@ -186,23 +194,23 @@ class Coalescer:
             self._timers[batch_key] = loop.call_later(self._wait_s, self._flush, batch_key)
         return futures
 
-    def _complete(self, arrived: int, queued: int, now: float) -> bool:
-        """Whether a batch of ``queued`` inputs, ``arrived`` of them just now, holds all
-        the company it can expect. The memory of a crowd is the most inputs outstanding
-        at once lately (queued or being sent), halving every ``CROWD_HALF_LIFE_S``:
-        - more outstanding than remembered: a crowd is forming, so the batch waits (up
-          to ``wait_s``) unless nothing else is outstanding: a lone call leaves at once;
-        - as many or fewer: a known crowd whose callers come back as their requests
-          return; the batch leaves once it holds every one not being sent."""
+    def _complete(self, arrived: int, now: float) -> bool:
+        """Whether the ``arrived`` inputs that just came are a lone call: the server is
+        serving no other call, nothing else is queued or being sent, and no crowd was
+        seen lately (the most inputs outstanding at once, halving every
+        ``CROWD_HALF_LIFE_S``: callers of a crowd come back as their requests return,
+        so the first back waits for the rest). On a busy core most of a crowd's calls
+        are being read or answered, not queued: only the server's count sees them."""
         outstanding = self._sending + sum(len(queue) for queue in self._pending.values())
         remembered: float = self._crowd * 0.5 ** ((now - self._crowd_at) / CROWD_HALF_LIFE_S)
         self._crowd = max(float(outstanding), remembered)
         self._crowd_at = now
         # A crowd fading by a fraction is the same crowd.
-        known = math.ceil(remembered)
-        if outstanding > known:
-            return outstanding == arrived
-        return queued >= known - self._sending
+        return (
+            outstanding == arrived
+            and math.ceil(remembered) <= arrived
+            and (self._serving is None or self._serving() <= 1)
+        )
 
     async def close(self) -> None:
         for timer in self._timers.values():

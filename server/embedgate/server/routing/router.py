@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, ModelInfo
@@ -50,6 +50,13 @@ class Router:
         self._embedder = Embedder(cache)
         self._ranker = Ranker(self._embedder)
         self._by_name: dict[str, Model] = {}
+        self._calls: Callable[[], int] | None = None
+
+    def watch_calls(self, calls: Callable[[], int]) -> None:
+        """Tell the batching queues how many unary calls the server is serving now
+        (the edge's count): a call alone on the server never waits for company.
+        Before ``start``."""
+        self._calls = calls
 
     async def start(self) -> None:
         await asyncio.gather(*(provider.start() for provider in self._providers))
@@ -63,7 +70,7 @@ class Router:
         self._by_name = {}
         for provider in self._providers:
             name = provider.info.name
-            queue = Coalescer(provider, wait_s=self._waits.get(name, 0.0))
+            queue = Coalescer(provider, wait_s=self._waits.get(name, 0.0), calls=self._calls)
             self._by_name[name] = Model(provider, queue)
 
     async def close(self) -> None:
