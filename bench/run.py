@@ -9,6 +9,7 @@ asked to). It skips the LiteLLM proxy (an install of minutes) and the local mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -74,6 +75,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="rewrite the report and plot from this results file, without measuring",
+    )
+    parser.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="with --report-from: judge the goals again by today's rules (and rewrite "
+        "the results file)",
     )
     return parser.parse_args(argv)
 
@@ -204,6 +211,19 @@ def run_all(args: argparse.Namespace) -> Results:
     )
 
 
+def rejudged(results: Results) -> Results:
+    """``results`` with its goals judged by today's rules."""
+    targets = evaluate(
+        {case.key: case for case in results.cases},
+        results.streams,
+        results.plan.concurrencies,
+        results.streams_error,
+        results.local,
+        results.local_note,
+    )
+    return dataclasses.replace(results, targets=tuple(targets))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out or (REPO / ("build/bench" if args.quick else "docs"))
@@ -211,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     written: list[Path | None] = []
     if args.report_from is not None:
         results = read_json(args.report_from)
+        if args.rejudge:  # the goals' rules changed since the run: judge them again
+            results = rejudged(results)
+            written.append(write_json(results, out))
     else:
         try:
             results = run_all(args)
