@@ -38,6 +38,21 @@ def openai_model(fake: FakeVendor, key_file: Path, name: str = "m", **extra: Any
     }
 
 
+def deployment(fake: FakeVendor | str, keys: Path, name: str, **extra: Any) -> dict[str, Any]:
+    """An OpenAI-compatible deployment on ``fake`` (or at a base URL)."""
+    return {
+        "name": name,
+        "provider": "openai",
+        "base_url": fake if isinstance(fake, str) else fake.base_url,
+        "vendor_model": "text-embedding-3-small",
+        "api_key_file": str(keys),
+        "timeout_s": 2,
+        "retry_backoff_s": 0.01,
+        "retry_backoff_max_s": 0.02,
+        **extra,
+    }
+
+
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "vendor-key"
     path.write_text(KEY + "\n")

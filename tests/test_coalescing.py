@@ -38,8 +38,9 @@ async def pacer(world: VendorWorld) -> asyncio.Future[pb.EmbedResponse]:
     await quiet()
     fake = world.fakes["openai"]
     fake.plan(Fault.delay(0.5))
+    before = len(fake.received)
     call = asyncio.ensure_future(embed(world, MODEL, texts("pacer")))
-    await eventually(lambda: len(fake.received) == 1)
+    await eventually(lambda: len(fake.received) == before + 1)
     return call
 
 

@@ -23,7 +23,16 @@ import structlog
 import yaml
 from conftest import ScriptedProvider, rich_error
 from fakes import FakeVendor, Fault, fake_vector, item_key, make_fake
-from gateways import KEY, free_port, health_status, key_file, running, samples, value
+from gateways import (
+    KEY,
+    deployment,
+    free_port,
+    health_status,
+    key_file,
+    running,
+    samples,
+    value,
+)
 from vendor_world import retry_delay
 
 import embedgate.client as eg
@@ -47,21 +56,6 @@ from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 DIMS = 1536  # text-embedding-3-small's, which both fakes give
-
-
-def deployment(fake: FakeVendor | str, keys: Path, name: str, **extra: Any) -> dict[str, Any]:
-    """An OpenAI-compatible deployment on ``fake`` (or at a base URL)."""
-    return {
-        "name": name,
-        "provider": "openai",
-        "base_url": fake if isinstance(fake, str) else fake.base_url,
-        "vendor_model": "text-embedding-3-small",
-        "api_key_file": str(keys),
-        "timeout_s": 2,
-        "retry_backoff_s": 0.01,
-        "retry_backoff_max_s": 0.02,
-        **extra,
-    }
 
 
 def deployed(*deployments: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -23,7 +23,17 @@ import structlog
 import yaml
 from conftest import rich_error
 from fakes import FakeVendor, fake_vector, item_key, make_fake
-from gateways import KEY, free_port, key_file, openai_model, running, samples, value, wait_serving
+from gateways import (
+    KEY,
+    deployment,
+    free_port,
+    key_file,
+    openai_model,
+    running,
+    samples,
+    value,
+    wait_serving,
+)
 from redis_server import RedisServer
 from vendor_world import retry_delay
 
@@ -278,18 +288,6 @@ async def test_no_room_within_the_deadline_fails_at_once_naming_the_deployment(
     assert len(fake.received) == 1
     labels = {"model": "m", "deployment": "m", "limit": "requests"}
     assert value(metrics, "embedgate_quota_refusals_total", **labels) == 1
-
-
-def deployment(fake: FakeVendor, keys: Path, name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai",
-        "base_url": fake.base_url,
-        "vendor_model": "text-embedding-3-small",
-        "api_key_file": str(keys),
-        "retry_backoff_s": 0.01,
-        **extra,
-    }
 
 
 async def test_a_full_deployment_hands_its_requests_to_another(

@@ -14,7 +14,12 @@ from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
-from embedgate.server.providers.registry import GatewayConfig, build_providers, read_secret
+from embedgate.server.providers.registry import (
+    GatewayConfig,
+    build_providers,
+    quota_limits,
+    read_secret,
+)
 from embedgate.server.providers.settings import SettingError, VendorSettings
 from embedgate.server.quotas import LocalStore, SharedStore, Store
 from embedgate.server.routing.cache import VectorCache
@@ -59,13 +64,7 @@ def _limited(model: ModelSettings) -> bool:
     """Whether a model entry has a vendor quota: its own, a deployment's, or a key's."""
     entries = getattr(model, "deployments", [model])
     return any(
-        isinstance(entry, VendorSettings)
-        and (
-            entry.rate_limit is not None
-            or entry.token_limit is not None
-            or any(limits.rate_limit or limits.token_limit for *_, limits in entry.key_sources())
-        )
-        for entry in entries
+        isinstance(entry, VendorSettings) and quota_limits(entry) is not None for entry in entries
     )
 
 

@@ -415,9 +415,8 @@ class Admission:
             return
         limits, taken = self._last
         for limit, bucket in zip(limits, taken.buckets, strict=True):
-            if limit.tokens:
-                delta = tokens - limit.ask(self._tokens).cost
-                if delta:
-                    await self._quota.store.settle(
-                        limit.ask(self._tokens), bucket, delta, local=taken.local
-                    )
+            if not limit.tokens:
+                continue
+            ask = limit.ask(self._tokens)
+            if tokens != ask.cost:
+                await self._quota.store.settle(ask, bucket, tokens - ask.cost, local=taken.local)

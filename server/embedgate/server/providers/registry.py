@@ -212,16 +212,24 @@ def read_keys(model: VendorSettings) -> list[str]:
     return keys
 
 
-def build_quota(model: VendorSettings, scope: str, store: Store | None) -> Quota | None:
-    """The vendor quotas of one deployment (or of a model's one endpoint), None when it
-    has none."""
+def quota_limits(model: VendorSettings) -> tuple[Limits, list[Limits]] | None:
+    """A deployment's (or a model's one endpoint's) own limits and each key's; None
+    when it has none."""
     own = Limits(_rate(model.rate_limit), _rate(model.token_limit))
     keys = [
         Limits(_rate(limits.rate_limit), _rate(limits.token_limit))
         for _, _, limits in model.key_sources()
     ]
-    if not own and not any(keys):
+    return (own, keys) if own or any(keys) else None
+
+
+def build_quota(model: VendorSettings, scope: str, store: Store | None) -> Quota | None:
+    """The vendor quotas of one deployment (or of a model's one endpoint), None when it
+    has none."""
+    limits = quota_limits(model)
+    if limits is None:
         return None
+    own, keys = limits
     return Quota(scope, own, keys, store=store or LocalStore())
 
 

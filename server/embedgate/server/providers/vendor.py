@@ -256,15 +256,14 @@ class VendorProvider:
 
     def _may_wait(self, refusal: Refusal, deadline: float | None) -> None:
         """Raise unless the request may wait out ``refusal``."""
-        counter = self._meter_quota(refusal)
         if refusal.by_key and len(self._keys) > 1:
-            counter("refused")
+            self._count_quota(refusal, "refused")
             raise _KeyFull(refusal)
         now = asyncio.get_running_loop().time()
         if not self._quota.waits or (deadline is not None and now + refusal.wait_s >= deadline):
-            counter("refused")
+            self._count_quota(refusal, "refused")
             raise self._exhausted(refusal)
-        counter("waited")
+        self._count_quota(refusal, "waited")
         self._last_refusal = refusal
         self._room_at = now + refusal.wait_s
 
@@ -299,13 +298,10 @@ class VendorProvider:
         finally:
             self._waiting -= 1
 
-    def _meter_quota(self, refusal: Refusal) -> Callable[[str], None]:
-        def count(outcome: str) -> None:
-            counter = self._quota_metrics[outcome]
-            for limit in refusal.limits:
-                counter.labels(self._model_name, self._settings.name, limit.kind).inc()
-
-        return count
+    def _count_quota(self, refusal: Refusal, outcome: str) -> None:
+        counter = self._quota_metrics[outcome]
+        for limit in refusal.limits:
+            counter.labels(self._model_name, self._settings.name, limit.kind).inc()
 
     def _exhausted(self, refusal: Refusal) -> QuotaExhaustedError:
         name = self._settings.name

@@ -100,9 +100,9 @@ class Coalescer:
         self._wait_s = wait_s
         self._serving = calls
         self._pending: dict[EmbedOptions, list[_Item]] = {}
+        # When each forming batch leaves: a timer, or (a plain handle) at the end of this
+        # turn of the event loop.
         self._timers: dict[EmbedOptions, asyncio.Handle] = {}
-        # Batches that leave at the end of this turn of the event loop.
-        self._soon: set[EmbedOptions] = set()
         # Inputs in batches being sent; the most outstanding at once lately (see
         # ``_company``) and when that was last looked at.
         self._sending = 0
@@ -180,15 +180,13 @@ class Coalescer:
             if timer is not None:
                 timer.cancel()
                 del self._timers[batch_key]
-            self._soon.discard(batch_key)
             del self._pending[batch_key]
         elif soon:
             # A lone call: it leaves once the calls arriving at this same moment (if
             # any) have joined it.
-            if batch_key not in self._soon:
+            if timer is None or isinstance(timer, asyncio.TimerHandle):
                 if timer is not None:
                     timer.cancel()
-                self._soon.add(batch_key)
                 self._timers[batch_key] = loop.call_soon(self._flush, batch_key)
         elif timer is None:
             self._timers[batch_key] = loop.call_later(self._wait_s, self._flush, batch_key)
@@ -216,7 +214,6 @@ class Coalescer:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        self._soon.clear()
         for queue in self._pending.values():
             for item in queue:
                 for waiter in item.waiters:
@@ -228,7 +225,6 @@ class Coalescer:
 
     def _flush(self, key: EmbedOptions) -> None:
         self._timers.pop(key, None)
-        self._soon.discard(key)
         queue = self._pending.get(key)
         if queue and self._holds(queue):
             # Earlier requests are waiting for room at the vendor: this batch would only
