@@ -15,10 +15,31 @@ from conftest import LOCAL, LocalServed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedgate.server.domain import EmbedOptions, Image, ImageInput, Input, TextInput
-from embedgate.server.providers.local import LocalProvider, plan_passes
+from embedgate.server.providers import local as local_module
+from embedgate.server.providers.local import (
+    PRECISION_COSINE,
+    LocalProvider,
+    LocalSettings,
+    native_bfloat16,
+    plan_passes,
+)
 from embedgate.v1 import embedding_service_pb2 as pb
 
 pytestmark = pytest.mark.local
+
+
+def assert_same_vectors(local: LocalProvider, got: Any, expected: Any) -> None:
+    """The vectors a text gets in one batch and in another: equal to float32's rounding
+    in float32; in bfloat16 the products' rounding moves with the batch's shape, within
+    a cosine of 0.99999."""
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if local.precision == "float32":
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        return
+    cosine = (got * expected).sum(axis=1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() >= 0.99999
 
 
 async def embed_texts(local_served: LocalServed, texts: list[str], **options: object) -> np.ndarray:
@@ -96,8 +117,7 @@ async def test_concurrent_calls_are_batched_and_get_their_own_vectors(
     alone = await embed_texts(local_served, texts)
     local_served.local.recent_batch_sizes.clear()
     together = await asyncio.gather(*(embed_texts(local_served, [t]) for t in texts))
-    for i, vectors in enumerate(together):
-        np.testing.assert_allclose(vectors[0], alone[i], atol=1e-5)
+    assert_same_vectors(local_served.local, [vectors[0] for vectors in together], alone)
     # 24 one-text calls at once were merged: fewer forward passes than calls.
     passes = list(local_served.local.recent_batch_sizes)
     assert sum(passes) == 24
@@ -240,7 +260,136 @@ async def test_a_batch_of_mixed_lengths_runs_in_passes_with_the_same_vectors(
     finally:
         local._model = recording.model
         local._right_padded = True
-    np.testing.assert_allclose(together.vectors, alone, atol=1e-5)
+    assert_same_vectors(local, together.vectors, alone)
     assert together.tokens == (4,) * 30 + (153,) * 6
     batch_passes = recording.passes[len(texts) :]
     assert sorted(batch_passes) == [(6, 153), (30, 4)]
+
+
+async def test_a_crowd_coming_back_one_by_one_is_batched_together(
+    local_served: LocalServed,
+) -> None:
+    """16 callers, each sending its next text as soon as it has the last one's vector,
+    come back one by one (here a tenth of a millisecond apart): the model holds the next
+    batch for them instead of running the first alone while the others queue behind it
+    (batches of 1 and 15, taking turns)."""
+    local = local_served.local
+    texts = [f"caller {n} asks about apples, round {r}" for r in range(6) for n in range(16)]
+
+    async def caller(n: int) -> None:
+        for r in range(6):
+            await asyncio.sleep(n / 10_000)
+            await local.embed([TextInput(texts[r * 16 + n])], EmbedOptions())
+
+    local.recent_batch_sizes.clear()
+    await asyncio.gather(*(caller(n) for n in range(16)))
+    sizes = list(local.recent_batch_sizes)
+    assert sum(sizes) == 96
+    # The first batch forms as the callers start; after it the crowd stays together:
+    # 96 texts in about 7 batches, where taking turns of 1 and 15 would make 12.
+    assert len(sizes) <= 8, sizes
+
+
+async def test_a_lone_caller_is_not_held(local_served: LocalServed) -> None:
+    """One caller calling again and again runs one batch per call, each as soon as it
+    comes: the batcher never holds a batch for company that is not there."""
+    local = local_served.local
+    # A call right after a crowd's batch may wait for the crowd; after it, one is alone.
+    await local.embed([TextInput("after whoever came before")], EmbedOptions())
+    holds: list[int] = []
+    gather = local._gather
+
+    async def recording(callers: int, until: float) -> None:
+        holds.append(callers)
+        await gather(callers, until)
+
+    local._gather = recording  # type: ignore[method-assign]
+    try:
+        local.recent_batch_sizes.clear()
+        for n in range(5):
+            await local.embed([TextInput(f"alone, call {n}")], EmbedOptions())
+        assert list(local.recent_batch_sizes) == [1] * 5
+        assert holds == []
+        # Two callers taking turns are each other's company: the batch waits for both.
+        await asyncio.gather(
+            *(local.embed([TextInput(f"pair {n}")], EmbedOptions()) for n in (1, 2))
+        )
+        await local.embed([TextInput("one of the pair, again")], EmbedOptions())
+        assert holds == [2]
+    finally:
+        del local._gather
+
+
+def test_short_ascii_texts_surely_fit_the_window(local_served: LocalServed) -> None:
+    """The length check skips counting tokens only where the count cannot exceed the
+    window: ASCII texts no longer than the window less the special tokens, with this
+    WordPiece tokenizer. The worst such texts (a token a character) still fit."""
+    local = local_served.local
+    fits = local._surely_fits
+    assert fits == 256 - 2
+    worst = ["!" * fits, "a " * (fits // 2), "".join(chr(33 + n % 94) for n in range(fits))]
+    assert max(local._count_tokens(worst)) <= 256
+
+
+async def test_the_length_check_counts_only_texts_that_might_not_fit(
+    local_served: LocalServed,
+) -> None:
+    """Short ASCII texts are not tokenized to be checked; a long one, or a short one in
+    another script (where one character may be several tokens), is."""
+    local = local_served.local
+    counted: list[list[str]] = []
+    count_tokens = local._count_tokens
+
+    def recording(texts: list[str]) -> list[int]:
+        counted.append(texts)
+        return count_tokens(texts)
+
+    local._count_tokens = recording  # type: ignore[method-assign]
+    try:
+        assert await local.check([TextInput("short"), TextInput("x" * 254)], EmbedOptions()) == []
+        assert counted == []
+        problems = await local.check(
+            [TextInput("short"), TextInput("apple " * 60), TextInput("東" * 300)], EmbedOptions()
+        )
+    finally:
+        del local._count_tokens
+    assert counted == [["apple " * 60, "東" * 300]]
+    assert [(p.index, p.reason) for p in problems] == [(2, "INPUT_TOO_LONG")]
+
+
+def _probe_vectors(local: LocalProvider) -> Any:
+    return local._encode(list(local_module.PRECISION_PROBE))[0]
+
+
+def test_bfloat16_products_keep_the_vectors_of_float32() -> None:
+    """precision: bfloat16 gives every probe text (and others) the vector float32 gives,
+    within PRECISION_COSINE; the two are told apart where a vector's source counts (the
+    cache). auto takes bfloat16 exactly where the CPU multiplies it natively."""
+    exact = LocalProvider(LocalSettings(name="m", precision="float32"))
+    near = LocalProvider(LocalSettings(name="m", precision="bfloat16"))
+    auto = LocalProvider(LocalSettings(name="m"))
+    for local in (exact, near, auto):
+        local._load()
+    assert (exact.precision, near.precision) == ("float32", "bfloat16")
+    assert auto.precision == ("bfloat16" if native_bfloat16() else "float32")
+    assert exact.info.source != near.info.source
+    texts = [*local_module.PRECISION_PROBE, "apples and pears", "word " * 300]
+    a, b = exact._encode(texts)[0], near._encode(texts)[0]
+    cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() >= PRECISION_COSINE
+    # bfloat16 did change the products (it is not float32 under another name).
+    assert np.abs(a - b).max() > 1e-6
+
+
+def test_auto_stays_float32_when_bfloat16_drifts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the probe's vectors drift further than allowed, auto keeps float32, and every
+    layer is as it was: the vectors are float32's exactly."""
+    if not native_bfloat16():
+        pytest.skip("this CPU does not multiply bfloat16 natively: auto never tries it")
+    exact = LocalProvider(LocalSettings(name="m", precision="float32"))
+    exact._load()
+    monkeypatch.setattr(local_module, "PRECISION_COSINE", 1.5)  # nothing is that close
+    auto = LocalProvider(LocalSettings(name="m"))
+    auto._load()
+    assert auto.precision == "float32"
+    np.testing.assert_array_equal(_probe_vectors(auto), _probe_vectors(exact))
