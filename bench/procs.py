@@ -91,7 +91,8 @@ class Child:
 
     Its stdout is a pipe the harness reads (``read_port``), or with ``stdout_to_log``
     goes to the same file, for a program that prints as it serves (nobody would read
-    the pipe, and a full pipe stops the writer). ``env`` adds to the environment."""
+    the pipe, and a full pipe stops the writer). ``env`` adds to the environment; with
+    ``stdin`` the harness can write to it (``send_line``)."""
 
     def __init__(
         self,
@@ -101,9 +102,11 @@ class Child:
         *,
         env: Mapping[str, str] | None = None,
         stdout_to_log: bool = False,
+        stdin: bool = False,
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
+        self._unread = b""
         self._log = self.log_path.open("wb")
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # Loopback only: no proxy from the environment may carry a request elsewhere.
@@ -112,6 +115,7 @@ class Child:
         environment["NO_PROXY"] = environment["no_proxy"] = "127.0.0.1,localhost"
         self.process = subprocess.Popen(
             list(command),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=self._log if stdout_to_log else subprocess.PIPE,
             stderr=self._log,
             env=environment,
@@ -140,14 +144,30 @@ class Child:
         """The next line the child prints, waiting at most ``timeout_s``."""
         stdout = self.process.stdout
         assert stdout is not None
-        if not _readable(stdout, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        # Read the pipe itself, keeping what follows the line: a buffered reader could
+        # hold a second line where the selector cannot see it.
+        while b"\n" not in self._unread:
+            if not _readable(stdout, deadline - time.monotonic()):
+                self.check_alive()
+                raise self.fail(f"printed nothing within {timeout_s:g} s")
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                self.check_alive()
+                raise self.fail("closed its output")
+            self._unread += chunk
+        line, _, self._unread = self._unread.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def send_line(self, line: str) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None, "started without stdin=True"
+        try:
+            stdin.write(line.encode() + b"\n")
+            stdin.flush()
+        except BrokenPipeError:
             self.check_alive()
-            raise self.fail(f"printed nothing within {timeout_s:g} s")
-        line = stdout.readline().decode(errors="replace").strip()
-        if not line:
-            self.check_alive()
-            raise self.fail("closed its output")
-        return line
+            raise self.fail("closed its input") from None
 
     def read_port(self, timeout_s: float = 30.0) -> int:
         """The port from the ``port N`` line every benchmark server prints."""
@@ -166,8 +186,9 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
         self._log.close()
 
 

@@ -25,7 +25,7 @@ from bench.procs import REPO, BenchError, Cores, pin_self
 from bench.profile import ProfileResult, profile_cases
 from bench.results import Results, read_json, write_json
 from bench.streams import StreamsPlan, StreamsResult, measure_streams
-from bench.targets import evaluate
+from bench.targets import TIMES, evaluate
 
 FULL = Plan(
     concurrencies=(1, 16, 64),
@@ -143,8 +143,9 @@ def measure_local_model(
     except BenchError as problem:
         say(f"  FAILED: {problem}")
         return None, f"failed: {problem}"
-    for way in (local.reference, local.one_per_call, local.batched):
-        say(f"  {way.texts_per_s:7.1f} texts/s  {way.what}")
+    for way in (local.reference, local.one_per_call, local.batched, *local.float32):
+        ratio = way.against(local.reference)
+        say(f"  {way.texts_per_s:7.1f} texts/s  {ratio:.2f}{TIMES}  {way.what}")
     return local, None
 
 

@@ -271,7 +271,7 @@ def _local_targets(local: LocalResult | None, note: str | None) -> list[TargetRe
         if local is None:
             targets.append(_finish(key, rule, threshold, False, TIMES, [], note or "not measured"))
             continue
-        value = getattr(local, way).texts_per_s / local.reference.texts_per_s
+        value = getattr(local, way).against(local.reference)
         check = Check(None, value, value >= threshold)
         targets.append(_finish(key, rule, threshold, False, TIMES, [check], None))
     return targets
