@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import http.client
 import statistics
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -310,34 +310,45 @@ def snapshot(deployment: Deployment) -> Snapshot:
     )
 
 
-def measure_level(
-    deployment: Deployment, concurrency: int, plan: Plan, cores: Cores, work_dir: Path
-) -> Level:
-    target = deployment.target
+def probe_count(deployment: Deployment, concurrency: int, plan: Plan, cores: Cores) -> int:
+    """Check the deployment answers, warm it up at ``concurrency`` for a timed second,
+    and size its measured runs from the rate that gives."""
     deployment.check()
     probe = run_h2load(
-        target,
+        deployment.target,
         concurrency,
         core=cores.load,
         duration_s=plan.probe_s,
         timeout_s=plan.probe_s + 30,
     )
-    count = int(min(plan.max_requests, max(plan.min_requests, probe.rps * plan.measure_s)))
-    repetitions = []
-    for number in range(plan.repetitions):
-        log_file = work_dir / f"h2load-{deployment.server.name}-{concurrency}-{number}.log"
-        before = snapshot(deployment)
-        result = run_h2load(
-            target,
-            concurrency,
-            core=cores.load,
-            count=count,
-            log_file=log_file,
-            timeout_s=plan.measure_s * 6 + 30,
-        )
-        after = snapshot(deployment)
-        repetitions.append(_repetition(result, before, after))
-        log_file.unlink(missing_ok=True)
+    return int(min(plan.max_requests, max(plan.min_requests, probe.rps * plan.measure_s)))
+
+
+def measure_repetition(
+    deployment: Deployment,
+    concurrency: int,
+    count: int,
+    number: int,
+    plan: Plan,
+    cores: Cores,
+    work_dir: Path,
+) -> Repetition:
+    log_file = work_dir / f"h2load-{deployment.server.name}-{concurrency}-{number}.log"
+    before = snapshot(deployment)
+    result = run_h2load(
+        deployment.target,
+        concurrency,
+        core=cores.load,
+        count=count,
+        log_file=log_file,
+        timeout_s=plan.measure_s * 6 + 30,
+    )
+    after = snapshot(deployment)
+    log_file.unlink(missing_ok=True)
+    return _repetition(result, before, after)
+
+
+def finish_level(deployment: Deployment, concurrency: int, repetitions: list[Repetition]) -> Level:
     deployment.server.check_alive()
     deployment.check()  # still correct after the load
     return _level(concurrency, repetitions, memory_kib(deployment.server.pid, "VmHWM"))
@@ -396,28 +407,97 @@ def skipped(case: Case, why: str) -> CaseResult:
     return CaseResult(case.key, case.label, case.kind, (), skipped=why)
 
 
-def run_case(case: Case, plan: Plan, cores: Cores, work_dir: Path) -> CaseResult:
-    """Measure one case at each of its concurrencies; a failure is recorded, not raised,
-    and so is a case that cannot run here (skipped, with why)."""
-    levels: list[Level] = []
-    notes: list[str] = []
-    concurrencies = case_concurrencies(case, plan)
-    if not concurrencies:
-        return skipped(
-            case,
-            "measured only at concurrency "
-            + ", ".join(str(c) for c in case.concurrencies or ())
-            + ", which this run does not have",
-        )
-    try:
-        with deployed(case, plan, cores, work_dir) as deployment:
-            notes = deployment.notes
-            for concurrency in concurrencies:
-                levels.append(measure_level(deployment, concurrency, plan, cores, work_dir))
-    except litellm_proxy.UnavailableError as problem:
-        return skipped(case, str(problem))
-    except BenchError as problem:
-        return CaseResult(
-            case.key, case.label, case.kind, tuple(levels), str(problem), tuple(notes)
-        )
-    return CaseResult(case.key, case.label, case.kind, tuple(levels), None, tuple(notes))
+class _Running:
+    """A case while the cases take turns: its deployment, levels so far, and why it
+    stopped, if it did."""
+
+    def __init__(self, case: Case, concurrencies: tuple[int, ...]) -> None:
+        self.case = case
+        self.concurrencies = concurrencies
+        self.deployment: Deployment | None = None
+        self.levels: list[Level] = []
+        self.error: str | None = None
+        self.skipped: str | None = None
+
+    def result(self) -> CaseResult:
+        case = self.case
+        if self.skipped is not None:
+            return skipped(case, self.skipped)
+        notes = tuple(self.deployment.notes) if self.deployment is not None else ()
+        return CaseResult(case.key, case.label, case.kind, tuple(self.levels), self.error, notes)
+
+
+def run_cases(cases: Sequence[Case], plan: Plan, cores: Cores, work_dir: Path) -> list[CaseResult]:
+    """Measure every case at each of its concurrencies, the cases taking turns.
+
+    Every case's processes start first and stay up (idle but for their turn). At each
+    concurrency, each case is warmed up and sized, then the measured runs go round the
+    cases, the order turning each round: the machine's speed drifts over minutes, and a
+    ratio between two cases should not measure that drift. A failure stops its case
+    alone, and is recorded, not raised; so is a case that cannot run here (skipped, with
+    why)."""
+    running = [_Running(case, case_concurrencies(case, plan)) for case in cases]
+    with ExitStack() as stack:
+        for one in running:
+            if not one.concurrencies:
+                one.skipped = (
+                    "measured only at concurrency "
+                    + ", ".join(str(c) for c in one.case.concurrencies or ())
+                    + ", which this run does not have"
+                )
+                continue
+            try:
+                one.deployment = stack.enter_context(deployed(one.case, plan, cores, work_dir))
+            except litellm_proxy.UnavailableError as problem:
+                one.skipped = str(problem)
+            except BenchError as problem:
+                one.error = str(problem)
+        for concurrency in plan.concurrencies:
+            _run_level(running, concurrency, plan, cores, work_dir)
+    return [one.result() for one in running]
+
+
+def _live(running: Sequence[_Running], concurrency: int) -> list[_Running]:
+    return [
+        one
+        for one in running
+        if one.deployment is not None and one.error is None and concurrency in one.concurrencies
+    ]
+
+
+def _run_level(
+    running: Sequence[_Running], concurrency: int, plan: Plan, cores: Cores, work_dir: Path
+) -> None:
+    counts: dict[str, int] = {}
+    for one in _live(running, concurrency):
+        assert one.deployment is not None
+        try:
+            counts[one.case.key] = probe_count(one.deployment, concurrency, plan, cores)
+        except BenchError as problem:
+            one.error = str(problem)
+    repetitions: dict[str, list[Repetition]] = {key: [] for key in counts}
+    for number in range(plan.repetitions):
+        turn = _live(running, concurrency)
+        shift = number % len(turn) if turn else 0
+        for one in turn[shift:] + turn[:shift]:
+            assert one.deployment is not None
+            try:
+                repetitions[one.case.key].append(
+                    measure_repetition(
+                        one.deployment,
+                        concurrency,
+                        counts[one.case.key],
+                        number,
+                        plan,
+                        cores,
+                        work_dir,
+                    )
+                )
+            except BenchError as problem:
+                one.error = str(problem)
+    for one in _live(running, concurrency):
+        assert one.deployment is not None
+        try:
+            one.levels.append(finish_level(one.deployment, concurrency, repetitions[one.case.key]))
+        except BenchError as problem:
+            one.error = str(problem)

@@ -135,6 +135,11 @@ def _method(results: Results) -> list[str]:
         f"runs: {plan.repetitions} run{'s' if plan.repetitions > 1 else ''} of about "
         f"{plan.measure_s:g} s each (a fixed number of requests, with a time limit). Every "
         "figure is the median of those runs.",
+        "- **Taking turns**: every case's processes start first and stay up, idle but for "
+        "their turn. At each concurrency the measured runs go round the cases, one run "
+        "each, the order turning each round, so that the cases compared in a goal are "
+        "measured minutes apart at most, never a whole case apart: the machine's speed "
+        "drifts over minutes, by more than some of the differences measured here.",
         f"- **Pinning** (`taskset`): {env.pinning}.",
         "- **Latency**: p50 and p99 of the per-request times in h2load's `--log-file` "
         "(h2load prints no percentiles).",

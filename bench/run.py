@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import environment
-from bench.cases import CASES, Case, CaseResult, Plan, run_case, skipped
+from bench.cases import CASES, Case, CaseResult, Plan, run_cases, skipped
 from bench.decode import DecodeResult, measure_decode
 from bench.load import h2load_version
 from bench.local_model import FULL_LOCAL, LocalResult, measure_local
@@ -116,13 +116,13 @@ def describe_level(case: CaseResult) -> None:
 def measure_cases(
     cases: list[Case], plan: Plan, cores: Cores, work_dir: Path, quick: bool
 ) -> list[CaseResult]:
+    say("cases " + ", ".join(case.key for case in cases) + ", taking turns")
+    measured = [case for case in cases if not (quick and case.kind == "litellm")]
+    by_key = {result.key: result for result in run_cases(measured, plan, cores, work_dir)}
     results = []
     for case in cases:
+        result = by_key.get(case.key) or skipped(case, QUICK_SKIPS)
         say(f"case {case.key}: {case.label}")
-        if quick and case.kind == "litellm":
-            result = skipped(case, QUICK_SKIPS)
-        else:
-            result = run_case(case, plan, cores, work_dir)
         describe_level(result)
         if result.skipped:
             say(f"  {case.key:>2} skipped: {result.skipped}")
