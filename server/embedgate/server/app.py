@@ -13,6 +13,7 @@ from embedgate.server.config import AuthConfig, CacheConfig, ConfigError, ModelS
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.health import Health
+from embedgate.server.logs import write_unwritten
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import (
     GatewayConfig,
@@ -138,6 +139,7 @@ def _exit_now(sig: signal.Signals) -> None:
     """A second SIGTERM or SIGINT during the drain: leave at once, as 128 + the signal
     (130 for Ctrl-C), without waiting for the RPCs still in flight."""
     log.warning("shutdown_forced", signal=sig.name)
+    write_unwritten()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(128 + sig.value)

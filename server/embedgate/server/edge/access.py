@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import grpc
 import structlog
 
+from embedgate.server.logs import write_info
 from embedgate.server.metrics import Metrics
 
 log = structlog.get_logger("embedgate.access")
@@ -43,8 +44,9 @@ class Access:
         self.metrics.rpc_finished(method, model, code.name, seconds)
         if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
             return
-        log.info(
-            "rpc_finished", code=code.name, duration_ms=round(seconds * 1000, 3), **self.fields
+        write_info(
+            "rpc_finished",
+            {"code": code.name, "duration_ms": round(seconds * 1000, 3), **self.fields},
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
