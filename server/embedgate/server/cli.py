@@ -34,6 +34,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a plaintext port serving only grpc.health.v1 (for probes when TLS is on)",
     )
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the HTTP doors (the OpenAI embeddings API) on this port",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -60,6 +66,7 @@ _SERVER_OPTIONS = {
     "uds_path": "uds",
     "health_port": "health_port",
     "metrics_port": "metrics_port",
+    "http_port": "http_port",
 }
 
 

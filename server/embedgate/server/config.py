@@ -125,6 +125,12 @@ class ServerConfig(Strict):
     # EmbedPipeline: requests one stream may have between being read and their result
     # being taken; the next is read only when one leaves.
     pipeline_max_in_flight: int = Field(default=64, ge=1, le=4096)
+    # The HTTP doors (the OpenAI embeddings API...) on this port: HTTP/1.1 and h2c, behind
+    # the same TLS, tokens, cap, access lines and deadlines as gRPC; none: not served.
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    http_host: str | None = None  # default: host
+    # Origins a browser may call the HTTP doors from (CORS); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
 
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 import grpc
 import structlog
@@ -25,6 +26,10 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
     return None
 
 
+# The door a call came through, when not gRPC's own ("openai", ...): its access line says.
+DOOR: ContextVar[str | None] = ContextVar("embedgate_door", default=None)
+
+
 class Access:
     """Collects the fields of one access-log line, and the request id the RPC sends
     back (in trailing metadata: no extra operation, on success and on failure)."""
@@ -33,6 +38,9 @@ class Access:
 
     def __init__(self, method: str, metrics: Metrics) -> None:
         self.fields: dict[str, object] = {"method": method}
+        door = DOOR.get()
+        if door is not None:
+            self.fields["protocol"] = door
         self.metrics = metrics
         self.started = time.perf_counter()
         self.request_id = ""

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -162,6 +163,34 @@ class Guard:
     def unary_active(self) -> int:
         """Unary RPCs being served now (a stream may stay open, idle, for hours)."""
         return self._unary
+
+    @contextmanager
+    def admitted(self, name: str, headers: Any) -> Iterator[None]:
+        """The admission an RPC gets, for a call through another door: the caller's
+        bearer token (it decides the models the call may use), then the cap on calls
+        served at once. Raises the refusal (an ``EmbedgateError``)."""
+        if self._tokens is not None:
+            try:
+                _CALLER.set(self._tokens.caller(headers))
+            except UnauthenticatedError:
+                self._metrics.rpcs_rejected.labels("unauthenticated").inc()
+                raise
+        if self._active >= self._max:
+            self._metrics.rpcs_rejected.labels("overload").inc()
+            raise OverloadedError(
+                f"the server is serving its limit of {self._max} calls at once; retry with backoff",
+                metadata={"max_concurrent_rpcs": str(self._max)},
+            )
+        gauge = self._metrics.rpcs_in_flight.labels(name)
+        self._active += 1
+        self._unary += 1
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+            self._unary -= 1
+            self._active -= 1
 
     def register(
         self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server

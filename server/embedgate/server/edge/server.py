@@ -15,9 +15,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
 from embedgate.server.edge.guard import Guard, Tokens
+from embedgate.server.edge.http_server import HttpServer
+from embedgate.server.edge.openai_api import OpenAIDoor
 from embedgate.server.edge.service import SERVICE_NAME, EmbeddingService
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
@@ -62,6 +67,8 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
+        self._http_server: HttpServer | None = None
+        self.http_port: int | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
         self._serving = False
         self._uds_bound = False
@@ -114,16 +121,13 @@ class Gateway:
             self._metrics, max_concurrent=settings.max_concurrent_rpcs, tokens=self._tokens
         )
         self._router.watch_calls(lambda: guard.unary_active)
-        guard.register(
-            pb_grpc.add_EmbeddingServiceServicer_to_server,
-            EmbeddingService(
-                self._router,
-                default_deadline_s=settings.default_deadline_s,
-                pipeline_max_in_flight=settings.pipeline_max_in_flight,
-                metrics=self._metrics,
-            ),
-            server,
+        embedding = EmbeddingService(
+            self._router,
+            default_deadline_s=settings.default_deadline_s,
+            pipeline_max_in_flight=settings.pipeline_max_in_flight,
+            metrics=self._metrics,
         )
+        guard.register(pb_grpc.add_EmbeddingServiceServicer_to_server, embedding, server)
         guard.register(
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
             reflection.aio.ReflectionServicer(
@@ -165,6 +169,16 @@ class Gateway:
         self._metrics.serve_models(models)
         await server.start()
         self._server = server
+        if settings.http_port is not None:
+            host = settings.http_host or settings.host
+            self._http_server = HttpServer(
+                http_app(embedding, guard, self._metrics, settings.cors_origins),
+                host,
+                settings.http_port,
+                settings.tls,
+                settings.shutdown_grace_s,
+            )
+            self.http_port = await self._http_server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, SERVING)
         for model in models:
@@ -180,6 +194,7 @@ class Gateway:
             uds=settings.uds_path,
             health_port=self.health_port,
             metrics_port=self.metrics_port,
+            http_port=self.http_port,
             auth=self._tokens is not None,
             models=models,
         )
@@ -192,7 +207,11 @@ class Gateway:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             log.info("server_draining", grace_s=grace)
-            await self._server.stop(grace)
+            await asyncio.gather(
+                self._server.stop(grace),
+                *([self._http_server.stop(grace)] if self._http_server is not None else []),
+            )
+            self._http_server = None
         await self._router.close()
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -207,6 +226,25 @@ class Gateway:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def http_app(
+    service: EmbeddingService, guard: Guard, metrics: Metrics, cors_origins: list[str]
+) -> Starlette:
+    """The HTTP doors' routes (Starlette: routing and CORS, nothing of its own between a
+    request and the service)."""
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=["x-request-id", "retry-after"],
+            )
+        )
+    return Starlette(routes=OpenAIDoor(service, guard, metrics).routes(), middleware=middleware)
 
 
 class ListenError(OSError):

@@ -1,0 +1,100 @@
+"""What the gRPC service asks of a call's context, for calls that come through another
+door (the OpenAI API, a rerank API): the same service, the same checks, limits and
+access lines, with the door's own protocol around them.
+
+The service reads the caller's metadata and deadline from its context, sets trailing
+metadata, and ends a failed call with ``abort``; ``DoorContext`` answers those from an
+HTTP request, and its ``abort`` raises ``DoorAbortedError``, which carries the status the
+service built (code, message, ``google.rpc`` details) for the door to render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class DoorAbortedError(Exception):
+    """A call the service ended with a status other than OK."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, metadata: Sequence[tuple[str, Any]]
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status_pb2.Status()
+        self.metadata: dict[str, str] = {}
+        for key, value in metadata:
+            if key == _DETAILS_KEY and isinstance(value, bytes):
+                try:
+                    self.status.ParseFromString(value)
+                except DecodeError:  # the service built it; not expected
+                    self.status = status_pb2.Status()
+            elif isinstance(value, str):
+                self.metadata[key] = value
+
+    def _detail(self, kind: Any) -> Any:
+        for detail in self.status.details:
+            if detail.Is(kind.DESCRIPTOR):
+                found = kind()
+                detail.Unpack(found)
+                return found
+        return None
+
+    @property
+    def reason(self) -> str:
+        info = self._detail(error_details_pb2.ErrorInfo)
+        return info.reason if info is not None else self.code.name
+
+    @property
+    def fields(self) -> list[str]:
+        """The request fields the status blames, as the gRPC error names them."""
+        bad = self._detail(error_details_pb2.BadRequest)
+        return [] if bad is None else [v.field for v in bad.field_violations]
+
+    @property
+    def retry_after_s(self) -> float | None:
+        retry = self._detail(error_details_pb2.RetryInfo)
+        if retry is None:
+            return None
+        return float(retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9)
+
+
+class DoorContext:
+    """The part of ``grpc.aio.ServicerContext`` the service uses, for one HTTP call:
+    its headers as the call's metadata (keys lower-cased, as gRPC's are) and its
+    deadline (None: the server's default applies)."""
+
+    def __init__(self, headers: Sequence[tuple[str, str]], timeout_s: float | None = None) -> None:
+        self._metadata = tuple(headers)
+        self._deadline = (
+            None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        )
+        self.trailing: dict[str, str] = {}
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.trailing.update((key, value) for key, value in metadata if isinstance(value, str))
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, Any]] = (),
+    ) -> NoReturn:
+        raise DoorAbortedError(code, details, trailing_metadata)

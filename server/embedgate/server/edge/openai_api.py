@@ -1,0 +1,303 @@
+"""The OpenAI embeddings API: ``POST /v1/embeddings`` and ``GET /v1/models``.
+
+A door onto the gRPC service, not a second engine: each request becomes the contract's
+``EmbedRequest`` (or ``ListModelsRequest``) and goes through the same service, with the
+same admission (bearer token, model scopes, the cap on calls at once), checks, vendors,
+cache, coalescing, deadlines and access line (``protocol: openai``). Errors come back in
+OpenAI's shape with the HTTP status of the gRPC code, the embedgate reason in ``code``
+and the field the error blames in ``param``, as the caller named it (``input[2]`` for
+what the contract calls ``inputs[2]``).
+
+Extensions, documented in the README: an ``input`` item may be an object in the
+contract's JSON form (``{"image": {"uri": ...}}``, ``{"text_image": ...}``,
+``{"video": ...}``), and ``output_type`` asks for compact vectors as ``Embed`` does.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import grpc
+import numpy as np
+import orjson
+from google.protobuf import json_format
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER, Access
+from embedgate.server.edge.doors import DoorAbortedError, DoorContext
+from embedgate.server.edge.guard import Guard
+from embedgate.server.edge.service import EmbeddingService
+from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
+from embedgate.server.errors import EmbedgateError, InvalidRequestError, Reason, Violation
+from embedgate.server.metrics import Metrics
+from embedgate.v1 import embedding_service_pb2 as pb
+
+DOOR_NAME = "openai"
+JSON = "application/json"
+
+# gRPC code → (HTTP status, OpenAI's error type).
+_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "request_cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+_SERVER_ERROR = (500, "server_error")
+
+_OUTPUT_TYPES: dict[str, int] = {
+    "float32": pb.OUTPUT_TYPE_FLOAT32,
+    "float16": pb.OUTPUT_TYPE_FLOAT16,
+    "int8": pb.OUTPUT_TYPE_INT8,
+    "uint8": pb.OUTPUT_TYPE_UINT8,
+    "binary": pb.OUTPUT_TYPE_BINARY,
+    "ubinary": pb.OUTPUT_TYPE_UBINARY,
+}
+# How each compact type's bytes read as numbers, for encoding_format "float".
+_DTYPES: dict[int, np.dtype[Any]] = {
+    pb.OUTPUT_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.OUTPUT_TYPE_INT8: np.dtype("i1"),
+    pb.OUTPUT_TYPE_UINT8: np.dtype("u1"),
+    pb.OUTPUT_TYPE_BINARY: np.dtype("i1"),
+    pb.OUTPUT_TYPE_UBINARY: np.dtype("u1"),
+}
+_FLOAT32 = np.dtype("<f4")
+
+
+def _bad(
+    field: str, description: str, reason: Reason = Reason.INVALID_REQUEST
+) -> InvalidRequestError:
+    return InvalidRequestError([Violation(field, description, reason)])
+
+
+def _inputs(value: object) -> list[pb.Input]:
+    """``input`` as the contract's inputs: a string, or an array of strings or of inputs
+    in the contract's JSON form."""
+    if value is None:
+        raise _bad("input", "is required: a string, or an array of them", Reason.MISSING_FIELD)
+    if isinstance(value, str):
+        return [pb.Input(text=value)]
+    if not isinstance(value, list):
+        raise _bad("input", "must be a string or an array of strings")
+    inputs = []
+    for position, item in enumerate(value):
+        if isinstance(item, str):
+            inputs.append(pb.Input(text=item))
+        elif isinstance(item, int | list):
+            raise _bad(
+                f"input[{position}]" if isinstance(item, list) else "input",
+                "holds token ids; this gateway takes texts (each model counts its own "
+                "tokens): send the text itself",
+            )
+        elif isinstance(item, dict):
+            try:
+                inputs.append(json_format.ParseDict(item, pb.Input()))
+            except json_format.ParseError as error:
+                raise _bad(
+                    f"input[{position}]",
+                    f"is not an input in the contract's JSON form ({error})",
+                ) from None
+        else:
+            raise _bad(f"input[{position}]", "must be a string or an input object")
+    return inputs
+
+
+def _embed_request(body: object) -> tuple[pb.EmbedRequest, str]:
+    """The ``EmbedRequest`` an OpenAI body asks for, and the encoding it wants back."""
+    if not isinstance(body, dict):
+        raise _bad("body", "must be a JSON object")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise _bad("encoding_format", f"must be 'float' or 'base64', not {str(encoding)[:40]!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "must be a string")
+    request = pb.EmbedRequest(model=model or "", inputs=_inputs(body.get("input")))
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if type(dimensions) is not int or not 0 < dimensions < 2**32:
+            raise _bad("dimensions", "must be a positive integer")
+        request.dimensions = dimensions
+    user = body.get("user")
+    if isinstance(user, str):
+        request.user = user
+    output_type = body.get("output_type")
+    if output_type is not None:
+        if output_type not in _OUTPUT_TYPES:
+            raise _bad(
+                "output_type",
+                f"must be one of {', '.join(_OUTPUT_TYPES)}",
+                Reason.UNSUPPORTED_OUTPUT_TYPE,
+            )
+        request.output_type = _OUTPUT_TYPES[output_type]  # type: ignore[assignment]
+    return request, encoding
+
+
+def _vector(embedding: pb.Embedding, output_type: int, encoding: str) -> object:
+    if output_type in _DTYPES:
+        if encoding == "base64":
+            return base64.b64encode(embedding.data).decode()
+        return np.frombuffer(embedding.data, dtype=_DTYPES[output_type])
+    values = np.asarray(embedding.values, dtype=_FLOAT32)
+    if encoding == "base64":  # little-endian float32, as the SDK decodes it
+        return base64.b64encode(values.tobytes()).decode()
+    return values
+
+
+def _embedding_list(response: pb.EmbedResponse, output_type: int, encoding: str) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": embedding.index,
+                "embedding": _vector(embedding, output_type, encoding),
+            }
+            for embedding in response.embeddings
+        ],
+        "model": response.model,
+        "usage": {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "total_tokens": response.usage.total_tokens,
+        },
+    }
+
+
+def _param(field: str) -> str:
+    """A contract field path as the OpenAI caller named it."""
+    if field.startswith("inputs"):
+        return "input" + field[len("inputs") :]
+    return field
+
+
+def _json(status: int, content: object, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status, headers=headers, media_type=JSON)
+
+
+def error_response(aborted: DoorAbortedError) -> Response:
+    """A failed call in OpenAI's error shape."""
+    status, kind = _HTTP.get(aborted.code, _SERVER_ERROR)
+    fields = aborted.fields
+    headers = {}
+    if REQUEST_ID_HEADER in aborted.metadata:
+        headers[REQUEST_ID_HEADER] = aborted.metadata[REQUEST_ID_HEADER]
+    retry_after = aborted.retry_after_s
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, round(retry_after + 0.499)))
+    error = {
+        "message": aborted.message,
+        "type": kind,
+        "param": _param(fields[0]) if fields else None,
+        "code": aborted.reason,
+    }
+    return _json(status, {"error": error}, headers)
+
+
+def _refusal(error: EmbedgateError) -> DoorAbortedError:
+    status = to_rpc_status(error)
+    return DoorAbortedError(grpc_code(error), status.message, trailing_metadata(status))
+
+
+class OpenAIDoor:
+    """The routes, bound to the service and the guard the gRPC server uses."""
+
+    def __init__(self, service: EmbeddingService, guard: Guard, metrics: Metrics) -> None:
+        self._service = service
+        self._guard = guard
+        self._metrics = metrics
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ]
+
+    async def _call(
+        self,
+        request: Request,
+        method: str,
+        serve: Callable[[DoorContext], Any],
+    ) -> tuple[Any, DoorContext]:
+        """Admit the call as an RPC would be, then serve it; refusals get their access
+        line here (the service writes the others)."""
+        context = DoorContext(_headers(request.headers.raw))
+        try:
+            with self._guard.admitted(method, context.invocation_metadata()):
+                return await serve(context), context
+        except EmbedgateError as refused:  # not admitted
+            access = Access(method, self._metrics)
+            access.fields["reason"] = refused.reason
+            access.emit(grpc_code(refused))
+            raise _refusal(refused) from None
+
+    async def embeddings(self, request: Request) -> Response:
+        token = DOOR.set(DOOR_NAME)
+        try:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as error:
+                raise _refusal(_bad("body", f"is not JSON ({error})")) from None
+            try:
+                embed, encoding = _embed_request(body)
+            except InvalidRequestError as bad:
+                raise _refusal(bad) from None
+
+            async def serve(context: DoorContext) -> pb.EmbedResponse:
+                return await self._service.Embed(embed, cast(Any, context))
+
+            response, context = await self._call(request, "Embed", serve)
+        except DoorAbortedError as aborted:
+            return error_response(aborted)
+        finally:
+            DOOR.reset(token)
+        return _json(
+            200,
+            _embedding_list(response, embed.output_type, encoding),
+            _request_id(context),
+        )
+
+    async def models(self, request: Request) -> Response:
+        token = DOOR.set(DOOR_NAME)
+        try:
+
+            async def serve(context: DoorContext) -> pb.ListModelsResponse:
+                return await self._service.ListModels(pb.ListModelsRequest(), cast(Any, context))
+
+            listing, context = await self._call(request, "ListModels", serve)
+        except DoorAbortedError as aborted:
+            return error_response(aborted)
+        finally:
+            DOOR.reset(token)
+        data = []
+        for model in listing.models:
+            described = json_format.MessageToDict(model, preserving_proto_field_name=True)
+            data.append(
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": model.provider or "embedgate",
+                    "embedgate": described,
+                }
+            )
+        return _json(200, {"object": "list", "data": data}, _request_id(context))
+
+
+def _headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """HTTP headers as gRPC metadata: lower-case keys, text values."""
+    return [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in raw]
+
+
+def _request_id(context: DoorContext) -> dict[str, str]:
+    given = context.trailing.get(REQUEST_ID_HEADER)
+    return {REQUEST_ID_HEADER: given} if given else {}

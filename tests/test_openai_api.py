@@ -1,0 +1,189 @@
+"""The OpenAI embeddings API on the HTTP port, called with the official `openai` SDK:
+the same vectors as gRPC's Embed, the caller's models, and errors as the SDK's own
+exceptions with the HTTP status of the gRPC code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import pytest
+import pytest_asyncio
+import structlog
+from fakes import FakeVendor, Fault, make_fake
+from gateways import key_file, openai_model, running
+
+from embedgate.server.edge.server import Gateway
+from embedgate.v1 import embedding_service_pb2 as pb
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+
+TOKEN = "openai-door-token-canary-41c2"  # noqa: S105
+LIMITED = "openai-door-limited-canary-77aa"
+
+
+@dataclass
+class Served:
+    gateway: Gateway
+    fake: FakeVendor
+    base_url: str
+    stub: pb_grpc.EmbeddingServiceAsyncStub
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    keys = key_file(tmp_path)
+    (tmp_path / "token").write_text(TOKEN)
+    (tmp_path / "limited").write_text(LIMITED)
+    auth = {
+        "tokens": [
+            {"name": "app", "token_file": str(tmp_path / "token")},
+            {"name": "small", "token_file": str(tmp_path / "limited"), "models": ["m"]},
+        ]
+    }
+    async with make_fake("openai", api_key="vendor-key-for-tests") as fake:
+        models = [
+            openai_model(fake, keys),
+            openai_model(fake, keys, name="other", dimensions=8),
+        ]
+        async with (
+            running(models, http_port=0, auth=auth) as gateway,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+        ):
+            yield Served(
+                gateway,
+                fake,
+                f"http://127.0.0.1:{gateway.http_port}/v1",
+                pb_grpc.EmbeddingServiceStub(channel),
+            )
+
+
+def client(served: Served, token: str = TOKEN) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=served.base_url, max_retries=0)
+
+
+async def grpc_vectors(served: Served, texts: list[str], **options: object) -> np.ndarray:
+    request = pb.EmbedRequest(model="m", inputs=[pb.Input(text=t) for t in texts], **options)  # type: ignore[arg-type]
+    response = await served.stub.Embed(request, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+
+
+async def test_embeddings_match_grpc_in_base64_and_in_float(served: Served) -> None:
+    """The SDK's default (base64) and float replies carry exactly the float32 vectors
+    gRPC's Embed gives for the same texts, in order, with usage."""
+    texts = ["apples", "pears", "a third text"]
+    expected = await grpc_vectors(served, texts)
+    async with client(served) as sdk:
+        default = await sdk.embeddings.create(model="m", input=texts)
+        floats = await sdk.embeddings.create(model="m", input=texts, encoding_format="float")
+        one = await sdk.embeddings.create(model="m", input="apples", encoding_format="float")
+    for reply in (default, floats):
+        assert reply.model == "m"
+        assert [d.index for d in reply.data] == [0, 1, 2]
+        got = np.array([d.embedding for d in reply.data], dtype=np.float32)
+        np.testing.assert_array_equal(got, expected)
+        assert reply.usage.prompt_tokens > 0
+    np.testing.assert_array_equal(np.array(one.data[0].embedding, dtype=np.float32), expected[0])
+
+
+async def test_the_sync_client_and_dimensions(served: Served) -> None:
+    """The synchronous SDK works the same (here from a thread, the server being on this
+    loop); `dimensions` is the contract's."""
+    expected = await grpc_vectors(served, ["apples"], dimensions=16)
+
+    def call() -> list[float]:
+        with openai.OpenAI(api_key=TOKEN, base_url=served.base_url, max_retries=0) as sdk:
+            reply = sdk.embeddings.create(model="m", input=["apples"], dimensions=16)
+        return list(reply.data[0].embedding)
+
+    got = np.array(await asyncio.to_thread(call), dtype=np.float32)
+    assert got.shape == (16,)
+    np.testing.assert_array_equal(got, expected[0])
+
+
+async def test_models_lists_what_the_token_may_use(served: Served) -> None:
+    """`models.list` shows the models, with embedgate's description of each; a token
+    limited to some models sees only those."""
+    async with client(served) as sdk:
+        every = [model.id async for model in sdk.models.list()]
+        listing = await sdk.models.list()
+    async with client(served, LIMITED) as sdk:
+        limited = [model.id async for model in sdk.models.list()]
+    assert every == ["m", "other"]
+    assert limited == ["m"]
+    described = listing.data[1].model_extra["embedgate"]  # type: ignore[index]
+    assert described["name"] == "other"
+    assert described["default_dimensions"] == 8
+
+
+async def test_errors_are_the_sdks_own_with_the_grpc_codes_status(served: Served) -> None:
+    """Each failure is the SDK's exception for its status, with embedgate's reason as
+    the code and the field as the caller named it as the param."""
+    async with client(served) as sdk:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await sdk.embeddings.create(model="nope", input="a")
+        with pytest.raises(openai.BadRequestError) as empty:
+            await sdk.embeddings.create(model="m", input=["fine", ""])
+        with pytest.raises(openai.BadRequestError) as tokens:
+            await sdk.embeddings.create(model="m", input=[[101, 2023]])
+        with pytest.raises(openai.BadRequestError) as encoding:
+            await sdk.embeddings.create(model="m", input="a", encoding_format="bits")  # type: ignore[arg-type]
+    async with client(served, "not-the-token") as sdk:
+        with pytest.raises(openai.AuthenticationError) as unknown:
+            await sdk.embeddings.create(model="m", input="a")
+    async with client(served, LIMITED) as sdk:
+        with pytest.raises(openai.PermissionDeniedError) as scoped:
+            await sdk.embeddings.create(model="other", input="a")
+    assert missing.value.status_code == 404
+    assert missing.value.code == "MODEL_NOT_FOUND"
+    assert (empty.value.code, empty.value.param) == ("EMPTY_TEXT", "input[1].text")
+    assert tokens.value.param == "input[0]"
+    assert "texts" in tokens.value.message
+    assert encoding.value.param == "encoding_format"
+    assert (unknown.value.status_code, unknown.value.code) == (401, "INVALID_TOKEN")
+    assert (scoped.value.status_code, scoped.value.code) == (403, "MODEL_NOT_PERMITTED")
+    assert served.fake.received == []  # none of them reached the vendor
+
+
+async def test_an_overloaded_vendor_is_a_429_with_retry_after(served: Served) -> None:
+    """A vendor that answers 429 with Retry-After, every time: the caller gets a 429
+    (the SDK's RateLimitError) and a Retry-After of its own."""
+    served.fake.always(Fault.status(429, retry_after="0.2"))
+    async with client(served) as sdk:
+        with pytest.raises(openai.RateLimitError) as limited:
+            await sdk.embeddings.create(model="m", input="a")
+    assert limited.value.status_code == 429
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+async def test_request_ids_and_the_access_line(served: Served) -> None:
+    """The caller's x-request-id comes back and reaches the vendor; the call's access
+    line says which door it came through."""
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        with structlog.testing.capture_logs() as logs:
+            reply = await http.post(
+                "/embeddings",
+                json={"model": "m", "input": "apples"},
+                headers={"authorization": f"Bearer {TOKEN}", "x-request-id": "trace-7"},
+            )
+    assert reply.status_code == 200
+    assert reply.headers["x-request-id"] == "trace-7"
+    assert served.fake.received[-1].headers.get("x-request-id") == "trace-7"
+    (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
+    assert (line["protocol"], line["method"], line["code"]) == ("openai", "Embed", "OK")
+
+
+async def test_a_body_that_is_not_json_is_a_400(served: Served) -> None:
+    """A body that does not parse is the caller's error, in OpenAI's shape."""
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        reply = await http.post(
+            "/embeddings", content=b"{not json", headers={"authorization": f"Bearer {TOKEN}"}
+        )
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "body")
