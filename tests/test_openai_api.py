@@ -187,3 +187,57 @@ async def test_a_body_that_is_not_json_is_a_400(served: Served) -> None:
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", "body")
+
+
+async def rerank(served: Served, body: dict[str, object]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        return await http.post("/rerank", json=body, headers={"authorization": f"Bearer {TOKEN}"})
+
+
+async def test_rerank_is_the_grpc_rerank_best_first(served: Served) -> None:
+    """POST /v1/rerank answers what gRPC's Rerank answers (here cosine similarity on an
+    embedding model): results best first, each with its index, score and document;
+    top_n keeps the best; return_documents false leaves the documents out."""
+    documents = ["apples", "pears", "a third text", "apples and pears"]
+    expected = await served.stub.Rerank(
+        pb.RerankRequest(model="m", query="apple", documents=documents, return_documents=True),
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+    )
+    reply = await rerank(served, {"model": "m", "query": "apple", "documents": documents})
+    assert reply.status_code == 200
+    results = reply.json()["results"]
+    assert [(r["index"], r["relevance_score"]) for r in results] == [
+        (r.index, r.relevance_score) for r in expected.results
+    ]
+    assert [r["document"] for r in results] == [
+        {"text": documents[r.index]} for r in expected.results
+    ]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    top = await rerank(
+        served,
+        {
+            "model": "m",
+            "query": "apple",
+            "documents": documents,
+            "top_n": 2,
+            "return_documents": False,
+        },
+    )
+    assert [r["index"] for r in top.json()["results"]] == [r.index for r in expected.results[:2]]
+    assert all("document" not in r for r in top.json()["results"])
+
+
+async def test_rerank_errors_name_the_callers_fields(served: Served) -> None:
+    """A document the model cannot take is blamed as `documents[i]`, as the caller sent
+    it; a missing query and a bad top_n are the caller's errors too."""
+    image = {"image": {"uri": "https://example.test/a.png"}}
+    wrong = await rerank(served, {"model": "m", "query": "q", "documents": ["a", image]})
+    no_query = await rerank(served, {"model": "m", "documents": ["a"]})
+    bad_top = await rerank(served, {"model": "m", "query": "q", "documents": ["a"], "top_n": 0})
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["param"].startswith("documents[1]")
+    assert wrong.json()["error"]["code"] == "UNSUPPORTED_MODALITY"
+    assert no_query.status_code == 400
+    assert no_query.json()["error"]["param"] == "query"
+    assert (bad_top.status_code, bad_top.json()["error"]["param"]) == (400, "top_n")

@@ -11,12 +11,20 @@ service built (code, message, ``google.rpc`` details) for the door to render.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+
+from embedgate.server.edge.access import REQUEST_ID_HEADER, Access
+from embedgate.server.edge.guard import Guard
+from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
+from embedgate.server.errors import EmbedgateError
+from embedgate.server.metrics import Metrics
+
+T = TypeVar("T")
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -98,3 +106,40 @@ class DoorContext:
         trailing_metadata: Sequence[tuple[str, Any]] = (),
     ) -> NoReturn:
         raise DoorAbortedError(code, details, trailing_metadata)
+
+
+def refusal(error: EmbedgateError) -> DoorAbortedError:
+    """An error found by the door itself, as the service would have ended the call."""
+    status = to_rpc_status(error)
+    return DoorAbortedError(grpc_code(error), status.message, trailing_metadata(status))
+
+
+def metadata_of(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """HTTP headers as gRPC metadata: lower-case keys, text values."""
+    return [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in raw]
+
+
+def request_id_header(context: DoorContext) -> dict[str, str]:
+    """The call's request id, as the response header that carries it."""
+    given = context.trailing.get(REQUEST_ID_HEADER)
+    return {REQUEST_ID_HEADER: given} if given else {}
+
+
+async def admitted_call(
+    guard: Guard,
+    metrics: Metrics,
+    method: str,
+    context: DoorContext,
+    serve: Callable[[DoorContext], Awaitable[T]],
+) -> T:
+    """Admit the call as an RPC would be (token, scopes, cap), then serve it. A refusal
+    gets its access line here (the service writes every other one) and is raised as
+    ``DoorAbortedError``."""
+    try:
+        with guard.admitted(method, context.invocation_metadata()):
+            return await serve(context)
+    except EmbedgateError as refused:  # not admitted
+        access = Access(method, metrics)
+        access.fields["reason"] = refused.reason
+        access.emit(grpc_code(refused))
+        raise refusal(refused) from None

@@ -34,6 +34,7 @@ class HttpServer:
         self._port = port
         self._tls = tls
         self._stopping = asyncio.Event()
+        self._fd: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _config(self, fd: int) -> Config:
@@ -50,7 +51,8 @@ class HttpServer:
                 config.verify_mode = ssl.CERT_REQUIRED
         return config
 
-    async def start(self) -> int:
+    def bind(self) -> int:
+        """Open the listening socket (nothing is served yet); the port it got."""
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         try:
             sock = socket.create_server((self._host, self._port), family=family)
@@ -60,12 +62,17 @@ class HttpServer:
             ) from None
         port: int = sock.getsockname()[1]
         # Hypercorn takes the descriptor over (and closes it when it stops).
-        fd = sock.detach()
+        self._fd = sock.detach()
+        return port
+
+    def start(self) -> None:
+        """Serve on the socket ``bind`` opened."""
+        if self._fd is None:
+            raise RuntimeError("bind before start")
         self._task = asyncio.get_running_loop().create_task(
-            serve(self._app, self._config(fd), shutdown_trigger=self._stopping.wait),
+            serve(self._app, self._config(self._fd), shutdown_trigger=self._stopping.wait),
             name="http-listener",
         )
-        return port
 
     async def stop(self, grace: float) -> None:
         """Stop taking connections and let calls in progress finish within ``grace``."""
@@ -78,3 +85,6 @@ class HttpServer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._task
             self._task = None
+        elif self._fd is not None:  # bound, never served
+            socket.close(self._fd)
+        self._fd = None

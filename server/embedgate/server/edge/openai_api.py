@@ -16,7 +16,6 @@ contract's JSON form (``{"image": {"uri": ...}}``, ``{"text_image": ...}``,
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import grpc
@@ -27,12 +26,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER, Access
-from embedgate.server.edge.doors import DoorAbortedError, DoorContext
+from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER
+from embedgate.server.edge.doors import (
+    DoorAbortedError,
+    DoorContext,
+    admitted_call,
+    metadata_of,
+    refusal,
+    request_id_header,
+)
 from embedgate.server.edge.guard import Guard
 from embedgate.server.edge.service import EmbeddingService
-from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
-from embedgate.server.errors import EmbedgateError, InvalidRequestError, Reason, Violation
+from embedgate.server.errors import InvalidRequestError, Reason, Violation
 from embedgate.server.metrics import Metrics
 from embedgate.v1 import embedding_service_pb2 as pb
 
@@ -73,7 +78,7 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 _FLOAT32 = np.dtype("<f4")
 
 
-def _bad(
+def bad_request(
     field: str, description: str, reason: Reason = Reason.INVALID_REQUEST
 ) -> InvalidRequestError:
     return InvalidRequestError([Violation(field, description, reason)])
@@ -83,17 +88,19 @@ def _inputs(value: object) -> list[pb.Input]:
     """``input`` as the contract's inputs: a string, or an array of strings or of inputs
     in the contract's JSON form."""
     if value is None:
-        raise _bad("input", "is required: a string, or an array of them", Reason.MISSING_FIELD)
+        raise bad_request(
+            "input", "is required: a string, or an array of them", Reason.MISSING_FIELD
+        )
     if isinstance(value, str):
         return [pb.Input(text=value)]
     if not isinstance(value, list):
-        raise _bad("input", "must be a string or an array of strings")
+        raise bad_request("input", "must be a string or an array of strings")
     inputs = []
     for position, item in enumerate(value):
         if isinstance(item, str):
             inputs.append(pb.Input(text=item))
         elif isinstance(item, int | list):
-            raise _bad(
+            raise bad_request(
                 f"input[{position}]" if isinstance(item, list) else "input",
                 "holds token ids; this gateway takes texts (each model counts its own "
                 "tokens): send the text itself",
@@ -102,30 +109,32 @@ def _inputs(value: object) -> list[pb.Input]:
             try:
                 inputs.append(json_format.ParseDict(item, pb.Input()))
             except json_format.ParseError as error:
-                raise _bad(
+                raise bad_request(
                     f"input[{position}]",
                     f"is not an input in the contract's JSON form ({error})",
                 ) from None
         else:
-            raise _bad(f"input[{position}]", "must be a string or an input object")
+            raise bad_request(f"input[{position}]", "must be a string or an input object")
     return inputs
 
 
 def _embed_request(body: object) -> tuple[pb.EmbedRequest, str]:
     """The ``EmbedRequest`` an OpenAI body asks for, and the encoding it wants back."""
     if not isinstance(body, dict):
-        raise _bad("body", "must be a JSON object")
+        raise bad_request("body", "must be a JSON object")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise _bad("encoding_format", f"must be 'float' or 'base64', not {str(encoding)[:40]!r}")
+        raise bad_request(
+            "encoding_format", f"must be 'float' or 'base64', not {str(encoding)[:40]!r}"
+        )
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("model", "must be a string")
+        raise bad_request("model", "must be a string")
     request = pb.EmbedRequest(model=model or "", inputs=_inputs(body.get("input")))
     dimensions = body.get("dimensions")
     if dimensions is not None:
         if type(dimensions) is not int or not 0 < dimensions < 2**32:
-            raise _bad("dimensions", "must be a positive integer")
+            raise bad_request("dimensions", "must be a positive integer")
         request.dimensions = dimensions
     user = body.get("user")
     if isinstance(user, str):
@@ -133,7 +142,7 @@ def _embed_request(body: object) -> tuple[pb.EmbedRequest, str]:
     output_type = body.get("output_type")
     if output_type is not None:
         if output_type not in _OUTPUT_TYPES:
-            raise _bad(
+            raise bad_request(
                 "output_type",
                 f"must be one of {', '.join(_OUTPUT_TYPES)}",
                 Reason.UNSUPPORTED_OUTPUT_TYPE,
@@ -172,14 +181,20 @@ def _embedding_list(response: pb.EmbedResponse, output_type: int, encoding: str)
     }
 
 
+# Contract field names → the names the HTTP callers used for them.
+_CALLERS_NAMES = (("inputs", "input"), ("document_inputs", "documents"))
+
+
 def _param(field: str) -> str:
-    """A contract field path as the OpenAI caller named it."""
-    if field.startswith("inputs"):
-        return "input" + field[len("inputs") :]
+    """A contract field path as the HTTP caller named it (``input[2]`` for what the
+    contract calls ``inputs[2]``)."""
+    for contract, theirs in _CALLERS_NAMES:
+        if field == contract or field.startswith((contract + "[", contract + ".")):
+            return theirs + field[len(contract) :]
     return field
 
 
-def _json(status: int, content: object, headers: dict[str, str] | None = None) -> Response:
+def json_response(status: int, content: object, headers: dict[str, str] | None = None) -> Response:
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status, headers=headers, media_type=JSON)
 
@@ -200,12 +215,7 @@ def error_response(aborted: DoorAbortedError) -> Response:
         "param": _param(fields[0]) if fields else None,
         "code": aborted.reason,
     }
-    return _json(status, {"error": error}, headers)
-
-
-def _refusal(error: EmbedgateError) -> DoorAbortedError:
-    status = to_rpc_status(error)
-    return DoorAbortedError(grpc_code(error), status.message, trailing_metadata(status))
+    return json_response(status, {"error": error}, headers)
 
 
 class OpenAIDoor:
@@ -222,48 +232,31 @@ class OpenAIDoor:
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
-    async def _call(
-        self,
-        request: Request,
-        method: str,
-        serve: Callable[[DoorContext], Any],
-    ) -> tuple[Any, DoorContext]:
-        """Admit the call as an RPC would be, then serve it; refusals get their access
-        line here (the service writes the others)."""
-        context = DoorContext(_headers(request.headers.raw))
-        try:
-            with self._guard.admitted(method, context.invocation_metadata()):
-                return await serve(context), context
-        except EmbedgateError as refused:  # not admitted
-            access = Access(method, self._metrics)
-            access.fields["reason"] = refused.reason
-            access.emit(grpc_code(refused))
-            raise _refusal(refused) from None
-
     async def embeddings(self, request: Request) -> Response:
         token = DOOR.set(DOOR_NAME)
         try:
             try:
                 body = orjson.loads(await request.body())
             except orjson.JSONDecodeError as error:
-                raise _refusal(_bad("body", f"is not JSON ({error})")) from None
+                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
             try:
                 embed, encoding = _embed_request(body)
             except InvalidRequestError as bad:
-                raise _refusal(bad) from None
+                raise refusal(bad) from None
 
             async def serve(context: DoorContext) -> pb.EmbedResponse:
                 return await self._service.Embed(embed, cast(Any, context))
 
-            response, context = await self._call(request, "Embed", serve)
+            context = DoorContext(metadata_of(request.headers.raw))
+            response = await admitted_call(self._guard, self._metrics, "Embed", context, serve)
         except DoorAbortedError as aborted:
             return error_response(aborted)
         finally:
             DOOR.reset(token)
-        return _json(
+        return json_response(
             200,
             _embedding_list(response, embed.output_type, encoding),
-            _request_id(context),
+            request_id_header(context),
         )
 
     async def models(self, request: Request) -> Response:
@@ -273,7 +266,8 @@ class OpenAIDoor:
             async def serve(context: DoorContext) -> pb.ListModelsResponse:
                 return await self._service.ListModels(pb.ListModelsRequest(), cast(Any, context))
 
-            listing, context = await self._call(request, "ListModels", serve)
+            context = DoorContext(metadata_of(request.headers.raw))
+            listing = await admitted_call(self._guard, self._metrics, "ListModels", context, serve)
         except DoorAbortedError as aborted:
             return error_response(aborted)
         finally:
@@ -290,14 +284,4 @@ class OpenAIDoor:
                     "embedgate": described,
                 }
             )
-        return _json(200, {"object": "list", "data": data}, _request_id(context))
-
-
-def _headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """HTTP headers as gRPC metadata: lower-case keys, text values."""
-    return [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in raw]
-
-
-def _request_id(context: DoorContext) -> dict[str, str]:
-    given = context.trailing.get(REQUEST_ID_HEADER)
-    return {REQUEST_ID_HEADER: given} if given else {}
+        return json_response(200, {"object": "list", "data": data}, request_id_header(context))

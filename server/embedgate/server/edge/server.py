@@ -23,6 +23,7 @@ from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
 from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.http_server import HttpServer
 from embedgate.server.edge.openai_api import OpenAIDoor
+from embedgate.server.edge.rerank_api import RerankDoor
 from embedgate.server.edge.service import SERVICE_NAME, EmbeddingService
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
@@ -154,6 +155,15 @@ class Gateway:
                 "health",
             )
             await self._health_server.start()
+        if settings.http_port is not None:
+            self._http_server = HttpServer(
+                http_app(embedding, guard, self._metrics, settings.cors_origins),
+                settings.http_host or settings.host,
+                settings.http_port,
+                settings.tls,
+                settings.shutdown_grace_s,
+            )
+            self.http_port = self._http_server.bind()
         if settings.metrics_port is not None:
             host = settings.metrics_host or settings.host
             self._metrics_server = MetricsServer(self._metrics, host, settings.metrics_port)
@@ -169,16 +179,8 @@ class Gateway:
         self._metrics.serve_models(models)
         await server.start()
         self._server = server
-        if settings.http_port is not None:
-            host = settings.http_host or settings.host
-            self._http_server = HttpServer(
-                http_app(embedding, guard, self._metrics, settings.cors_origins),
-                host,
-                settings.http_port,
-                settings.tls,
-                settings.shutdown_grace_s,
-            )
-            self.http_port = await self._http_server.start()
+        if self._http_server is not None:
+            self._http_server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, SERVING)
         for model in models:
@@ -212,6 +214,9 @@ class Gateway:
                 *([self._http_server.stop(grace)] if self._http_server is not None else []),
             )
             self._http_server = None
+        if self._http_server is not None:  # bound by a start that failed later
+            await self._http_server.stop(0)
+            self._http_server = None
         await self._router.close()
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -244,7 +249,11 @@ def http_app(
                 expose_headers=["x-request-id", "retry-after"],
             )
         )
-    return Starlette(routes=OpenAIDoor(service, guard, metrics).routes(), middleware=middleware)
+    routes = [
+        *OpenAIDoor(service, guard, metrics).routes(),
+        *RerankDoor(service, guard, metrics).routes(),
+    ]
+    return Starlette(routes=routes, middleware=middleware)
 
 
 class ListenError(OSError):

@@ -1,0 +1,155 @@
+"""A rerank API in the shape Cohere, Jina and the multimodal relay share:
+``POST /v1/rerank`` with ``model``, ``query``, ``documents``, ``top_n`` and
+``return_documents``, answered with ``results[{index, relevance_score, document}]``,
+best first, and ``usage``.
+
+It is the gRPC ``Rerank`` (a vendor's reranker, or cosine similarity on any embedding
+model), reached through the same admission, checks and access line (``protocol:
+rerank``). A document may be a string or an input in the contract's JSON form (an
+image, a text with an image...); errors are in the OpenAI shape the embeddings door
+uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import orjson
+from google.protobuf import json_format
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from embedgate.server.edge.access import DOOR
+from embedgate.server.edge.doors import (
+    DoorAbortedError,
+    DoorContext,
+    admitted_call,
+    metadata_of,
+    refusal,
+    request_id_header,
+)
+from embedgate.server.edge.guard import Guard
+from embedgate.server.edge.openai_api import bad_request, error_response, json_response
+from embedgate.server.edge.service import EmbeddingService
+from embedgate.server.errors import InvalidRequestError, Reason
+from embedgate.server.metrics import Metrics
+from embedgate.v1 import embedding_service_pb2 as pb
+
+DOOR_NAME = "rerank"
+
+
+def _documents(value: object) -> tuple[list[str], list[pb.Input]]:
+    """The documents as the contract takes them: all strings go in ``documents``; any
+    object makes every document an input (``document_inputs``)."""
+    if value is None:
+        raise bad_request("documents", "is required: an array of documents", Reason.MISSING_FIELD)
+    if not isinstance(value, list):
+        raise bad_request("documents", "must be an array of strings or input objects")
+    if all(isinstance(item, str) for item in value):
+        return [str(item) for item in value], []
+    inputs = []
+    for position, item in enumerate(value):
+        if isinstance(item, str):
+            inputs.append(pb.Input(text=item))
+        elif isinstance(item, dict):
+            try:
+                inputs.append(json_format.ParseDict(item, pb.Input()))
+            except json_format.ParseError as error:
+                raise bad_request(
+                    f"documents[{position}]",
+                    f"is not an input in the contract's JSON form ({error})",
+                ) from None
+        else:
+            raise bad_request(f"documents[{position}]", "must be a string or an input object")
+    return [], inputs
+
+
+def rerank_request(body: object) -> pb.RerankRequest:
+    if not isinstance(body, dict):
+        raise bad_request("body", "must be a JSON object")
+    model, query = body.get("model"), body.get("query")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model", "must be a string")
+    if query is not None and not isinstance(query, str):
+        raise bad_request("query", "must be a string")
+    texts, inputs = _documents(body.get("documents"))
+    request = pb.RerankRequest(
+        model=model or "", query=query or "", documents=texts, document_inputs=inputs
+    )
+    top_n = body.get("top_n")
+    if top_n is not None:
+        if type(top_n) is not int or not 0 < top_n < 2**32:
+            raise bad_request("top_n", "must be a positive integer", Reason.INVALID_TOP_N)
+        request.top_n = top_n
+    returned = body.get("return_documents", True)
+    if not isinstance(returned, bool):
+        raise bad_request("return_documents", "must be true or false")
+    request.return_documents = returned
+    user = body.get("user")
+    if isinstance(user, str):
+        request.user = user
+    return request
+
+
+def _document(result: pb.RerankResult) -> dict[str, Any] | None:
+    if result.HasField("document"):
+        return {"text": result.document}
+    if result.HasField("document_input"):
+        document: dict[str, Any] = json_format.MessageToDict(
+            result.document_input, preserving_proto_field_name=True
+        )
+        return document
+    return None
+
+
+def _results(response: pb.RerankResponse) -> dict[str, Any]:
+    results = []
+    for result in response.results:
+        entry: dict[str, Any] = {"index": result.index, "relevance_score": result.relevance_score}
+        document = _document(result)
+        if document is not None:
+            entry["document"] = document
+        results.append(entry)
+    return {
+        "id": response.request_id,
+        "model": response.model,
+        "results": results,
+        "usage": {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "total_tokens": response.usage.total_tokens,
+        },
+    }
+
+
+class RerankDoor:
+    def __init__(self, service: EmbeddingService, guard: Guard, metrics: Metrics) -> None:
+        self._service = service
+        self._guard = guard
+        self._metrics = metrics
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/rerank", self.rerank, methods=["POST"])]
+
+    async def rerank(self, request: Request) -> Response:
+        token = DOOR.set(DOOR_NAME)
+        try:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as error:
+                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
+            try:
+                wanted = rerank_request(body)
+            except InvalidRequestError as bad:
+                raise refusal(bad) from None
+
+            async def serve(context: DoorContext) -> pb.RerankResponse:
+                return await self._service.Rerank(wanted, cast(Any, context))
+
+            context = DoorContext(metadata_of(request.headers.raw))
+            response = await admitted_call(self._guard, self._metrics, "Rerank", context, serve)
+        except DoorAbortedError as aborted:
+            return error_response(aborted)
+        finally:
+            DOOR.reset(token)
+        return json_response(200, _results(response), request_id_header(context))
