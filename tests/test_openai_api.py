@@ -241,3 +241,31 @@ async def test_rerank_errors_name_the_callers_fields(served: Served) -> None:
     assert no_query.status_code == 400
     assert no_query.json()["error"]["param"] == "query"
     assert (bad_top.status_code, bad_top.json()["error"]["param"]) == (400, "top_n")
+
+
+async def test_langchain_openai_embeddings(served: Served) -> None:
+    """langchain-openai's OpenAIEmbeddings, configured as users do for a server that is
+    not OpenAI (its base URL, no client-side token counting): embed_documents and
+    embed_query give gRPC's vectors."""
+    from langchain_openai import OpenAIEmbeddings
+
+    texts = ["apples", "pears"]
+    expected = await grpc_vectors(served, texts)
+    # Its own HTTP clients, closed here: LangChain leaves the ones it makes open.
+    with httpx.Client() as sync_http:
+        async with httpx.AsyncClient() as async_http:
+            embeddings = OpenAIEmbeddings(
+                model="m",
+                base_url=served.base_url,
+                api_key=TOKEN,  # type: ignore[arg-type]
+                check_embedding_ctx_length=False,
+                max_retries=0,
+                http_client=sync_http,
+                http_async_client=async_http,
+            )
+            documents = await embeddings.aembed_documents(texts)
+            query = await embeddings.aembed_query("apples")
+            synchronous = await asyncio.to_thread(embeddings.embed_documents, texts)
+    np.testing.assert_allclose(np.array(documents), expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.array(synchronous), expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.array(query), expected[0], rtol=0, atol=1e-7)
