@@ -63,7 +63,14 @@ async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> Non
             found = samples(await scrape(gateway.metrics_port))
 
     def rpcs(method: str, model: str, code: str) -> float:
-        return value(found, "embedgate_rpcs_total", method=method, model=model, code=code)
+        return value(
+            found,
+            "embedgate_rpcs_total",
+            method=method,
+            model=model,
+            code=code,
+            protocol="grpc",
+        )
 
     assert rpcs("Embed", "m", "OK") == 2
     assert rpcs("Embed", "m", "UNAVAILABLE") == 1
@@ -72,8 +79,26 @@ async def test_rpcs_and_vendor_calls_are_counted_by_label(tmp_path: Path) -> Non
     assert rpcs("ListModels", "", "OK") == 1
     assert rpcs("Embed", "(unknown)", "NOT_FOUND") == 2
     assert not any("made-up" in str(labels) for _, labels in found)
-    assert value(found, "embedgate_rpc_duration_seconds_count", method="Embed", model="m") == 4
-    assert value(found, "embedgate_rpc_duration_seconds_sum", method="Embed", model="m") > 0
+    assert (
+        value(
+            found,
+            "embedgate_rpc_duration_seconds_count",
+            method="Embed",
+            model="m",
+            protocol="grpc",
+        )
+        == 4
+    )
+    assert (
+        value(
+            found,
+            "embedgate_rpc_duration_seconds_sum",
+            method="Embed",
+            model="m",
+            protocol="grpc",
+        )
+        > 0
+    )
     vendor = {"vendor": "openai", "model": "m"}
     # 2 + (429, 200) + 3 x 503 + 1 (the stream): each attempt counted by its status.
     assert value(found, "embedgate_vendor_requests_total", **vendor, status="200") == 4

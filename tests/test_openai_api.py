@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 import structlog
 from fakes import FakeVendor, Fault, make_fake
-from gateways import key_file, openai_model, running
+from gateways import key_file, openai_model, running, samples, value
+from prometheus_client import generate_latest
 
 from embedgate.server.edge.server import Gateway
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -269,3 +270,31 @@ async def test_langchain_openai_embeddings(served: Served) -> None:
     np.testing.assert_allclose(np.array(documents), expected, rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.array(synchronous), expected, rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.array(query), expected[0], rtol=0, atol=1e-7)
+
+
+async def test_calls_are_counted_under_their_protocol(served: Served) -> None:
+    """The RPC counters tell the doors apart: grpc, openai, rerank."""
+    await grpc_vectors(served, ["apples"])
+    async with client(served) as sdk:
+        await sdk.embeddings.create(model="m", input="apples")
+        with pytest.raises(openai.NotFoundError):
+            await sdk.embeddings.create(model="nope", input="apples")
+    await rerank(served, {"model": "m", "query": "q", "documents": ["a", "b"]})
+    found = samples(generate_latest(served.gateway.metrics.registry).decode())
+    counted = {
+        (protocol, method, model, code): value(
+            found,
+            "embedgate_rpcs_total",
+            method=method,
+            model=model,
+            code=code,
+            protocol=protocol,
+        )
+        for protocol, method, model, code in [
+            ("grpc", "Embed", "m", "OK"),
+            ("openai", "Embed", "m", "OK"),
+            ("openai", "Embed", "(unknown)", "NOT_FOUND"),
+            ("rerank", "Rerank", "m", "OK"),
+        ]
+    }
+    assert set(counted.values()) == {1.0}, counted

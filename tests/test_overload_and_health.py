@@ -82,7 +82,17 @@ async def test_the_cap_holds_wave_after_wave(fake: FakeVendor, tmp_path: Path) -
         assert gateway.metrics_port
         found = samples(gateway.metrics.exposition().decode())
     assert value(found, "embedgate_rpcs_rejected_total", reason="overload") == 2 * (WAVE - CAP)
-    assert value(found, "embedgate_rpcs_total", method="Embed", model="m", code="OK") == 2 * CAP
+    assert (
+        value(
+            found,
+            "embedgate_rpcs_total",
+            method="Embed",
+            model="m",
+            code="OK",
+            protocol="grpc",
+        )
+        == 2 * CAP
+    )
 
 
 async def test_streams_count_against_the_cap_until_they_end(

@@ -53,14 +53,15 @@ class Metrics:
         ProcessCollector(registry=r)
         self.rpcs = Counter(
             "embedgate_rpcs",
-            "RPCs finished, by method, model and gRPC status code.",
-            ("method", "model", "code"),
+            "RPCs finished, by method, model, gRPC status code and the protocol they came by "
+            "(grpc; openai or rerank for the HTTP doors).",
+            ("method", "model", "code", "protocol"),
             registry=r,
         )
         self.rpc_duration = Histogram(
             "embedgate_rpc_duration_seconds",
-            "Time from an RPC's start to its end, by method and model.",
-            ("method", "model"),
+            "Time from an RPC's start to its end, by method, model and protocol.",
+            ("method", "model", "protocol"),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -174,22 +175,25 @@ class Metrics:
             registry=r,
         )
         self._models: frozenset[str] = frozenset()
-        self._rpc_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._rpc_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 
     def serve_models(self, names: Iterable[str]) -> None:
         """The configured models: the only values the ``model`` label takes."""
         self._models = frozenset(names)
 
-    def rpc_finished(self, method: str, model: str, code: str, seconds: float) -> None:
+    def rpc_finished(
+        self, method: str, model: str, code: str, seconds: float, protocol: str = "grpc"
+    ) -> None:
         # A name a caller made up is not a label value: labels are never unbounded.
         if model not in self._models:
             model = UNKNOWN_MODEL if model else ""
         # Children are looked up once per label set: labels() costs a few µs per call.
-        children = self._rpc_children.get((method, model, code))
+        key = (method, model, code, protocol)
+        children = self._rpc_children.get(key)
         if children is None:
-            children = self._rpc_children[(method, model, code)] = (
-                self.rpcs.labels(method, model, code),
-                self.rpc_duration.labels(method, model),
+            children = self._rpc_children[key] = (
+                self.rpcs.labels(method, model, code, protocol),
+                self.rpc_duration.labels(method, model, protocol),
             )
         children[0].inc()
         children[1].observe(seconds)

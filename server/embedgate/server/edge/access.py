@@ -34,11 +34,12 @@ class Access:
     """Collects the fields of one access-log line, and the request id the RPC sends
     back (in trailing metadata: no extra operation, on success and on failure)."""
 
-    __slots__ = ("fields", "metrics", "request_id", "started")
+    __slots__ = ("fields", "metrics", "protocol", "request_id", "started")
 
     def __init__(self, method: str, metrics: Metrics) -> None:
         self.fields: dict[str, object] = {"method": method}
         door = DOOR.get()
+        self.protocol = door or "grpc"
         if door is not None:
             self.fields["protocol"] = door
         self.metrics = metrics
@@ -49,7 +50,7 @@ class Access:
         seconds = time.perf_counter() - self.started
         method = str(self.fields["method"])
         model = str(self.fields.get("model") or "")
-        self.metrics.rpc_finished(method, model, code.name, seconds)
+        self.metrics.rpc_finished(method, model, code.name, seconds, self.protocol)
         if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
             return
         write_info(
