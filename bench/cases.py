@@ -11,6 +11,7 @@ over the repetitions.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import statistics
 from collections.abc import Callable, Iterator, Sequence
@@ -25,18 +26,22 @@ from bench import litellm_proxy
 from bench.fake_vendor import Counters, read_stats
 from bench.gateway import (
     EMBED_METHOD,
+    MODEL,
     TEXT,
     VENDOR_MODEL,
     GatewaySettings,
     came_from_cache,
     check_embed,
     embed_request,
+    free_port,
     start_gateway,
 )
 from bench.load import JSON_HEADERS, LoadResult, Target, grpc_target, http_target, run_h2load
 from bench.procs import BenchError, Child, Cores, cpu_seconds, memory_kib, pinned, python_module
 
-Kind = Literal["direct", "echo", "naive-httpx", "naive-aiohttp", "embedgate", "litellm"]
+Kind = Literal[
+    "direct", "echo", "naive-httpx", "naive-aiohttp", "embedgate", "embedgate-openai", "litellm"
+]
 KIB_PER_MB = 1000 * 1000 / 1024  # memory is reported in MB (10^6 bytes)
 JSON_CONTENT = {"content-type": "application/json"}
 
@@ -73,6 +78,8 @@ CASES: tuple[Case, ...] = (
         cache=False,
         log_level="warning",
     ),
+    # d through the OpenAI door: the same call as an HTTP/1.1 POST /v1/embeddings.
+    Case("o", "embedgate, as d through the OpenAI route", "embedgate-openai", cache=False),
     # The default configuration as it is: every RPC after the first is a hit.
     Case("e", "embedgate, default config, all cache hits", "embedgate"),
     Case("l", "LiteLLM proxy, 1 worker (HTTP/1.1)", "litellm", concurrencies=(16,)),
@@ -210,7 +217,8 @@ def _deploy(
         return _grpc_deployment(server, server.read_port(), plan, work_dir)
     vendor, vendor_port = start_vendor(f"case-{case.key}-vendor", cores.load, plan, work_dir)
     children.append(vendor)
-    if case.kind == "embedgate":
+    if case.kind in ("embedgate", "embedgate-openai"):
+        http_port = free_port() if case.kind == "embedgate-openai" else None
         settings = GatewaySettings(
             vendor_port=vendor_port,
             dims=plan.dims,
@@ -218,9 +226,12 @@ def _deploy(
             coalesce_wait_ms=case.coalesce_wait_ms,
             cache=case.cache,
             log_level=case.log_level,
+            http_port=http_port,
         )
         server, port = start_gateway(f"case-{case.key}", settings, cores.server, work_dir)
         children.append(server)
+        if http_port is not None:
+            return _openai_deployment(server, http_port, plan, work_dir, vendor, vendor_port)
     else:
         url = f"http://127.0.0.1:{vendor_port}/v1"
         command = python_module("bench.servers", case.kind, f"--vendor-url={url}")
@@ -230,6 +241,36 @@ def _deploy(
     if case.cache:
         deployment.notes.append(_warm_cache(port, plan.dims))
     return deployment
+
+
+def openai_body() -> bytes:
+    """The OpenAI route's request for the benchmark's text, as the SDK sends it."""
+    return orjson.dumps({"model": MODEL, "input": [TEXT], "encoding_format": "base64"})
+
+
+def check_openai(port: int, dims: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/v1/embeddings", openai_body(), JSON_CONTENT)
+        reply = connection.getresponse()
+        payload = orjson.loads(reply.read())
+    finally:
+        connection.close()
+    vector = base64.b64decode(payload["data"][0]["embedding"])
+    if reply.status != 200 or len(vector) != 4 * dims:
+        raise BenchError(f"the OpenAI route answered {reply.status} with {len(vector)} bytes")
+
+
+def _openai_deployment(
+    server: Child, port: int, plan: Plan, work_dir: Path, vendor: Child, vendor_port: int
+) -> Deployment:
+    # h2c, one connection with N streams, as the gRPC cases get: the same transport, so
+    # the two cases differ in the door alone. (h2load's HTTP/1.1 parser also refuses
+    # hypercorn's status line, which has an empty reason phrase, as RFC 9112 allows.)
+    target = dataclasses.replace(
+        http_target(port, "/v1/embeddings", openai_body(), work_dir), http1=False
+    )
+    return Deployment(server, target, lambda: check_openai(port, plan.dims), vendor, vendor_port)
 
 
 def _deploy_direct(

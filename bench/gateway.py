@@ -43,6 +43,8 @@ class GatewaySettings:
     max_concurrency: int | None = None
     max_concurrent_rpcs: int | None = None
     log_level: str | None = None
+    # Also serve the HTTP doors on this port (the OpenAI route's case).
+    http_port: int | None = None
 
 
 def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
@@ -61,6 +63,8 @@ def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1}
     if settings.max_concurrent_rpcs is not None:
         server["max_concurrent_rpcs"] = settings.max_concurrent_rpcs
+    if settings.http_port is not None:
+        server["http_port"] = settings.http_port
     config: dict[str, Any] = {"server": server, "models": [model]}
     # Every h2load request embeds the same text: with the cache on (the default),
     # every call after the first is a hit. The cases that measure the vendor path

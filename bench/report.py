@@ -39,6 +39,9 @@ PATHS = {
     "d": "`embedgate serve` → fake vendor, the default configuration (coalescing wait 5 ms) "
     "but for the cache, off",
     "dw": "as d, with `--log-level warning`: no access lines",
+    "o": "h2load (h2c: one connection, N streams, as for gRPC) → `embedgate serve "
+    "--http-port`'s `POST /v1/embeddings` (the OpenAI SDK's body, base64) → fake vendor; "
+    "as d otherwise",
     "e": "`embedgate serve` → fake vendor, the default configuration (cache on), warmed "
     "with one call: every RPC is a hit",
     "l": "h2load → LiteLLM proxy (`litellm --config`, 1 worker, HTTP/1.1 keep-alive) → "
@@ -109,10 +112,11 @@ def _method(results: Results) -> list[str]:
         "setting departs from the default there. The cache is on by default, but h2load "
         "sends the same request body every time, so with the cache on every RPC after the "
         "first is a hit: case e measures exactly that, and the cases that measure the "
-        "vendor path (c, d, dw) turn the cache off, their one departure from the default "
+        "vendor path (c, d, dw, o) turn the cache off, their one departure from the default "
         "(each would otherwise also pay a cache miss: a lookup and a store per input). "
         '"Default config" in the targets is case d. The pair d and dw differ in the log '
-        "level alone: their CPU per RPC gives the access log's cost.",
+        "level alone: their CPU per RPC gives the access log's cost; d and o differ in "
+        "the door alone (gRPC, or the OpenAI route, both over one HTTP/2 connection).",
         "",
         f"Every request embeds one text; vectors have {plan.dims} dimensions. The fake "
         "vendor is an OpenAI-compatible `POST /v1/embeddings` server (a bare "

@@ -237,6 +237,15 @@ def evaluate(
             levels=litellm_levels,
         ),
         target(
+            "openai_route_cost",
+            f"the OpenAI route (o): CPU per request ≤ 1.5{TIMES} a gRPC Embed's (d)",
+            1.5,
+            ("o", "d"),
+            lambda lv: lv["o"].cpu_us_per_rpc / lv["d"].cpu_us_per_rpc,
+            at_most=True,
+            unit=TIMES,
+        ),
+        target(
             "access_log_cost",
             "the access log at the default level: CPU per RPC of d (info) minus dw "
             "(warning) ≤ 20 µs",

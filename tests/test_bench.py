@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "e")
+CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "o", "e")
 SKIPPED_WHEN_QUICK = ("l",)
 GOALS = {
     "added_latency_default",
@@ -28,6 +28,7 @@ GOALS = {
     "coalescing_off_vs_naive",
     "default_vs_litellm",
     "access_log_cost",
+    "openai_route_cost",
     "local_one_per_call",
     "local_batched",
     "streams_rss",

@@ -137,3 +137,20 @@ async def test_a_port_in_use_stops_the_start_and_names_it(fake: FakeVendor, tmp_
         with pytest.raises(HttpListenError, match=f"127.0.0.1:{port}"):
             async with running([openai_model(fake, key_file(tmp_path))], http_port=port):
                 pass
+
+
+async def test_a_connection_outlives_a_thousand_calls(fake: FakeVendor, tmp_path: Path) -> None:
+    """One HTTP/2 connection carries call after call: the server does not close it after
+    some number of requests (hypercorn's default would, at 1,000)."""
+    async with running([openai_model(fake, key_file(tmp_path))], http_port=0) as gateway:
+        url = f"http://127.0.0.1:{gateway.http_port}/v1/models"
+        connections: set[int] = set()
+        async with httpx.AsyncClient(http1=False, http2=True) as http:
+            statuses = set()
+            for _ in range(1100):
+                reply = await http.get(url)
+                statuses.add(reply.status_code)
+                stream = reply.extensions["network_stream"]
+                connections.add(id(stream))
+    assert statuses == {200}
+    assert len(connections) == 1

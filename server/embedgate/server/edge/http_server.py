@@ -43,6 +43,9 @@ class HttpServer:
         config.accesslog = None  # the doors write embedgate's own access lines
         config.errorlog = "-"  # hypercorn's own errors, through the logging module
         config.graceful_timeout = self._grace_s
+        # Hypercorn closes a connection after 1,000 requests by default: an HTTP/2 client
+        # (a sidecar's app, a browser) would reconnect every 1,000 calls. Connections stay.
+        config.keep_alive_max_requests = 2**62
         if self._tls is not None:
             config.certfile = self._tls.cert_file
             config.keyfile = self._tls.key_file
