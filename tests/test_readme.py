@@ -38,6 +38,7 @@ ANNOTATION = re.compile(r"<!-- readme-test: (.+?) -->")
 # Each scenario names the server a block needs; `pip` blocks are run by test_packaging.
 SCENARIOS = {
     "front-door",
+    "http",
     "default",
     "vendor examples/openai.yaml",
     "pip",
@@ -362,3 +363,48 @@ def test_the_configuration_reference_parses() -> None:
                 parse_config(raw, f"{page.name}:{block.line}")
                 found += 1
     assert found
+
+
+HTTP_PORT = "8080"
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, str]]:
+    """The README's `make run` with an HTTP port (another free port in its place)."""
+    block = readme_blocks("http")[0]
+    (step,) = steps(block.code)
+    assert f"--http-port {HTTP_PORT}" in step.command
+    port = str(free_port())
+    log = tmp_path_factory.mktemp("make-run-http") / "log"
+    served = _make_run(step.command.replace(HTTP_PORT, port), [], log, dict(os.environ))
+    yield served, port
+    output = _stop(served)
+    assert "server_stopped" in output, output[-3000:]
+
+
+@pytest.mark.local
+def test_the_http_doors_answer_as_the_readme_shows(
+    http_server: tuple[Served, str], tmp_path: Path
+) -> None:
+    """The README's OpenAI SDK and LangChain example prints what its comments say, and
+    its curl call prints the line shown under it."""
+    served, port = http_server
+    _, example, shell = readme_blocks("http")
+    address = f"127.0.0.1:{HTTP_PORT}"
+    assert address in example.code
+    assert address in shell.code
+    script = tmp_path / "doors.py"
+    script.write_text(example.code.replace(address, f"127.0.0.1:{port}"))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    shown = [
+        line.rsplit("#", 1)[1].strip() for line in example.code.splitlines() if "print(" in line
+    ]
+    assert done.stdout.split("\n")[: len(shown)] == shown
+    _run_steps(
+        Block(shell.scenario, shell.language, shell.code.replace(address, f"127.0.0.1:{port}"), 0),
+        served.target,
+        dict(os.environ),
+    )
