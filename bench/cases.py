@@ -181,16 +181,22 @@ def direct_body() -> bytes:
 
 
 def check_direct(port: int, dims: int) -> None:
+    check_embeddings(port, direct_body(), dims, "the fake vendor")
+
+
+def check_embeddings(port: int, body: bytes, dims: int, who: str) -> None:
+    """One POST /v1/embeddings of ``body`` must answer 200 with a base64 vector of
+    ``dims`` float32 values."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("POST", "/v1/embeddings", direct_body(), JSON_CONTENT)
+        connection.request("POST", "/v1/embeddings", body, JSON_CONTENT)
         reply = connection.getresponse()
         payload = orjson.loads(reply.read())
     finally:
         connection.close()
     vector = base64.b64decode(payload["data"][0]["embedding"])
     if reply.status != 200 or len(vector) != 4 * dims:
-        raise BenchError(f"the fake vendor answered {reply.status} with {len(vector)} bytes")
+        raise BenchError(f"{who} answered {reply.status} with {len(vector)} bytes")
 
 
 @contextmanager
@@ -249,16 +255,7 @@ def openai_body() -> bytes:
 
 
 def check_openai(port: int, dims: int) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("POST", "/v1/embeddings", openai_body(), JSON_CONTENT)
-        reply = connection.getresponse()
-        payload = orjson.loads(reply.read())
-    finally:
-        connection.close()
-    vector = base64.b64decode(payload["data"][0]["embedding"])
-    if reply.status != 200 or len(vector) != 4 * dims:
-        raise BenchError(f"the OpenAI route answered {reply.status} with {len(vector)} bytes")
+    check_embeddings(port, openai_body(), dims, "the OpenAI route")
 
 
 def _openai_deployment(

@@ -164,23 +164,27 @@ class Guard:
         """Unary RPCs being served now (a stream may stay open, idle, for hours)."""
         return self._unary
 
-    @contextmanager
-    def admitted(self, name: str, headers: Any) -> Iterator[None]:
-        """The admission an RPC gets, for a call through another door: the caller's
-        bearer token (it decides the models the call may use), then the cap on calls
-        served at once. Raises the refusal (an ``EmbedgateError``)."""
+    def _admit(self, metadata: Any) -> None:
+        """The caller's bearer token (it decides the models the call may use), then the
+        cap on calls served at once; raises the refusal (an ``EmbedgateError``)."""
         if self._tokens is not None:
             try:
-                _CALLER.set(self._tokens.caller(headers))
+                _CALLER.set(self._tokens.caller(metadata))
             except UnauthenticatedError:
                 self._metrics.rpcs_rejected.labels("unauthenticated").inc()
                 raise
         if self._active >= self._max:
             self._metrics.rpcs_rejected.labels("overload").inc()
             raise OverloadedError(
-                f"the server is serving its limit of {self._max} calls at once; retry with backoff",
+                f"the server is serving its limit of {self._max} RPCs at once; retry with backoff",
                 metadata={"max_concurrent_rpcs": str(self._max)},
             )
+
+    @contextmanager
+    def admitted(self, name: str, headers: Any) -> Iterator[None]:
+        """The admission an RPC gets, for a call through another door (see ``_admit``),
+        and its count among the calls in progress."""
+        self._admit(headers)
         gauge = self._metrics.rpcs_in_flight.labels(name)
         self._active += 1
         self._unary += 1
@@ -239,19 +243,7 @@ class Guard:
     async def _enter(self, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
         """Let the RPC in and count it, or end it with why not."""
         try:
-            if self._tokens is not None:
-                try:
-                    _CALLER.set(self._tokens.caller(context.invocation_metadata()))
-                except UnauthenticatedError:
-                    self._metrics.rpcs_rejected.labels("unauthenticated").inc()
-                    raise
-            if self._active >= self._max:
-                self._metrics.rpcs_rejected.labels("overload").inc()
-                raise OverloadedError(
-                    f"the server is serving its limit of {self._max} RPCs at once; "
-                    "retry with backoff",
-                    metadata={"max_concurrent_rpcs": str(self._max)},
-                )
+            self._admit(context.invocation_metadata())
         except EmbedgateError as error:
             await refuse(context, name, self._metrics, error)
         self._active += 1

@@ -16,7 +16,8 @@ contract's JSON form (``{"image": {"uri": ...}}``, ``{"text_image": ...}``,
 from __future__ import annotations
 
 import base64
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -218,6 +219,47 @@ def error_response(aborted: DoorAbortedError) -> Response:
     return json_response(status, {"error": error}, headers)
 
 
+W = TypeVar("W")
+
+
+async def answer(
+    request: Request,
+    guard: Guard,
+    metrics: Metrics,
+    door: str,
+    method: str,
+    read: Callable[[object], W] | None,
+    call: Callable[[W, DoorContext], Awaitable[Any]],
+    render: Callable[[W, Any], object],
+) -> Response:
+    """One call through a JSON door: its body read into what the service takes (``read``;
+    None: a call without a body), admitted and served as an RPC, and the service's answer
+    or error rendered as JSON. The access line names ``door``."""
+    token = DOOR.set(door)
+    try:
+        wanted: Any = None
+        if read is not None:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as error:
+                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
+            try:
+                wanted = read(body)
+            except InvalidRequestError as bad:
+                raise refusal(bad) from None
+
+        async def serve(context: DoorContext) -> Any:
+            return await call(wanted, context)
+
+        context = DoorContext(metadata_of(request.headers.raw))
+        response = await admitted_call(guard, metrics, method, context, serve)
+    except DoorAbortedError as aborted:
+        return error_response(aborted)
+    finally:
+        DOOR.reset(token)
+    return json_response(200, render(wanted, response), request_id_header(context))
+
+
 class OpenAIDoor:
     """The routes, bound to the service and the guard the gRPC server uses."""
 
@@ -233,55 +275,37 @@ class OpenAIDoor:
         ]
 
     async def embeddings(self, request: Request) -> Response:
-        token = DOOR.set(DOOR_NAME)
-        try:
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as error:
-                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
-            try:
-                embed, encoding = _embed_request(body)
-            except InvalidRequestError as bad:
-                raise refusal(bad) from None
+        async def call(wanted: tuple[pb.EmbedRequest, str], context: DoorContext) -> Any:
+            return await self._service.Embed(wanted[0], cast(Any, context))
 
-            async def serve(context: DoorContext) -> pb.EmbedResponse:
-                return await self._service.Embed(embed, cast(Any, context))
+        def render(wanted: tuple[pb.EmbedRequest, str], response: Any) -> object:
+            embed, encoding = wanted
+            return _embedding_list(response, embed.output_type, encoding)
 
-            context = DoorContext(metadata_of(request.headers.raw))
-            response = await admitted_call(self._guard, self._metrics, "Embed", context, serve)
-        except DoorAbortedError as aborted:
-            return error_response(aborted)
-        finally:
-            DOOR.reset(token)
-        return json_response(
-            200,
-            _embedding_list(response, embed.output_type, encoding),
-            request_id_header(context),
+        return await answer(
+            request, self._guard, self._metrics, DOOR_NAME, "Embed", _embed_request, call, render
         )
 
     async def models(self, request: Request) -> Response:
-        token = DOOR.set(DOOR_NAME)
-        try:
+        async def call(_wanted: None, context: DoorContext) -> Any:
+            return await self._service.ListModels(pb.ListModelsRequest(), cast(Any, context))
 
-            async def serve(context: DoorContext) -> pb.ListModelsResponse:
-                return await self._service.ListModels(pb.ListModelsRequest(), cast(Any, context))
+        return await answer(
+            request, self._guard, self._metrics, DOOR_NAME, "ListModels", None, call, _model_list
+        )
 
-            context = DoorContext(metadata_of(request.headers.raw))
-            listing = await admitted_call(self._guard, self._metrics, "ListModels", context, serve)
-        except DoorAbortedError as aborted:
-            return error_response(aborted)
-        finally:
-            DOOR.reset(token)
-        data = []
-        for model in listing.models:
-            described = json_format.MessageToDict(model, preserving_proto_field_name=True)
-            data.append(
-                {
-                    "id": model.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": model.provider or "embedgate",
-                    "embedgate": described,
-                }
-            )
-        return json_response(200, {"object": "list", "data": data}, request_id_header(context))
+
+def _model_list(_wanted: None, listing: pb.ListModelsResponse) -> object:
+    data = []
+    for model in listing.models:
+        described = json_format.MessageToDict(model, preserving_proto_field_name=True)
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": model.provider or "embedgate",
+                "embedgate": described,
+            }
+        )
+    return {"object": "list", "data": data}

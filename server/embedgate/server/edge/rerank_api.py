@@ -14,25 +14,16 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import orjson
 from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from embedgate.server.edge.access import DOOR
-from embedgate.server.edge.doors import (
-    DoorAbortedError,
-    DoorContext,
-    admitted_call,
-    metadata_of,
-    refusal,
-    request_id_header,
-)
+from embedgate.server.edge.doors import DoorContext
 from embedgate.server.edge.guard import Guard
-from embedgate.server.edge.openai_api import bad_request, error_response, json_response
+from embedgate.server.edge.openai_api import answer, bad_request
 from embedgate.server.edge.service import EmbeddingService
-from embedgate.server.errors import InvalidRequestError, Reason
+from embedgate.server.errors import Reason
 from embedgate.server.metrics import Metrics
 from embedgate.v1 import embedding_service_pb2 as pb
 
@@ -132,24 +123,16 @@ class RerankDoor:
         return [Route("/v1/rerank", self.rerank, methods=["POST"])]
 
     async def rerank(self, request: Request) -> Response:
-        token = DOOR.set(DOOR_NAME)
-        try:
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as error:
-                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
-            try:
-                wanted = rerank_request(body)
-            except InvalidRequestError as bad:
-                raise refusal(bad) from None
+        async def call(wanted: pb.RerankRequest, context: DoorContext) -> Any:
+            return await self._service.Rerank(wanted, cast(Any, context))
 
-            async def serve(context: DoorContext) -> pb.RerankResponse:
-                return await self._service.Rerank(wanted, cast(Any, context))
-
-            context = DoorContext(metadata_of(request.headers.raw))
-            response = await admitted_call(self._guard, self._metrics, "Rerank", context, serve)
-        except DoorAbortedError as aborted:
-            return error_response(aborted)
-        finally:
-            DOOR.reset(token)
-        return json_response(200, _results(response), request_id_header(context))
+        return await answer(
+            request,
+            self._guard,
+            self._metrics,
+            DOOR_NAME,
+            "Rerank",
+            rerank_request,
+            call,
+            lambda _wanted, response: _results(response),
+        )
