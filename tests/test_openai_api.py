@@ -298,3 +298,23 @@ async def test_calls_are_counted_under_their_protocol(served: Served) -> None:
         ]
     }
     assert set(counted.values()) == {1.0}, counted
+
+
+async def test_coheres_client_reranks_through_the_rerank_door(served: Served) -> None:
+    """Cohere's own SDK, pointed at the server, reranks through POST /v1/rerank and reads
+    gRPC's results: the same order and scores, top_n respected."""
+    import cohere
+
+    documents = ["apples", "pears", "a third text", "apples and pears"]
+    expected = await served.stub.Rerank(
+        pb.RerankRequest(model="m", query="apple", documents=documents, top_n=2),
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+    )
+    async with httpx.AsyncClient() as http:
+        sdk = cohere.AsyncClient(
+            api_key=TOKEN, base_url=served.base_url.removesuffix("/v1"), httpx_client=http
+        )
+        reply = await sdk.rerank(model="m", query="apple", documents=documents, top_n=2)
+    assert [(r.index, r.relevance_score) for r in reply.results] == [
+        (r.index, r.relevance_score) for r in expected.results
+    ]
