@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 from conftest import LOCAL, LocalServed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -393,3 +394,16 @@ def test_auto_stays_float32_when_bfloat16_drifts(monkeypatch: pytest.MonkeyPatch
     auto._load()
     assert auto.precision == "float32"
     np.testing.assert_array_equal(_probe_vectors(auto), _probe_vectors(exact))
+
+
+def test_an_explicit_bfloat16_runs_even_when_it_drifts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision: bfloat16 is the operator's choice: kept even where the probe drifts
+    further than auto allows, with a warning that says by how much."""
+    monkeypatch.setattr(local_module, "PRECISION_COSINE", 1.5)  # nothing is that close
+    forced = LocalProvider(LocalSettings(name="m", precision="bfloat16"))
+    with structlog.testing.capture_logs() as logs:
+        forced._load()
+    assert forced.precision == "bfloat16"
+    (warning,) = [entry for entry in logs if entry["event"] == "local_model_bfloat16_drifts"]
+    assert warning["log_level"] == "warning"
+    assert 0.999 < warning["cosine_to_float32"] < 1.0

@@ -5,6 +5,7 @@ exceptions with the HTTP status of the gRPC code."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,80 @@ async def test_coheres_client_reranks_through_the_rerank_door(served: Served) ->
     assert [(r.index, r.relevance_score) for r in reply.results] == [
         (r.index, r.relevance_score) for r in expected.results
     ]
+
+
+async def post(served: Served, path: str, body: object) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        return await http.post(path, json=body, headers={"authorization": f"Bearer {TOKEN}"})
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"),
+    [
+        ("/embeddings", [1, 2], "body", "INVALID_REQUEST"),
+        ("/embeddings", {"model": "m"}, "input", "MISSING_FIELD"),
+        ("/embeddings", {"model": "m", "input": 5}, "input", "INVALID_REQUEST"),
+        ("/embeddings", {"model": "m", "input": [None]}, "input[0]", "INVALID_REQUEST"),
+        ("/embeddings", {"model": "m", "input": [{"nope": 1}]}, "input[0]", "INVALID_REQUEST"),
+        ("/embeddings", {"model": 5, "input": "a"}, "model", "INVALID_REQUEST"),
+        ("/embeddings", {"model": "m", "input": "a", "dimensions": "8"}, "dimensions", None),
+        ("/embeddings", {"model": "m", "input": "a", "output_type": "bits"}, "output_type", None),
+        ("/embeddings", {"model": "m", "input": [""]}, "input[0].text", "EMPTY_TEXT"),
+        ("/rerank", "a string", "body", "INVALID_REQUEST"),
+        ("/rerank", {"model": "m", "query": "q"}, "documents", "MISSING_FIELD"),
+        ("/rerank", {"model": "m", "query": "q", "documents": "a"}, "documents", None),
+        ("/rerank", {"model": "m", "query": "q", "documents": ["a", 5]}, "documents[1]", None),
+        ("/rerank", {"model": "m", "query": "q", "documents": [{"x": 1}]}, "documents[0]", None),
+        ("/rerank", {"model": 5, "query": "q", "documents": ["a"]}, "model", None),
+        ("/rerank", {"model": "m", "query": 5, "documents": ["a"]}, "query", None),
+        (
+            "/rerank",
+            {"model": "m", "query": "q", "documents": ["a"], "return_documents": "yes"},
+            "return_documents",
+            None,
+        ),
+    ],
+)
+async def test_bad_bodies_name_the_field(
+    served: Served, path: str, body: object, param: str, code: str | None
+) -> None:
+    """Each malformed body is a 400 blaming the field as the caller named it (and never
+    reaches the vendor)."""
+    reply = await post(served, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    if code is not None:
+        assert error["code"] == code
+    assert served.fake.received == []
+
+
+async def test_compact_output_types_and_input_objects(served: Served) -> None:
+    """output_type gives the contract's compact vectors (numbers with float, the bytes
+    with base64); an input object in the contract's JSON form is a text like any other;
+    a rerank document given as an object comes back in that form."""
+    request = pb.EmbedRequest(
+        model="m", inputs=[pb.Input(text="apples")], output_type=pb.OUTPUT_TYPE_INT8
+    )
+    expected = await served.stub.Embed(request, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    as_numbers = await post(
+        served,
+        "/embeddings",
+        {"model": "m", "input": [{"text": "apples"}], "output_type": "int8"},
+    )
+    as_bytes = await post(
+        served,
+        "/embeddings",
+        {"model": "m", "input": "apples", "output_type": "int8", "encoding_format": "base64"},
+    )
+    ranked = await post(
+        served,
+        "/rerank",
+        {"model": "m", "query": "apple", "documents": ["pears", {"text": "apples"}]},
+    )
+    data = expected.embeddings[0].data
+    assert as_numbers.json()["data"][0]["embedding"] == list(np.frombuffer(data, dtype="i1"))
+    assert base64.b64decode(as_bytes.json()["data"][0]["embedding"]) == data
+    documents = {r["index"]: r["document"] for r in ranked.json()["results"]}
+    assert documents == {0: {"text": "pears"}, 1: {"text": "apples"}}
