@@ -3,6 +3,7 @@ has it, the cache shared with gRPC, CORS only where configured, and a port in us
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 import pytest_asyncio
 import structlog
 from certs import Authority
-from fakes import FakeVendor, make_fake
+from fakes import FakeVendor, Fault, make_fake
 from gateways import key_file, openai_model, running
 
 from embedgate.server.app import build_gateway
@@ -154,3 +155,35 @@ async def test_a_connection_outlives_a_thousand_calls(fake: FakeVendor, tmp_path
                 connections.add(id(stream))
     assert statuses == {200}
     assert len(connections) == 1
+
+
+async def test_a_call_in_progress_finishes_while_the_server_drains(
+    fake: FakeVendor, tmp_path: Path
+) -> None:
+    """Stopping the server lets an HTTP call already in progress finish (within the
+    grace period), as gRPC calls do; after the stop the port takes no more calls."""
+    config = parse_config(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "http_port": 0, "shutdown_grace_s": 5},
+            "cache": {"enabled": False},
+            "models": [openai_model(fake, key_file(tmp_path))],
+        }
+    )
+    gateway = build_gateway(config)
+    await gateway.start()
+    url = f"http://127.0.0.1:{gateway.http_port}/v1/embeddings"
+    fake.always(Fault.delay(0.5))
+    async with httpx.AsyncClient() as http:
+        call = asyncio.ensure_future(http.post(url, json=BODY))
+        for _ in range(500):  # until the call is at the vendor (5 s at most)
+            if fake.received:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.received
+        await gateway.stop(grace=5)
+        reply = await call
+    assert reply.status_code == 200
+    assert len(reply.json()["data"][0]["embedding"]) == fake.dims
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(url, json=BODY)
