@@ -97,14 +97,7 @@ def write_info(event: str, fields: dict[str, Any]) -> None:
     if direct is None or chain is not direct[0] or not chain or chain[-1] is not direct[2]:
         _access_log.info(event, **fields)
         return
-    for key, value in fields.items():
-        if _secret_key(key):
-            fields[key] = REDACTED
-        elif type(value) is str:
-            if _SECRET_VALUES.search(value) is not None:
-                fields[key] = _SECRET_VALUES.sub(lambda m: m.group(1) + REDACTED, value)
-        elif type(value) is not int and type(value) is not float and value is not None:
-            fields[key] = _scrub(value)
+    redact(None, "info", fields)
     fields["event"] = event
     fields["level"] = "info"
     fields["timestamp"] = utc_timestamp()

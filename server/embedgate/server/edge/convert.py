@@ -63,7 +63,8 @@ class ParsedRerank:
     violations: list[Violation]
 
 
-_OUTPUT_TYPES = {
+# The contract's output types as the domain names them.
+OUTPUT_TYPES = {
     pb.OUTPUT_TYPE_UNSPECIFIED: OutputType.FLOAT32,
     pb.OUTPUT_TYPE_FLOAT32: OutputType.FLOAT32,
     pb.OUTPUT_TYPE_FLOAT16: OutputType.FLOAT16,
@@ -239,9 +240,9 @@ def _options(request: pb.EmbedRequest, violations: list[Violation], header_id: s
             Violation("dimensions", "must be at least 1 when set", Reason.UNSUPPORTED_DIMENSIONS)
         )
         dimensions = None
-    output_type = _OUTPUT_TYPES.get(request.output_type)
+    output_type = OUTPUT_TYPES.get(request.output_type)
     if output_type is None:
-        known = ", ".join(pb.OutputType.Name(n) for n in sorted(_OUTPUT_TYPES) if n)
+        known = ", ".join(pb.OutputType.Name(n) for n in sorted(OUTPUT_TYPES) if n)
         violations.append(
             Violation(
                 "output_type",

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER
+from embedgate.server.edge.convert import OUTPUT_TYPES
 from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
@@ -60,13 +61,9 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 _SERVER_ERROR = (500, "server_error")
 
+# output_type by the names the domain gives the contract's types ("int8"...).
 _OUTPUT_TYPES: dict[str, int] = {
-    "float32": pb.OUTPUT_TYPE_FLOAT32,
-    "float16": pb.OUTPUT_TYPE_FLOAT16,
-    "int8": pb.OUTPUT_TYPE_INT8,
-    "uint8": pb.OUTPUT_TYPE_UINT8,
-    "binary": pb.OUTPUT_TYPE_BINARY,
-    "ubinary": pb.OUTPUT_TYPE_UBINARY,
+    domain.value: number for number, domain in OUTPUT_TYPES.items() if number
 }
 # How each compact type's bytes read as numbers, for encoding_format "float".
 _DTYPES: dict[int, np.dtype[Any]] = {
@@ -85,6 +82,42 @@ def bad_request(
     return InvalidRequestError([Violation(field, description, reason)])
 
 
+def contract_input(item: object, field: str) -> pb.Input:
+    """One item of an input array: a string is a text; an object is an input in the
+    contract's JSON form (``{"image": {"uri": ...}}``)."""
+    if isinstance(item, str):
+        return pb.Input(text=item)
+    if not isinstance(item, dict):
+        raise bad_request(field, "must be a string or an input object")
+    try:
+        return json_format.ParseDict(item, pb.Input())
+    except json_format.ParseError as error:
+        raise bad_request(field, f"is not an input in the contract's JSON form ({error})") from None
+
+
+def optional_text(body: dict[str, Any], name: str) -> str:
+    """A string field of the body; absent: empty (the service says if it is required)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(name, "must be a string")
+    return value or ""
+
+
+def optional_count(body: dict[str, Any], name: str, reason: Reason) -> int | None:
+    """A positive integer field of the body, or None when it is absent."""
+    value = body.get(name)
+    if value is not None and (type(value) is not int or not 0 < value < 2**32):
+        raise bad_request(name, "must be a positive integer", reason)
+    return value
+
+
+def usage(response: pb.EmbedResponse | pb.RerankResponse) -> dict[str, int]:
+    return {
+        "prompt_tokens": response.usage.prompt_tokens,
+        "total_tokens": response.usage.total_tokens,
+    }
+
+
 def _inputs(value: object) -> list[pb.Input]:
     """``input`` as the contract's inputs: a string, or an array of strings or of inputs
     in the contract's JSON form."""
@@ -98,24 +131,13 @@ def _inputs(value: object) -> list[pb.Input]:
         raise bad_request("input", "must be a string or an array of strings")
     inputs = []
     for position, item in enumerate(value):
-        if isinstance(item, str):
-            inputs.append(pb.Input(text=item))
-        elif isinstance(item, int | list):
+        if isinstance(item, int | list):
             raise bad_request(
                 f"input[{position}]" if isinstance(item, list) else "input",
                 "holds token ids; this gateway takes texts (each model counts its own "
                 "tokens): send the text itself",
             )
-        elif isinstance(item, dict):
-            try:
-                inputs.append(json_format.ParseDict(item, pb.Input()))
-            except json_format.ParseError as error:
-                raise bad_request(
-                    f"input[{position}]",
-                    f"is not an input in the contract's JSON form ({error})",
-                ) from None
-        else:
-            raise bad_request(f"input[{position}]", "must be a string or an input object")
+        inputs.append(contract_input(item, f"input[{position}]"))
     return inputs
 
 
@@ -128,14 +150,10 @@ def _embed_request(body: object) -> tuple[pb.EmbedRequest, str]:
         raise bad_request(
             "encoding_format", f"must be 'float' or 'base64', not {str(encoding)[:40]!r}"
         )
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model", "must be a string")
-    request = pb.EmbedRequest(model=model or "", inputs=_inputs(body.get("input")))
-    dimensions = body.get("dimensions")
+    model = optional_text(body, "model")
+    request = pb.EmbedRequest(model=model, inputs=_inputs(body.get("input")))
+    dimensions = optional_count(body, "dimensions", Reason.INVALID_REQUEST)
     if dimensions is not None:
-        if type(dimensions) is not int or not 0 < dimensions < 2**32:
-            raise bad_request("dimensions", "must be a positive integer")
         request.dimensions = dimensions
     user = body.get("user")
     if isinstance(user, str):
@@ -175,10 +193,7 @@ def _embedding_list(response: pb.EmbedResponse, output_type: int, encoding: str)
             for embedding in response.embeddings
         ],
         "model": response.model,
-        "usage": {
-            "prompt_tokens": response.usage.prompt_tokens,
-            "total_tokens": response.usage.total_tokens,
-        },
+        "usage": usage(response),
     }
 
 

@@ -21,7 +21,14 @@ from starlette.routing import Route
 
 from embedgate.server.edge.doors import DoorContext
 from embedgate.server.edge.guard import Guard
-from embedgate.server.edge.openai_api import answer, bad_request
+from embedgate.server.edge.openai_api import (
+    answer,
+    bad_request,
+    contract_input,
+    optional_count,
+    optional_text,
+    usage,
+)
 from embedgate.server.edge.service import EmbeddingService
 from embedgate.server.errors import Reason
 from embedgate.server.metrics import Metrics
@@ -39,39 +46,19 @@ def _documents(value: object) -> tuple[list[str], list[pb.Input]]:
         raise bad_request("documents", "must be an array of strings or input objects")
     if all(isinstance(item, str) for item in value):
         return [str(item) for item in value], []
-    inputs = []
-    for position, item in enumerate(value):
-        if isinstance(item, str):
-            inputs.append(pb.Input(text=item))
-        elif isinstance(item, dict):
-            try:
-                inputs.append(json_format.ParseDict(item, pb.Input()))
-            except json_format.ParseError as error:
-                raise bad_request(
-                    f"documents[{position}]",
-                    f"is not an input in the contract's JSON form ({error})",
-                ) from None
-        else:
-            raise bad_request(f"documents[{position}]", "must be a string or an input object")
-    return [], inputs
+    return [], [
+        contract_input(item, f"documents[{position}]") for position, item in enumerate(value)
+    ]
 
 
 def rerank_request(body: object) -> pb.RerankRequest:
     if not isinstance(body, dict):
         raise bad_request("body", "must be a JSON object")
-    model, query = body.get("model"), body.get("query")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model", "must be a string")
-    if query is not None and not isinstance(query, str):
-        raise bad_request("query", "must be a string")
+    model, query = optional_text(body, "model"), optional_text(body, "query")
     texts, inputs = _documents(body.get("documents"))
-    request = pb.RerankRequest(
-        model=model or "", query=query or "", documents=texts, document_inputs=inputs
-    )
-    top_n = body.get("top_n")
+    request = pb.RerankRequest(model=model, query=query, documents=texts, document_inputs=inputs)
+    top_n = optional_count(body, "top_n", Reason.INVALID_TOP_N)
     if top_n is not None:
-        if type(top_n) is not int or not 0 < top_n < 2**32:
-            raise bad_request("top_n", "must be a positive integer", Reason.INVALID_TOP_N)
         request.top_n = top_n
     returned = body.get("return_documents", True)
     if not isinstance(returned, bool):
@@ -106,10 +93,7 @@ def _results(response: pb.RerankResponse) -> dict[str, Any]:
         "id": response.request_id,
         "model": response.model,
         "results": results,
-        "usage": {
-            "prompt_tokens": response.usage.prompt_tokens,
-            "total_tokens": response.usage.total_tokens,
-        },
+        "usage": usage(response),
     }
 
 

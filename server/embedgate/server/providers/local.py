@@ -217,10 +217,11 @@ class LocalProvider:
             return "float32", None
         import torch
 
-        with torch.inference_mode():
-            exact = model(self._prepare(list(PRECISION_PROBE)))["sentence_embedding"].float()
+        probe = self._prepare(list(PRECISION_PROBE))
+        with torch.inference_mode():  # each pass adds its outputs to the dict it is given
+            exact = model(dict(probe))["sentence_embedding"].float()
             undo = bfloat16_products(model)
-            near = model(self._prepare(list(PRECISION_PROBE)))["sentence_embedding"].float()
+            near = model(dict(probe))["sentence_embedding"].float()
         cosine = float(torch.nn.functional.cosine_similarity(exact, near).min())
         if cosine >= PRECISION_COSINE or wanted == "bfloat16":
             if cosine < PRECISION_COSINE:
