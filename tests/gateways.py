@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.server import Gateway
 from embedgate.server.providers.registry import parse_config
+from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 KEY = "vendor-key-for-tests"
 
@@ -61,14 +63,18 @@ def key_file(tmp_path: Path) -> Path:
 
 @asynccontextmanager
 async def running(
-    models: list[dict[str, Any]], *, quotas: dict[str, Any] | None = None, **server: Any
+    models: list[dict[str, Any]],
+    *,
+    quotas: dict[str, Any] | None = None,
+    cache: bool = False,
+    **server: Any,
 ) -> AsyncIterator[Gateway]:
-    """A started gateway on 127.0.0.1 (port 0 unless given), cache off; ``server`` are
-    its server settings, ``quotas`` its quotas section."""
+    """A started gateway on 127.0.0.1 (port 0 unless given), cache off unless asked for;
+    ``server`` are its server settings, ``quotas`` its quotas section."""
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1, **server},
-            "cache": {"enabled": False},
+            "cache": {"enabled": cache},
             "quotas": quotas or {},
             "models": models,
         }
@@ -79,6 +85,17 @@ async def running(
         yield gateway
     finally:
         await gateway.stop(grace=0)
+
+
+@dataclass
+class HttpServed:
+    """A running gateway with its HTTP port, the vendor fake behind its model, the HTTP
+    port's base URL, and a gRPC stub on the same gateway."""
+
+    gateway: Gateway
+    fake: FakeVendor
+    base_url: str
+    stub: pb_grpc.EmbeddingServiceAsyncStub
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """The HTTP listener as a listener: HTTP/1.1 and h2c on one port, TLS as the gRPC port
-has it, the cache shared with gRPC, CORS only where configured, and a port in use named."""
+has it, the cache shared with gRPC, CORS only where configured, and a port in use named;
+and a token, a model scope, TLS and the cache the same on every door."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,14 +17,20 @@ import pytest
 import pytest_asyncio
 import structlog
 from certs import Authority
+from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 from fakes import FakeVendor, Fault, make_fake
 from gateways import key_file, openai_model, running
+from google.protobuf import json_format
+from pyqwest import Client, HTTPTransport
 
 from embedgate.server.app import build_gateway
 from embedgate.server.edge.http_server import HttpListenError
+from embedgate.server.edge.server import Gateway
 from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
+from embedgate.v1.embedding_service_connect import EmbeddingServiceClient
 
 BODY = {"model": "m", "input": "apples", "encoding_format": "float"}
 
@@ -63,41 +71,6 @@ async def test_tls_covers_the_http_port(fake: FakeVendor, tmp_path: Path) -> Non
                 await plain.post(f"http://127.0.0.1:{gateway.http_port}/v1/embeddings", json=BODY)
     assert (reply.status_code, reply.http_version) == (200, "HTTP/2")
     assert len(reply.json()["data"][0]["embedding"]) == fake.dims
-
-
-async def test_the_cache_is_shared_with_grpc(fake: FakeVendor, tmp_path: Path) -> None:
-    """A text embedded over gRPC is a cache hit through the OpenAI door, and the other
-    way round: one engine, one cache."""
-    config = parse_config(
-        {
-            "server": {"host": "127.0.0.1", "port": 0, "http_port": 0, "shutdown_grace_s": 1},
-            "models": [openai_model(fake, key_file(tmp_path))],
-        }
-    )
-    gateway = build_gateway(config)
-    await gateway.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            stub = pb_grpc.EmbeddingServiceStub(channel)
-            await stub.Embed(pb.EmbedRequest(model="m", inputs=[pb.Input(text="apples")]))
-            async with httpx.AsyncClient() as http:
-                with structlog.testing.capture_logs() as logs:
-                    reply = await http.post(
-                        f"http://127.0.0.1:{gateway.http_port}/v1/embeddings",
-                        json={
-                            "model": "m",
-                            "input": ["apples", "pears"],
-                            "encoding_format": "float",
-                        },
-                    )
-            again = await stub.Embed(pb.EmbedRequest(model="m", inputs=[pb.Input(text="pears")]))
-    finally:
-        await gateway.stop(grace=0)
-    assert reply.status_code == 200
-    (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
-    assert line["cached_inputs"] == 1
-    assert again.embeddings[0].cached
-    assert len(fake.received) == 2  # apples once, pears once
 
 
 async def test_cors_only_for_the_configured_origins(fake: FakeVendor, tmp_path: Path) -> None:
@@ -187,3 +160,159 @@ async def test_a_call_in_progress_finishes_while_the_server_drains(
     async with httpx.AsyncClient() as http:
         with pytest.raises(httpx.ConnectError):
             await http.post(url, json=BODY)
+
+
+# ---- The same behaviour on every door: gRPC, the OpenAI API, rerank, Connect, gRPC-Web.
+
+DOORS = ("grpc", "openai", "rerank", "connect", "grpc-web")
+DOOR_TOKEN = "door-token-canary-5e1f"  # noqa: S105
+SCOPED_TOKEN = "scoped-token-canary-0b7d"  # noqa: S105
+# An HTTP door's status, as the gRPC code it stands for.
+_BY_STATUS = {200: "OK", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED"}
+
+
+@dataclass
+class Doors:
+    """Where a running gateway's doors are, and how a client reaches them."""
+
+    gateway: Gateway
+    scheme: str = "http"
+    ca_pem: bytes | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.gateway.http_port}"
+
+    def channel(self) -> grpc.aio.Channel:
+        target = f"127.0.0.1:{self.gateway.port}"
+        if self.ca_pem is None:
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
+        )
+
+    def http(self) -> httpx.AsyncClient:
+        verify = ssl.create_default_context(cadata=self.ca_pem.decode()) if self.ca_pem else True
+        return httpx.AsyncClient(base_url=self.base_url, verify=verify)
+
+    def connect_client(self) -> EmbeddingServiceClient:
+        transport = HTTPTransport(tls_ca_cert=self.ca_pem) if self.ca_pem else HTTPTransport()
+        return EmbeddingServiceClient(
+            self.base_url, protocol=ProtocolType.GRPC_WEB, http_client=Client(transport)
+        )
+
+    async def call(self, door: str, model: str, text: str, token: str | None = None) -> str:
+        """Embeds ``text`` with ``model`` through ``door`` (a rerank of it, through the
+        rerank door); the outcome as a gRPC code's name."""
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        request = pb.EmbedRequest(model=model, inputs=[pb.Input(text=text)])
+        if door == "grpc":
+            async with self.channel() as channel:
+                try:
+                    await pb_grpc.EmbeddingServiceStub(channel).Embed(
+                        request, metadata=tuple(headers.items())
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+            return "OK"
+        if door == "grpc-web":
+            async with self.connect_client() as client:
+                try:
+                    await client.embed(request, headers=headers)
+                except ConnectError as error:
+                    return error.code.name
+            return "OK"
+        async with self.http() as http:
+            if door == "openai":
+                reply = await http.post(
+                    "/v1/embeddings",
+                    json={"model": model, "input": text, "encoding_format": "float"},
+                    headers=headers,
+                )
+            elif door == "rerank":
+                reply = await http.post(
+                    "/v1/rerank",
+                    json={"model": model, "query": text, "documents": [text]},
+                    headers=headers,
+                )
+            else:
+                reply = await http.post(
+                    "/embedgate.v1.EmbeddingService/Embed",
+                    json=json_format.MessageToDict(request),
+                    headers=headers,
+                )
+        return _BY_STATUS.get(reply.status_code, str(reply.status_code))
+
+
+async def test_a_token_is_required_on_every_door(fake: FakeVendor, tmp_path: Path) -> None:
+    """With auth on, every door refuses a call without a token or with a wrong one, and
+    serves one with a valid token."""
+    (tmp_path / "token").write_text(DOOR_TOKEN)
+    auth = {"tokens": [{"name": "app", "token_file": str(tmp_path / "token")}]}
+    async with running([openai_model(fake, key_file(tmp_path))], http_port=0, auth=auth) as gw:
+        doors = Doors(gw)
+        outcomes = {
+            door: (
+                await doors.call(door, "m", "apples"),
+                await doors.call(door, "m", "apples", token=DOOR_TOKEN[::-1]),
+                await doors.call(door, "m", "apples", token=DOOR_TOKEN),
+            )
+            for door in DOORS
+        }
+    assert outcomes == dict.fromkeys(DOORS, ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"))
+
+
+async def test_a_model_scope_holds_on_every_door(fake: FakeVendor, tmp_path: Path) -> None:
+    """A token limited to one model may use it, and no other, through every door."""
+    (tmp_path / "token").write_text(SCOPED_TOKEN)
+    auth = {"tokens": [{"name": "small", "token_file": str(tmp_path / "token"), "models": ["m"]}]}
+    keys = key_file(tmp_path)
+    models = [openai_model(fake, keys), openai_model(fake, keys, name="other")]
+    async with running(models, http_port=0, auth=auth) as gw:
+        doors = Doors(gw)
+        outcomes = {
+            door: (
+                await doors.call(door, "m", "apples", token=SCOPED_TOKEN),
+                await doors.call(door, "other", "apples", token=SCOPED_TOKEN),
+            )
+            for door in DOORS
+        }
+    assert outcomes == dict.fromkeys(DOORS, ("OK", "PERMISSION_DENIED"))
+
+
+async def test_tls_covers_every_door(fake: FakeVendor, tmp_path: Path) -> None:
+    """With TLS configured, every door answers over TLS with the same certificate, and
+    the HTTP port takes no plaintext."""
+    ca = Authority("embedgate test CA")
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    async with running([openai_model(fake, key_file(tmp_path))], tls=tls, http_port=0) as gw:
+        doors = Doors(gw, scheme="https", ca_pem=ca.cert_pem)
+        outcomes = {door: await doors.call(door, "m", "apples") for door in DOORS}
+        plain = Doors(gw)
+        refused = {door: await _plain(plain, door) for door in DOORS if door != "grpc"}
+    assert outcomes == dict.fromkeys(DOORS, "OK")
+    assert "OK" not in refused.values(), refused
+
+
+async def _plain(doors: Doors, door: str) -> str:
+    try:
+        return await doors.call(door, "m", "apples")
+    except httpx.HTTPError as error:
+        return type(error).__name__
+
+
+async def test_the_cache_serves_every_door(fake: FakeVendor, tmp_path: Path) -> None:
+    """A text embedded once, through any door, is a cache hit through every other: the
+    vendor sees it once, and each later Embed's access line counts it as cached."""
+    model = openai_model(fake, key_file(tmp_path))
+    async with running([model], http_port=0, cache=True) as gateway:
+        doors = Doors(gateway)
+        with structlog.testing.capture_logs() as logs:
+            outcomes = [await doors.call(door, "m", "apples") for door in (*DOORS, *DOORS)]
+    assert outcomes == ["OK"] * 2 * len(DOORS)
+    sent = [item for received in fake.received for item in received.body["input"]]
+    assert sent == ["apples"]
+    lines = [e for e in logs if e["event"] == "rpc_finished" and e["method"] == "Embed"]
+    assert [e["cached_inputs"] for e in lines] == [0] + [1] * (len(lines) - 1)
+    assert {e.get("protocol", "grpc") for e in lines} == set(DOORS) - {"rerank"}

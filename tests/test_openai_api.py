@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -17,11 +16,10 @@ import openai
 import pytest
 import pytest_asyncio
 import structlog
-from fakes import FakeVendor, Fault, make_fake
-from gateways import key_file, openai_model, running, samples, value
+from fakes import Fault, make_fake
+from gateways import HttpServed, key_file, openai_model, running, samples, value
 from prometheus_client import generate_latest
 
-from embedgate.server.edge.server import Gateway
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -29,16 +27,8 @@ TOKEN = "openai-door-token-canary-41c2"  # noqa: S105
 LIMITED = "openai-door-limited-canary-77aa"
 
 
-@dataclass
-class Served:
-    gateway: Gateway
-    fake: FakeVendor
-    base_url: str
-    stub: pb_grpc.EmbeddingServiceAsyncStub
-
-
 @pytest_asyncio.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def served(tmp_path: Path) -> AsyncIterator[HttpServed]:
     keys = key_file(tmp_path)
     (tmp_path / "token").write_text(TOKEN)
     (tmp_path / "limited").write_text(LIMITED)
@@ -57,7 +47,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
             running(models, http_port=0, auth=auth) as gateway,
             grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
         ):
-            yield Served(
+            yield HttpServed(
                 gateway,
                 fake,
                 f"http://127.0.0.1:{gateway.http_port}/v1",
@@ -65,17 +55,17 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
             )
 
 
-def client(served: Served, token: str = TOKEN) -> openai.AsyncOpenAI:
+def client(served: HttpServed, token: str = TOKEN) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(api_key=token, base_url=served.base_url, max_retries=0)
 
 
-async def grpc_vectors(served: Served, texts: list[str], **options: object) -> np.ndarray:
+async def grpc_vectors(served: HttpServed, texts: list[str], **options: object) -> np.ndarray:
     request = pb.EmbedRequest(model="m", inputs=[pb.Input(text=t) for t in texts], **options)  # type: ignore[arg-type]
     response = await served.stub.Embed(request, metadata=(("authorization", f"Bearer {TOKEN}"),))
     return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
 
 
-async def test_embeddings_match_grpc_in_base64_and_in_float(served: Served) -> None:
+async def test_embeddings_match_grpc_in_base64_and_in_float(served: HttpServed) -> None:
     """The SDK's default (base64) and float replies carry exactly the float32 vectors
     gRPC's Embed gives for the same texts, in order, with usage."""
     texts = ["apples", "pears", "a third text"]
@@ -93,7 +83,7 @@ async def test_embeddings_match_grpc_in_base64_and_in_float(served: Served) -> N
     np.testing.assert_array_equal(np.array(one.data[0].embedding, dtype=np.float32), expected[0])
 
 
-async def test_the_sync_client_and_dimensions(served: Served) -> None:
+async def test_the_sync_client_and_dimensions(served: HttpServed) -> None:
     """The synchronous SDK works the same (here from a thread, the server being on this
     loop); `dimensions` is the contract's."""
     expected = await grpc_vectors(served, ["apples"], dimensions=16)
@@ -108,7 +98,7 @@ async def test_the_sync_client_and_dimensions(served: Served) -> None:
     np.testing.assert_array_equal(got, expected[0])
 
 
-async def test_models_lists_what_the_token_may_use(served: Served) -> None:
+async def test_models_lists_what_the_token_may_use(served: HttpServed) -> None:
     """`models.list` shows the models, with embedgate's description of each; a token
     limited to some models sees only those."""
     async with client(served) as sdk:
@@ -123,7 +113,7 @@ async def test_models_lists_what_the_token_may_use(served: Served) -> None:
     assert described["default_dimensions"] == 8
 
 
-async def test_errors_are_the_sdks_own_with_the_grpc_codes_status(served: Served) -> None:
+async def test_errors_are_the_sdks_own_with_the_grpc_codes_status(served: HttpServed) -> None:
     """Each failure is the SDK's exception for its status, with embedgate's reason as
     the code and the field as the caller named it as the param."""
     async with client(served) as sdk:
@@ -152,7 +142,7 @@ async def test_errors_are_the_sdks_own_with_the_grpc_codes_status(served: Served
     assert served.fake.received == []  # none of them reached the vendor
 
 
-async def test_an_overloaded_vendor_is_a_429_with_retry_after(served: Served) -> None:
+async def test_an_overloaded_vendor_is_a_429_with_retry_after(served: HttpServed) -> None:
     """A vendor that answers 429 with Retry-After, every time: the caller gets a 429
     (the SDK's RateLimitError) and a Retry-After of its own."""
     served.fake.always(Fault.status(429, retry_after="0.2"))
@@ -163,7 +153,7 @@ async def test_an_overloaded_vendor_is_a_429_with_retry_after(served: Served) ->
     assert int(limited.value.response.headers["retry-after"]) >= 1
 
 
-async def test_request_ids_and_the_access_line(served: Served) -> None:
+async def test_request_ids_and_the_access_line(served: HttpServed) -> None:
     """The caller's x-request-id comes back and reaches the vendor; the call's access
     line says which door it came through."""
     async with httpx.AsyncClient(base_url=served.base_url) as http:
@@ -180,7 +170,7 @@ async def test_request_ids_and_the_access_line(served: Served) -> None:
     assert (line["protocol"], line["method"], line["code"]) == ("openai", "Embed", "OK")
 
 
-async def test_a_body_that_is_not_json_is_a_400(served: Served) -> None:
+async def test_a_body_that_is_not_json_is_a_400(served: HttpServed) -> None:
     """A body that does not parse is the caller's error, in OpenAI's shape."""
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         reply = await http.post(
@@ -191,12 +181,12 @@ async def test_a_body_that_is_not_json_is_a_400(served: Served) -> None:
     assert (error["type"], error["param"]) == ("invalid_request_error", "body")
 
 
-async def rerank(served: Served, body: dict[str, object]) -> httpx.Response:
+async def rerank(served: HttpServed, body: dict[str, object]) -> httpx.Response:
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         return await http.post("/rerank", json=body, headers={"authorization": f"Bearer {TOKEN}"})
 
 
-async def test_rerank_is_the_grpc_rerank_best_first(served: Served) -> None:
+async def test_rerank_is_the_grpc_rerank_best_first(served: HttpServed) -> None:
     """POST /v1/rerank answers what gRPC's Rerank answers (here cosine similarity on an
     embedding model): results best first, each with its index, score and document;
     top_n keeps the best; return_documents false leaves the documents out."""
@@ -230,7 +220,7 @@ async def test_rerank_is_the_grpc_rerank_best_first(served: Served) -> None:
     assert all("document" not in r for r in top.json()["results"])
 
 
-async def test_rerank_errors_name_the_callers_fields(served: Served) -> None:
+async def test_rerank_errors_name_the_callers_fields(served: HttpServed) -> None:
     """A document the model cannot take is blamed as `documents[i]`, as the caller sent
     it; a missing query and a bad top_n are the caller's errors too."""
     image = {"image": {"uri": "https://example.test/a.png"}}
@@ -245,7 +235,7 @@ async def test_rerank_errors_name_the_callers_fields(served: Served) -> None:
     assert (bad_top.status_code, bad_top.json()["error"]["param"]) == (400, "top_n")
 
 
-async def test_langchain_openai_embeddings(served: Served) -> None:
+async def test_langchain_openai_embeddings(served: HttpServed) -> None:
     """langchain-openai's OpenAIEmbeddings, configured as users do for a server that is
     not OpenAI (its base URL, no client-side token counting): embed_documents and
     embed_query give gRPC's vectors."""
@@ -273,7 +263,7 @@ async def test_langchain_openai_embeddings(served: Served) -> None:
     np.testing.assert_allclose(np.array(query), expected[0], rtol=0, atol=1e-7)
 
 
-async def test_calls_are_counted_under_their_protocol(served: Served) -> None:
+async def test_calls_are_counted_under_their_protocol(served: HttpServed) -> None:
     """The RPC counters tell the doors apart: grpc, openai, rerank."""
     await grpc_vectors(served, ["apples"])
     async with client(served) as sdk:
@@ -301,7 +291,7 @@ async def test_calls_are_counted_under_their_protocol(served: Served) -> None:
     assert set(counted.values()) == {1.0}, counted
 
 
-async def test_coheres_client_reranks_through_the_rerank_door(served: Served) -> None:
+async def test_coheres_client_reranks_through_the_rerank_door(served: HttpServed) -> None:
     """Cohere's own SDK, pointed at the server, reranks through POST /v1/rerank and reads
     gRPC's results: the same order and scores, top_n respected."""
     import cohere
@@ -321,7 +311,7 @@ async def test_coheres_client_reranks_through_the_rerank_door(served: Served) ->
     ]
 
 
-async def post(served: Served, path: str, body: object) -> httpx.Response:
+async def post(served: HttpServed, path: str, body: object) -> httpx.Response:
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         return await http.post(path, json=body, headers={"authorization": f"Bearer {TOKEN}"})
 
@@ -354,7 +344,7 @@ async def post(served: Served, path: str, body: object) -> httpx.Response:
     ],
 )
 async def test_bad_bodies_name_the_field(
-    served: Served, path: str, body: object, param: str, code: str | None
+    served: HttpServed, path: str, body: object, param: str, code: str | None
 ) -> None:
     """Each malformed body is a 400 blaming the field as the caller named it (and never
     reaches the vendor)."""
@@ -368,7 +358,7 @@ async def test_bad_bodies_name_the_field(
     assert served.fake.received == []
 
 
-async def test_compact_output_types_and_input_objects(served: Served) -> None:
+async def test_compact_output_types_and_input_objects(served: HttpServed) -> None:
     """output_type gives the contract's compact vectors (numbers with float, the bytes
     with base64); an input object in the contract's JSON form is a text like any other;
     a rerank document given as an object comes back in that form."""

@@ -30,6 +30,7 @@ from embedgate.client import Client
 from embedgate.server.providers.registry import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
+TYPESCRIPT = REPO / "clients" / "typescript"
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 BIN = Path(sys.executable).parent
@@ -389,10 +390,10 @@ def test_the_http_doors_answer_as_the_readme_shows(
     """The README's OpenAI SDK and LangChain example prints what its comments say, and
     its curl call prints the line shown under it."""
     served, port = http_server
-    _, example, shell = readme_blocks("http")
+    _, example, shell, connect = readme_blocks("http")
     address = f"127.0.0.1:{HTTP_PORT}"
-    assert address in example.code
-    assert address in shell.code
+    for block in (example, shell, connect):
+        assert address in block.code
     script = tmp_path / "doors.py"
     script.write_text(example.code.replace(address, f"127.0.0.1:{port}"))
     done = subprocess.run(
@@ -408,3 +409,32 @@ def test_the_http_doors_answer_as_the_readme_shows(
         served.target,
         dict(os.environ),
     )
+    # The TypeScript example, bundled from where its imports resolve (the TypeScript
+    # client's folder) and run by Node.js, whose fetch connect-web uses as a browser would.
+    assert connect.language == "ts"
+    bundle = tmp_path / "connect.mjs"
+    subprocess.run(
+        [
+            str(TYPESCRIPT / "node_modules" / ".bin" / "esbuild"),
+            "--bundle",
+            "--format=esm",
+            "--platform=node",
+            "--loader=ts",
+            "--sourcefile=readme.ts",
+            f"--outfile={bundle}",
+        ],
+        input=connect.code.replace(address, f"127.0.0.1:{port}"),
+        cwd=TYPESCRIPT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    ran = subprocess.run(
+        ["node", str(bundle)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    shown = [
+        line.rsplit("//", 1)[1].strip() for line in connect.code.splitlines() if "log(" in line
+    ]
+    assert ran.stdout.splitlines() == shown

@@ -1,7 +1,7 @@
 """scripts/setup, the set-up behind both README commands, on a machine that lacks a
 package and may not install it: it stops at once, before changing anything, with the
 exact command to run. (On a machine where it may install, CI's fresh machines are the
-test: `make test` there starts without Go, redis-server or h2load.)"""
+test: `make test` there starts without Go, redis-server, h2load or Chromium.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What scripts/setup test looks for, each present here (CI installed them).
-PRESENT = ("node", "npm", "redis-server", "go", "protoc-gen-go", "protoc-gen-go-grpc", "dpkg-query")
+PRESENT = (
+    "node",
+    "npm",
+    "redis-server",
+    "chromium",
+    "go",
+    "protoc-gen-go",
+    "protoc-gen-go-grpc",
+    "dpkg-query",
+)
 # What it runs before it gets to them.
 USED = ("dirname",)
 NOBODY = 65534

@@ -38,6 +38,8 @@ class VendorWorld:
     fakes: dict[str, FakeVendor]
     gateway: Gateway
     target: str
+    # The HTTP port's address (the OpenAI API, Connect and gRPC-Web).
+    http_target: str
 
     def fake_of(self, model: str) -> FakeVendor:
         return self.fakes[MODEL_VENDOR[model]]
@@ -159,7 +161,12 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Vendo
     key_file.write_text(CANARY + "\n")
     config = parse_config(
         {
-            "server": {"host": "127.0.0.1", "port": 0, "default_deadline_s": 2.0},
+            "server": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "http_port": 0,
+                "default_deadline_s": 2.0,
+            },
             # These tests watch every input reach the vendor; tests/test_cache.py has
             # the cache in front of the same fakes.
             "cache": {"enabled": False},
@@ -169,7 +176,13 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Vendo
     gateway = build_gateway(config)
     port = await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield VendorWorld(pb_grpc.EmbeddingServiceStub(channel), fakes, gateway, f"127.0.0.1:{port}")
+    yield VendorWorld(
+        pb_grpc.EmbeddingServiceStub(channel),
+        fakes,
+        gateway,
+        f"127.0.0.1:{port}",
+        f"127.0.0.1:{gateway.http_port}",
+    )
     await channel.close()
     await gateway.stop(grace=1)
     for fake in fakes.values():

@@ -11,7 +11,8 @@ service built (code, message, ``google.rpc`` details) for the door to render.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -83,18 +84,17 @@ class DoorContext:
 
     def __init__(self, headers: Sequence[tuple[str, str]], timeout_s: float | None = None) -> None:
         self._metadata = tuple(headers)
-        self._deadline = (
-            None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-        )
+        # When the call must end, on the loop's clock (None: the server's default applies).
+        self.deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         self.trailing: dict[str, str] = {}
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
     def time_remaining(self) -> float | None:
-        if self._deadline is None:
+        if self.deadline is None:
             return None
-        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.trailing.update((key, value) for key, value in metadata if isinstance(value, str))
@@ -125,6 +125,31 @@ def request_id_header(context: DoorContext) -> dict[str, str]:
     return {REQUEST_ID_HEADER: given} if given else {}
 
 
+def refused_line(method: str, metrics: Metrics, error: EmbedgateError) -> None:
+    """The access line of a call refused before the service saw it."""
+    access = Access(method, metrics)
+    access.fields["reason"] = error.reason
+    access.emit(grpc_code(error))
+
+
+@contextmanager
+def admitted(
+    guard: Guard, metrics: Metrics, method: str, context: DoorContext, *, stream: bool = False
+) -> Iterator[None]:
+    """The call admitted as an RPC would be (token, scopes, cap) for the block's time. A
+    refusal gets its access line here (the service writes every other one) and is raised
+    as ``DoorAbortedError``."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                guard.admitted(method, context.invocation_metadata(), stream=stream)
+            )
+        except EmbedgateError as refused:
+            refused_line(method, metrics, refused)
+            raise refusal(refused) from None
+        yield
+
+
 async def admitted_call(
     guard: Guard,
     metrics: Metrics,
@@ -132,14 +157,6 @@ async def admitted_call(
     context: DoorContext,
     serve: Callable[[DoorContext], Awaitable[T]],
 ) -> T:
-    """Admit the call as an RPC would be (token, scopes, cap), then serve it. A refusal
-    gets its access line here (the service writes every other one) and is raised as
-    ``DoorAbortedError``."""
-    try:
-        with guard.admitted(method, context.invocation_metadata()):
-            return await serve(context)
-    except EmbedgateError as refused:  # not admitted
-        access = Access(method, metrics)
-        access.fields["reason"] = refused.reason
-        access.emit(grpc_code(refused))
-        raise refusal(refused) from None
+    """Admit the call (see ``admitted``), then serve it."""
+    with admitted(guard, metrics, method, context):
+        return await serve(context)

@@ -181,19 +181,20 @@ class Guard:
             )
 
     @contextmanager
-    def admitted(self, name: str, headers: Any) -> Iterator[None]:
+    def admitted(self, name: str, headers: Any, *, stream: bool = False) -> Iterator[None]:
         """The admission an RPC gets, for a call through another door (see ``_admit``),
-        and its count among the calls in progress."""
+        and its count among the calls in progress (a ``stream`` not among the unary ones)."""
         self._admit(headers)
         gauge = self._metrics.rpcs_in_flight.labels(name)
+        unary = not stream
         self._active += 1
-        self._unary += 1
+        self._unary += unary
         gauge.inc()
         try:
             yield
         finally:
             gauge.dec()
-            self._unary -= 1
+            self._unary -= unary
             self._active -= 1
 
     def register(

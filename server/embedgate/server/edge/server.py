@@ -18,8 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Mount
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
+from embedgate.server.edge.connect_api import ConnectDoor
 from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.http_server import HttpServer
 from embedgate.server.edge.openai_api import OpenAIDoor
@@ -157,7 +159,7 @@ class Gateway:
             await self._health_server.start()
         if settings.http_port is not None:
             self._http_server = HttpServer(
-                http_app(embedding, guard, self._metrics, settings.cors_origins),
+                http_app(embedding, guard, self._metrics, settings),
                 settings.http_host or settings.host,
                 settings.http_port,
                 settings.tls,
@@ -234,24 +236,43 @@ class Gateway:
 
 
 def http_app(
-    service: EmbeddingService, guard: Guard, metrics: Metrics, cors_origins: list[str]
+    service: EmbeddingService, guard: Guard, metrics: Metrics, settings: ServerConfig
 ) -> Starlette:
     """The HTTP doors' routes (Starlette: routing and CORS, nothing of its own between a
     request and the service)."""
     middleware = []
-    if cors_origins:
+    if settings.cors_origins:
         middleware.append(
             Middleware(
                 CORSMiddleware,
-                allow_origins=cors_origins,
+                allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["authorization", "content-type", "x-request-id"],
-                expose_headers=["x-request-id", "retry-after"],
+                # What the OpenAI and rerank doors read, and what Connect's and gRPC-Web's
+                # browser clients send and read.
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "x-request-id",
+                    "connect-protocol-version",
+                    "connect-timeout-ms",
+                    "grpc-timeout",
+                    "x-grpc-web",
+                    "x-user-agent",
+                ],
+                expose_headers=[
+                    "x-request-id",
+                    "retry-after",
+                    "grpc-status",
+                    "grpc-message",
+                    "grpc-status-details-bin",
+                ],
             )
         )
+    connect = ConnectDoor(service, guard, metrics, settings.max_request_bytes)
     routes = [
         *OpenAIDoor(service, guard, metrics).routes(),
         *RerankDoor(service, guard, metrics).routes(),
+        Mount(connect.path, app=connect),
     ]
     return Starlette(routes=routes, middleware=middleware)
 
