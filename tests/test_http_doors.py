@@ -5,14 +5,17 @@ and a token, a model scope, TLS and the cache the same on every door."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
+import orjson
 import pytest
 import pytest_asyncio
 import structlog
@@ -316,3 +319,72 @@ async def test_the_cache_serves_every_door(fake: FakeVendor, tmp_path: Path) -> 
     lines = [e for e in logs if e["event"] == "rpc_finished" and e["method"] == "Embed"]
     assert [e["cached_inputs"] for e in lines] == [0] + [1] * (len(lines) - 1)
     assert {e.get("protocol", "grpc") for e in lines} == set(DOORS) - {"rerank"}
+
+
+MIB = 1024 * 1024
+
+
+async def test_a_body_over_max_request_bytes_is_refused_on_every_http_door(
+    fake: FakeVendor, tmp_path: Path
+) -> None:
+    """server.max_request_bytes bounds an HTTP body as it bounds a gRPC message: a
+    larger one is refused, whether its length is declared or it comes in chunks, with
+    REQUEST_TOO_LARGE in each door's shape and an access line; nothing reaches the
+    vendor. A request of EmbedPipeline's stream is bounded one by one."""
+    model = openai_model(fake, key_file(tmp_path))
+    big = "x" * (MIB + 10)
+    openai_body = orjson.dumps({"model": "m", "input": big})
+    connect_body = orjson.dumps({"model": "m", "inputs": [{"text": big}]})
+
+    async def chunked(body: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    async with running([model], http_port=0, max_request_bytes=MIB) as gateway:
+        base = f"http://127.0.0.1:{gateway.http_port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            with structlog.testing.capture_logs() as logs:
+                declared = await http.post("/v1/embeddings", content=openai_body)
+                streamed = await http.post("/v1/embeddings", content=chunked(openai_body))
+                rerank = await http.post("/v1/rerank", content=openai_body)
+                connect = await http.post(
+                    "/embedgate.v1.EmbeddingService/Embed",
+                    content=connect_body,
+                    headers={"content-type": "application/json"},
+                )
+                connect_chunked = await http.post(
+                    "/embedgate.v1.EmbeddingService/Embed",
+                    content=chunked(connect_body),
+                    headers={"content-type": "application/json"},
+                )
+        request = pb.EmbedPipelineRequest(
+            correlation_id="a", request=pb.EmbedRequest(model="m", inputs=[pb.Input(text=big)])
+        ).SerializeToString()
+        async with httpx.AsyncClient(base_url=base, http1=False, http2=True) as http2:
+            pipeline = await http2.post(
+                "/embedgate.v1.EmbeddingService/EmbedPipeline",
+                content=struct.pack(">BI", 0, len(request)) + request,
+                headers={"content-type": "application/connect+proto"},
+            )
+    for reply in (declared, streamed, rerank):
+        assert reply.status_code == 413
+        assert reply.json()["error"]["code"] == "REQUEST_TOO_LARGE"
+        assert "max_request_bytes" in reply.json()["error"]["message"]
+    for reply in (connect, connect_chunked):
+        assert reply.status_code == 429
+        error = reply.json()
+        assert error["code"] == "resource_exhausted"
+        assert error["details"][0]["debug"]["reason"] == "REQUEST_TOO_LARGE"
+    end = pipeline.content[5:]
+    assert pipeline.content[0] == 0x02
+    assert json.loads(end)["error"]["code"] == "resource_exhausted"
+    assert "a request of the stream is larger" in json.loads(end)["error"]["message"]
+    lines = [e for e in logs if e["event"] == "rpc_finished"]
+    assert [(e["method"], e["reason"]) for e in lines] == [
+        ("Embed", "REQUEST_TOO_LARGE"),
+        ("Embed", "REQUEST_TOO_LARGE"),
+        ("Rerank", "REQUEST_TOO_LARGE"),
+        ("Embed", "REQUEST_TOO_LARGE"),
+        ("Embed", "REQUEST_TOO_LARGE"),
+    ]
+    assert fake.received == []

@@ -14,6 +14,8 @@
     ├── UnauthenticatedError       UNAUTHENTICATED    no bearer token, or an unknown one
     ├── PermissionDeniedError      PERMISSION_DENIED  the token may not use that model
     ├── OverloadedError            RESOURCE_EXHAUSTED the server is at its cap of RPCs
+    ├── RequestTooLargeError       RESOURCE_EXHAUSTED an HTTP request body over the server's
+    │                                                 max_request_bytes
     ├── NoDeploymentError          UNAVAILABLE        every deployment of the model is out
     ├── QuotaExhaustedError        RESOURCE_EXHAUSTED no vendor quota has room within the
     │                                                 call's deadline (QuotaFailure says whose)
@@ -90,6 +92,7 @@ class Reason(enum.StrEnum):
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - a reason, not a secret
     MODEL_NOT_PERMITTED = "MODEL_NOT_PERMITTED"
     OVERLOADED = "OVERLOADED"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     QUOTA_EXHAUSTED = "QUOTA_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -293,6 +296,13 @@ class PermissionDeniedError(EmbedgateError):
 
 class OverloadedError(EmbedgateError):
     reason = Reason.OVERLOADED
+
+
+class RequestTooLargeError(EmbedgateError):
+    """A request body larger than the server reads (gRPC's own limit on a message is
+    RESOURCE_EXHAUSTED too)."""
+
+    reason = Reason.REQUEST_TOO_LARGE
 
 
 class NoDeploymentError(EmbedgateError):

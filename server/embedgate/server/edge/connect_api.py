@@ -39,14 +39,12 @@ from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER
 from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
+    Gate,
     admitted,
     refused_line,
 )
-from embedgate.server.edge.guard import Guard
-from embedgate.server.edge.service import EmbeddingService
-from embedgate.server.edge.status import to_rpc_status
-from embedgate.server.errors import MalformedRequestError
-from embedgate.server.metrics import Metrics
+from embedgate.server.edge.status import grpc_code, to_rpc_status
+from embedgate.server.errors import EmbedgateError, MalformedRequestError
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1.embedding_service_connect import EmbeddingServiceASGIApplication
 
@@ -82,14 +80,19 @@ def _ended_as_connect(headers: Headers) -> Iterator[None]:
 
 @dataclass(slots=True)
 class _Call:
-    """One HTTP request to the Connect application: whether a handler took it, and the
-    body that did not parse, if any."""
+    """One HTTP request to the Connect application: whether a handler took it, and why
+    its body was refused before that, if it was."""
 
     served: bool = False
-    malformed: MalformedRequestError | None = None
+    refused: EmbedgateError | None = None
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("embedgate_connect_call", default=None)
+
+
+def _as_connect_error(error: EmbedgateError) -> ConnectError:
+    status = to_rpc_status(error)
+    return ConnectError(_code(grpc_code(error)), status.message, status.details)
 
 
 class _MalformedMessageError(ConnectError):
@@ -124,8 +127,8 @@ class _StrictCodec:
                 f"({problem[:300]}{'...' if len(problem) > 300 else ''})"
             )
             call = _CALL.get()
-            if call is not None and call.malformed is None:
-                call.malformed = error
+            if call is not None and call.refused is None:
+                call.refused = error
             raise _MalformedMessageError(error) from None
 
 
@@ -136,16 +139,44 @@ def _strict_codecs() -> None:
             table[name] = cast(Any, _StrictCodec(codec))
 
 
-def _protocol(scope: dict[str, Any]) -> str:
-    """The protocol of a request to the Connect application, by its content type."""
+def _header(scope: dict[str, Any], name: bytes) -> bytes:
     for key, value in scope.get("headers", ()):
-        if key == b"content-type":
-            if value.startswith(b"application/grpc-web"):
-                return "grpc-web"
-            if value.startswith(b"application/grpc"):
-                return "grpc"
-            break
+        if key == name:
+            return bytes(value)
+    return b""
+
+
+def _protocol(content_type: bytes) -> str:
+    """The protocol of a request to the Connect application, by its content type."""
+    if content_type.startswith(b"application/grpc-web"):
+        return "grpc-web"
+    if content_type.startswith(b"application/grpc"):
+        return "grpc"
     return "connect"
+
+
+def _bounded(receive: Any, scope: dict[str, Any], gate: Gate, call: _Call) -> Any:
+    """``receive``, refusing a body larger than the server reads: at once when its
+    declared length is, else as soon as what came is. The refusal is raised where
+    connect-python reads the body, which answers it as the error it is."""
+    declared = _header(scope, b"content-length")
+    if declared.isdigit() and int(declared) > gate.max_request_bytes:
+        call.refused = gate.too_large()
+    size = 0
+
+    async def bounded() -> Any:
+        nonlocal size
+        if call.refused is None:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            size += len(message.get("body", b""))
+            if size <= gate.max_request_bytes:
+                return message
+            call.refused = gate.too_large()
+        raise _as_connect_error(call.refused)
+
+    return bounded
 
 
 def _context(ctx: RequestContext[Any, Any]) -> DoorContext:
@@ -162,23 +193,27 @@ def _carry(headers: Headers, metadata: dict[str, str]) -> None:
         headers[REQUEST_ID_HEADER] = given
 
 
-async def _parsed(requests: AsyncIterator[Req]) -> AsyncIterator[Req]:
-    """A request stream whose message that does not parse ends it as the gRPC port's
-    does (the servicer answers MALFORMED_REQUEST)."""
+async def _parsed(requests: AsyncIterator[Req], gate: Gate) -> AsyncIterator[Req]:
+    """A request stream whose message that does not parse, or is larger than the server
+    reads, ends it as the gateway's own error (MALFORMED_REQUEST, REQUEST_TOO_LARGE),
+    which the servicer answers as on the gRPC port."""
     try:
         async for request in requests:
             yield request
     except _MalformedMessageError as bad:
         raise bad.error from None
+    except ConnectError as error:
+        if error.code is not Code.RESOURCE_EXHAUSTED:  # connect-python's size check
+            raise
+        raise gate.too_large("a request of the stream") from None
 
 
 class _Handlers:
     """The methods connect-python's application calls, each onto the gRPC servicer."""
 
-    def __init__(self, service: EmbeddingService, guard: Guard, metrics: Metrics) -> None:
-        self._service = service
-        self._guard = guard
-        self._metrics = metrics
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._service = gate.service
 
     async def _unary(
         self,
@@ -191,7 +226,7 @@ class _Handlers:
         context = _context(ctx)
         with _ended_as_connect(ctx.response_headers()):
             async with asyncio.timeout_at(context.deadline):
-                with admitted(self._guard, self._metrics, method, context):
+                with admitted(self._gate, method, context):
                     response = await rpc(request, context)
         _carry(ctx.response_headers(), context.trailing)
         return response
@@ -206,7 +241,7 @@ class _Handlers:
         context = _context(ctx)
         with (
             _ended_as_connect(ctx.response_trailers()),
-            admitted(self._guard, self._metrics, method, context, stream=True),
+            admitted(self._gate, method, context, stream=True),
         ):
             async with aclosing(cast(AsyncGenerator[Res, None], replies_of(context))) as replies:
                 while True:
@@ -248,7 +283,7 @@ class _Handlers:
     ) -> AsyncIterator[pb.EmbedPipelineResponse]:
         return self._stream(
             "EmbedPipeline",
-            lambda context: self._service.EmbedPipeline(_parsed(requests), context),
+            lambda context: self._service.EmbedPipeline(_parsed(requests, self._gate), context),
             ctx,
         )
 
@@ -261,20 +296,15 @@ def _taken() -> None:
 
 class ConnectDoor:
     """An ASGI application: connect-python's, for the service's path, with the request's
-    protocol named for the access line, and a refusal connect-python makes before any
-    handler runs (a body that does not parse) given its access line too."""
+    protocol named for the access line, a body larger than the server reads refused (but
+    for ``EmbedPipeline``'s stream of requests, whose each message is bounded instead),
+    and a refusal made before any handler runs given its access line too."""
 
-    def __init__(
-        self,
-        service: EmbeddingService,
-        guard: Guard,
-        metrics: Metrics,
-        max_request_bytes: int,
-    ) -> None:
+    def __init__(self, gate: Gate) -> None:
         _strict_codecs()
-        self._metrics = metrics
+        self._gate = gate
         self._app = EmbeddingServiceASGIApplication(
-            _Handlers(service, guard, metrics), read_max_bytes=max_request_bytes
+            _Handlers(gate), read_max_bytes=gate.max_request_bytes
         )
         self.path = self._app.path
 
@@ -283,13 +313,15 @@ class ConnectDoor:
             await self._app(scope, receive, send)
             return
         call = _Call()
-        door = DOOR.set(_protocol(scope))
+        door = DOOR.set(_protocol(_header(scope, b"content-type")))
         taken = _CALL.set(call)
+        method = scope["path"].rsplit("/", 1)[-1]
+        if method != "EmbedPipeline":
+            receive = _bounded(receive, scope, self._gate, call)
         try:
             await self._app(scope, receive, send)
-            if call.malformed is not None and not call.served:
-                method = scope["path"].rsplit("/", 1)[-1]
-                refused_line(method, self._metrics, call.malformed)
+            if call.refused is not None and not call.served:
+                refused_line(method, self._gate.metrics, call.refused)
         finally:
             _CALL.reset(taken)
             DOOR.reset(door)

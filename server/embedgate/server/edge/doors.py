@@ -1,11 +1,12 @@
 """What the gRPC service asks of a call's context, for calls that come through another
-door (the OpenAI API, a rerank API): the same service, the same checks, limits and
-access lines, with the door's own protocol around them.
+door (the OpenAI API, a rerank API, Connect and gRPC-Web): the same service, the same
+checks, limits and access lines, with the door's own protocol around them.
 
 The service reads the caller's metadata and deadline from its context, sets trailing
 metadata, and ends a failed call with ``abort``; ``DoorContext`` answers those from an
 HTTP request, and its ``abort`` raises ``DoorAbortedError``, which carries the status the
-service built (code, message, ``google.rpc`` details) for the door to render.
+service built (code, message, ``google.rpc`` details) for the door to render. ``Gate``
+is what every door hands its calls to.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -21,8 +23,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from embedgate.server.edge.access import REQUEST_ID_HEADER, Access
 from embedgate.server.edge.guard import Guard
+from embedgate.server.edge.service import EmbeddingService
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
-from embedgate.server.errors import EmbedgateError
+from embedgate.server.errors import EmbedgateError, RequestTooLargeError
 from embedgate.server.metrics import Metrics
 
 T = TypeVar("T")
@@ -125,6 +128,25 @@ def request_id_header(context: DoorContext) -> dict[str, str]:
     return {REQUEST_ID_HEADER: given} if given else {}
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """What every door hands its calls to: the service, the guard that admits them as
+    it admits RPCs, the metrics their access lines count in, and the largest request body
+    the server reads (``server.max_request_bytes``, gRPC's limit on a message)."""
+
+    service: EmbeddingService
+    guard: Guard
+    metrics: Metrics
+    max_request_bytes: int
+
+    def too_large(self, what: str = "the request body") -> RequestTooLargeError:
+        limit = self.max_request_bytes
+        return RequestTooLargeError(
+            f"{what} is larger than this server reads: {limit} bytes (server.max_request_bytes)",
+            metadata={"max_request_bytes": str(limit)},
+        )
+
+
 def refused_line(method: str, metrics: Metrics, error: EmbedgateError) -> None:
     """The access line of a call refused before the service saw it."""
     access = Access(method, metrics)
@@ -134,7 +156,7 @@ def refused_line(method: str, metrics: Metrics, error: EmbedgateError) -> None:
 
 @contextmanager
 def admitted(
-    guard: Guard, metrics: Metrics, method: str, context: DoorContext, *, stream: bool = False
+    gate: Gate, method: str, context: DoorContext, *, stream: bool = False
 ) -> Iterator[None]:
     """The call admitted as an RPC would be (token, scopes, cap) for the block's time. A
     refusal gets its access line here (the service writes every other one) and is raised
@@ -142,21 +164,17 @@ def admitted(
     with ExitStack() as stack:
         try:
             stack.enter_context(
-                guard.admitted(method, context.invocation_metadata(), stream=stream)
+                gate.guard.admitted(method, context.invocation_metadata(), stream=stream)
             )
         except EmbedgateError as refused:
-            refused_line(method, metrics, refused)
+            refused_line(method, gate.metrics, refused)
             raise refusal(refused) from None
         yield
 
 
 async def admitted_call(
-    guard: Guard,
-    metrics: Metrics,
-    method: str,
-    context: DoorContext,
-    serve: Callable[[DoorContext], Awaitable[T]],
+    gate: Gate, method: str, context: DoorContext, serve: Callable[[DoorContext], Awaitable[T]]
 ) -> T:
     """Admit the call (see ``admitted``), then serve it."""
-    with admitted(guard, metrics, method, context):
+    with admitted(gate, method, context):
         return await serve(context)

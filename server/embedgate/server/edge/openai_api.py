@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import orjson
 from google.protobuf import json_format
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -32,15 +32,14 @@ from embedgate.server.edge.convert import OUTPUT_TYPES
 from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
+    Gate,
     admitted_call,
     metadata_of,
     refusal,
+    refused_line,
     request_id_header,
 )
-from embedgate.server.edge.guard import Guard
-from embedgate.server.edge.service import EmbeddingService
-from embedgate.server.errors import InvalidRequestError, Reason, Violation
-from embedgate.server.metrics import Metrics
+from embedgate.server.errors import InvalidRequestError, Reason, RequestTooLargeError, Violation
 from embedgate.v1 import embedding_service_pb2 as pb
 
 DOOR_NAME = "openai"
@@ -217,7 +216,10 @@ def json_response(status: int, content: object, headers: dict[str, str] | None =
 
 def error_response(aborted: DoorAbortedError) -> Response:
     """A failed call in OpenAI's error shape."""
-    status, kind = _HTTP.get(aborted.code, _SERVER_ERROR)
+    if aborted.reason == Reason.REQUEST_TOO_LARGE:
+        status, kind = 413, "invalid_request_error"
+    else:
+        status, kind = _HTTP.get(aborted.code, _SERVER_ERROR)
     fields = aborted.fields
     headers = {}
     if REQUEST_ID_HEADER in aborted.metadata:
@@ -237,10 +239,35 @@ def error_response(aborted: DoorAbortedError) -> Response:
 W = TypeVar("W")
 
 
+async def _body(request: Request, gate: Gate) -> bytes:
+    """The request's body, refused once it is larger than the server reads (before any
+    of it is read, when its length is declared)."""
+    limit = gate.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise gate.too_large()
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise gate.too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _wanted(request: Request, gate: Gate, read: Callable[[object], W]) -> W:
+    """What the body asks the service for (``read`` of its JSON)."""
+    try:
+        body = orjson.loads(await _body(request, gate))
+    except orjson.JSONDecodeError as error:
+        raise bad_request("body", f"is not JSON ({error})") from None
+    return read(body)
+
+
 async def answer(
     request: Request,
-    guard: Guard,
-    metrics: Metrics,
+    gate: Gate,
     door: str,
     method: str,
     read: Callable[[object], W] | None,
@@ -255,21 +282,20 @@ async def answer(
         wanted: Any = None
         if read is not None:
             try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as error:
-                raise refusal(bad_request("body", f"is not JSON ({error})")) from None
-            try:
-                wanted = read(body)
-            except InvalidRequestError as bad:
+                wanted = await _wanted(request, gate, read)
+            except (InvalidRequestError, RequestTooLargeError) as bad:
+                refused_line(method, gate.metrics, bad)
                 raise refusal(bad) from None
 
         async def serve(context: DoorContext) -> Any:
             return await call(wanted, context)
 
         context = DoorContext(metadata_of(request.headers.raw))
-        response = await admitted_call(guard, metrics, method, context, serve)
+        response = await admitted_call(gate, method, context, serve)
     except DoorAbortedError as aborted:
         return error_response(aborted)
+    except ClientDisconnect:  # gone before its body was read: no one to answer
+        return Response(status_code=499)
     finally:
         DOOR.reset(token)
     return json_response(200, render(wanted, response), request_id_header(context))
@@ -278,10 +304,9 @@ async def answer(
 class OpenAIDoor:
     """The routes, bound to the service and the guard the gRPC server uses."""
 
-    def __init__(self, service: EmbeddingService, guard: Guard, metrics: Metrics) -> None:
-        self._service = service
-        self._guard = guard
-        self._metrics = metrics
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._service = gate.service
 
     def routes(self) -> list[Route]:
         return [
@@ -297,17 +322,13 @@ class OpenAIDoor:
             embed, encoding = wanted
             return _embedding_list(response, embed.output_type, encoding)
 
-        return await answer(
-            request, self._guard, self._metrics, DOOR_NAME, "Embed", _embed_request, call, render
-        )
+        return await answer(request, self._gate, DOOR_NAME, "Embed", _embed_request, call, render)
 
     async def models(self, request: Request) -> Response:
         async def call(_wanted: None, context: DoorContext) -> Any:
             return await self._service.ListModels(pb.ListModelsRequest(), cast(Any, context))
 
-        return await answer(
-            request, self._guard, self._metrics, DOOR_NAME, "ListModels", None, call, _model_list
-        )
+        return await answer(request, self._gate, DOOR_NAME, "ListModels", None, call, _model_list)
 
 
 def _model_list(_wanted: None, listing: pb.ListModelsResponse) -> object:

@@ -19,8 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from embedgate.server.edge.doors import DoorContext
-from embedgate.server.edge.guard import Guard
+from embedgate.server.edge.doors import DoorContext, Gate
 from embedgate.server.edge.openai_api import (
     answer,
     bad_request,
@@ -29,9 +28,7 @@ from embedgate.server.edge.openai_api import (
     optional_text,
     usage,
 )
-from embedgate.server.edge.service import EmbeddingService
 from embedgate.server.errors import Reason
-from embedgate.server.metrics import Metrics
 from embedgate.v1 import embedding_service_pb2 as pb
 
 DOOR_NAME = "rerank"
@@ -98,10 +95,9 @@ def _results(response: pb.RerankResponse) -> dict[str, Any]:
 
 
 class RerankDoor:
-    def __init__(self, service: EmbeddingService, guard: Guard, metrics: Metrics) -> None:
-        self._service = service
-        self._guard = guard
-        self._metrics = metrics
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._service = gate.service
 
     def routes(self) -> list[Route]:
         return [Route("/v1/rerank", self.rerank, methods=["POST"])]
@@ -112,8 +108,7 @@ class RerankDoor:
 
         return await answer(
             request,
-            self._guard,
-            self._metrics,
+            self._gate,
             DOOR_NAME,
             "Rerank",
             rerank_request,

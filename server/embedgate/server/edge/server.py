@@ -22,6 +22,7 @@ from starlette.routing import Mount
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
 from embedgate.server.edge.connect_api import ConnectDoor
+from embedgate.server.edge.doors import Gate
 from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.http_server import HttpServer
 from embedgate.server.edge.openai_api import OpenAIDoor
@@ -268,10 +269,11 @@ def http_app(
                 ],
             )
         )
-    connect = ConnectDoor(service, guard, metrics, settings.max_request_bytes)
+    gate = Gate(service, guard, metrics, settings.max_request_bytes)
+    connect = ConnectDoor(gate)
     routes = [
-        *OpenAIDoor(service, guard, metrics).routes(),
-        *RerankDoor(service, guard, metrics).routes(),
+        *OpenAIDoor(gate).routes(),
+        *RerankDoor(gate).routes(),
         Mount(connect.path, app=connect),
     ]
     return Starlette(routes=routes, middleware=middleware)
