@@ -7,6 +7,7 @@ metrics under each protocol. (Browsers' and Node's Connect clients: test_clients
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import struct
 import time
@@ -259,3 +260,26 @@ async def test_calls_are_counted_under_their_protocol(served: HttpServed) -> Non
         if name == "embedgate_rpcs_total" and (labels := dict(label_items))["method"] == "Embed"
     }
     assert counted == {"connect": 1.0, "grpc-web": 1.0}
+
+
+async def test_a_gzip_body_inflates_no_further_than_the_limit(served: HttpServed) -> None:
+    """A gzip body is read as the JSON it holds; one that would inflate past
+    server.max_request_bytes (a few kilobytes holding megabytes of zeros) is refused
+    before it is inflated further, and one that is not gzip is MALFORMED_REQUEST."""
+    good = gzip.compress(b'{"model": "m", "inputs": [{"text": "apples"}]}')
+    bomb = gzip.compress(b'{"model": "m", "inputs": [{"text": "' + b"0" * (80 * 1024 * 1024))
+    assert len(bomb) < 200 * 1024
+    gzipped = {"content-type": "application/json", "content-encoding": "gzip"}
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        with structlog.testing.capture_logs() as logs:
+            fine = await http.post(f"{SERVICE}/Embed", content=good, headers=gzipped)
+            inflated = await http.post(f"{SERVICE}/Embed", content=bomb, headers=gzipped)
+            broken = await http.post(f"{SERVICE}/Embed", content=b"not gzip", headers=gzipped)
+    assert fine.status_code == 200
+    assert len(fine.json()["embeddings"]) == 1
+    assert inflated.status_code == 429
+    assert inflated.json()["details"][0]["debug"]["reason"] == "REQUEST_TOO_LARGE"
+    assert broken.status_code == 400
+    assert broken.json()["details"][0]["debug"]["reason"] == "MALFORMED_REQUEST"
+    reasons = [e.get("reason") for e in logs if e["event"] == "rpc_finished"]
+    assert reasons == [None, "REQUEST_TOO_LARGE", "MALFORMED_REQUEST"]

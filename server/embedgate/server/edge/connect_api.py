@@ -18,11 +18,15 @@ with the same admission, checks, engine and access line (``protocol: connect`` o
   (``MALFORMED_REQUEST``), as on the gRPC port. connect-python 0.9 would answer it with
   UNKNOWN (HTTP 500) and has no option for it: ``_strict_codecs`` wraps its codec table
   (the version is pinned below 0.10, and the tests hold the behaviour).
+- A body is at most ``server.max_request_bytes``, as read and as inflated from gzip
+  (``REQUEST_TOO_LARGE``); ``EmbedPipeline``'s stream of requests, each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
@@ -126,10 +130,52 @@ class _StrictCodec:
                 "the request does not parse as the message this method takes "
                 f"({problem[:300]}{'...' if len(problem) > 300 else ''})"
             )
-            call = _CALL.get()
-            if call is not None and call.refused is None:
-                call.refused = error
-            raise _MalformedMessageError(error) from None
+            raise _refused(error) from None
+
+
+class _BoundedGzip:
+    """gzip for connect-python, whose own inflates whatever it is given: a small body can
+    inflate to gigabytes. This one stops past the server's limit on a request, and
+    compresses replies at level 1 (a vector's floats compress little; CPU is dear)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def name(self) -> str:
+        return "gzip"
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return gzip.compress(data, compresslevel=1)
+
+    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+        limit = self._gate.max_request_bytes
+        out = bytearray()
+        rest = bytes(data)
+        try:
+            while rest:  # a gzip stream may hold several members
+                inflater = zlib.decompressobj(wbits=31)
+                out += inflater.decompress(rest, limit + 1 - len(out))
+                if len(out) > limit or inflater.unconsumed_tail:
+                    raise _refused(self._gate.too_large("the request, inflated,"))
+                if not inflater.eof:
+                    raise zlib.error("the gzip stream ends early")
+                rest = inflater.unused_data
+        except zlib.error as error:
+            raise _refused(
+                MalformedRequestError(f"the request is not valid gzip ({error})")
+            ) from None
+        return bytes(out)
+
+
+def _refused(error: EmbedgateError) -> ConnectError:
+    """``error``, for connect-python to answer, noted as the reason the call was refused
+    (its access line, when no handler ran)."""
+    call = _CALL.get()
+    if call is not None and call.refused is None:
+        call.refused = error
+    if isinstance(error, MalformedRequestError):
+        return _MalformedMessageError(error)
+    return _as_connect_error(error)
 
 
 def _strict_codecs() -> None:
@@ -304,7 +350,9 @@ class ConnectDoor:
         _strict_codecs()
         self._gate = gate
         self._app = EmbeddingServiceASGIApplication(
-            _Handlers(gate), read_max_bytes=gate.max_request_bytes
+            _Handlers(gate),
+            read_max_bytes=gate.max_request_bytes,
+            compressions=[_BoundedGzip(gate)],
         )
         self.path = self._app.path
 
