@@ -31,6 +31,8 @@ from grpc_status import rpc_status
 from prometheus_client import generate_latest
 from vendor_world import eventually
 
+from embedgate.server.app import build_gateway
+from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 from embedgate.v1.embedding_service_connect import EmbeddingServiceClient
@@ -283,3 +285,48 @@ async def test_a_gzip_body_inflates_no_further_than_the_limit(served: HttpServed
     assert broken.json()["details"][0]["debug"]["reason"] == "MALFORMED_REQUEST"
     reasons = [e.get("reason") for e in logs if e["event"] == "rpc_finished"]
     assert reasons == [None, "REQUEST_TOO_LARGE", "MALFORMED_REQUEST"]
+
+
+async def test_a_caller_that_resets_a_stream_cancels_it_cleanly(tmp_path: Path) -> None:
+    """An EmbedPipeline caller that gives up mid-stream (HTTP/2 RST_STREAM): the call
+    ends CANCELLED, as gRPC's would, with no internal error logged, and nothing of it
+    lingers: the server then stops at once rather than waiting out its grace period."""
+    async with make_fake("openai", api_key="vendor-key-for-tests") as fake:
+        config = parse_config(
+            {
+                "server": {"host": "127.0.0.1", "port": 0, "http_port": 0},
+                "models": [openai_model(fake, key_file(tmp_path))],
+            }
+        )
+        gateway = build_gateway(config)
+        await gateway.start()
+        request = pb.EmbedPipelineRequest(correlation_id="a", request=texts("apples"))
+        message = request.SerializeToString()
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield envelope(message)
+            await asyncio.sleep(0.3)
+            raise RuntimeError("the caller gives up")
+
+        with structlog.testing.capture_logs() as logs:
+            async with httpx.AsyncClient(http1=False, http2=True) as http:
+                with pytest.raises(RuntimeError):
+                    await http.post(
+                        f"http://127.0.0.1:{gateway.http_port}{SERVICE}/EmbedPipeline",
+                        content=requests(),
+                        headers={"content-type": "application/connect+proto"},
+                    )
+            assert await eventually(
+                lambda: any(e["event"] == "rpc_finished" for e in logs), within_s=5
+            )
+            started = time.monotonic()
+            await gateway.stop(grace=20)
+            stopping = time.monotonic() - started
+    (line,) = [e for e in logs if e["event"] == "rpc_finished"]
+    assert (line["method"], line["code"], line["protocol"]) == (
+        "EmbedPipeline",
+        "CANCELLED",
+        "connect",
+    )
+    assert not [e for e in logs if e["event"] == "rpc_internal_error"]
+    assert stopping < 10  # a task left waiting would hold the stop for the full 20 s

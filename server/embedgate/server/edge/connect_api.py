@@ -242,13 +242,15 @@ def _carry(headers: Headers, metadata: dict[str, str]) -> None:
 async def _parsed(requests: AsyncIterator[Req], gate: Gate) -> AsyncIterator[Req]:
     """A request stream whose message that does not parse, or is larger than the server
     reads, ends it as the gateway's own error (MALFORMED_REQUEST, REQUEST_TOO_LARGE),
-    which the servicer answers as on the gRPC port."""
+    which the servicer answers as on the gRPC port; a caller that goes away cancels it."""
     try:
         async for request in requests:
             yield request
     except _MalformedMessageError as bad:
         raise bad.error from None
     except ConnectError as error:
+        if error.code is Code.CANCELED:  # the caller went away: as gRPC ends such a call
+            raise asyncio.CancelledError from None
         if error.code is not Code.RESOURCE_EXHAUSTED:  # connect-python's size check
             raise
         raise gate.too_large("a request of the stream") from None
@@ -370,6 +372,10 @@ class ConnectDoor:
             await self._app(scope, receive, send)
             if call.refused is not None and not call.served:
                 refused_line(method, self._gate.metrics, call.refused)
+        except ConnectError as error:
+            # What connect-python raises once a stream's caller is gone: no one to tell.
+            if error.code is not Code.CANCELED:
+                raise
         finally:
             _CALL.reset(taken)
             DOOR.reset(door)

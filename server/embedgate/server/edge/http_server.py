@@ -20,6 +20,35 @@ from hypercorn.config import Config
 from embedgate.server.config import TlsConfig
 
 
+class _SilentAfterDisconnect:
+    """ASGI: once a request has told the app its caller is gone (``http.disconnect``),
+    what the app still sends is dropped, as ASGI allows. Hypercorn 0.18 would queue it on
+    the HTTP/2 stream the caller reset and wait forever for it to drain (a Connect
+    stream's closing message, typically), holding the app's task until shutdown."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        gone = False
+
+        async def watched() -> Any:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
+        async def unless_gone(message: Any) -> None:
+            if not gone:
+                await send(message)
+
+        await self._app(scope, watched, unless_gone)
+
+
 class HttpListenError(OSError):
     """The HTTP listener could not be opened (the message names the address)."""
 
@@ -28,7 +57,7 @@ class HttpServer:
     def __init__(
         self, app: Any, host: str, port: int, tls: TlsConfig | None, grace_s: float
     ) -> None:
-        self._app = app
+        self._app = _SilentAfterDisconnect(app)
         self._grace_s = grace_s
         self._host = host
         self._port = port
