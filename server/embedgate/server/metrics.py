@@ -54,7 +54,7 @@ class Metrics:
         self.rpcs = Counter(
             "embedgate_rpcs",
             "RPCs finished, by method, model, gRPC status code and the protocol they came by "
-            "(grpc; openai or rerank for the HTTP doors).",
+            "(grpc; openai, rerank, connect or grpc-web for the HTTP doors).",
             ("method", "model", "code", "protocol"),
             registry=r,
         )
