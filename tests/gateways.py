@@ -66,16 +66,18 @@ async def running(
     models: list[dict[str, Any]],
     *,
     quotas: dict[str, Any] | None = None,
+    callers: dict[str, Any] | None = None,
     cache: bool = False,
     **server: Any,
 ) -> AsyncIterator[Gateway]:
     """A started gateway on 127.0.0.1 (port 0 unless given), cache off unless asked for;
-    ``server`` are its server settings, ``quotas`` its quotas section."""
+    ``server`` are its server settings, ``quotas`` and ``callers`` those sections."""
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1, **server},
             "cache": {"enabled": cache},
             "quotas": quotas or {},
+            "callers": callers or {},
             "models": models,
         }
     )

@@ -39,10 +39,10 @@ from vendor_world import retry_delay
 
 from embedgate.server.app import build_quota_store
 from embedgate.server.config import ConfigError
+from embedgate.server.domain import estimate_tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import parse_config
-from embedgate.server.providers.vendor import estimate_tokens
 from embedgate.server.quotas import Ask, LocalStore, Rate, SharedStore
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc

@@ -9,7 +9,14 @@ import sys
 
 import structlog
 
-from embedgate.server.config import AuthConfig, CacheConfig, ConfigError, ModelSettings
+from embedgate.server.config import (
+    AuthConfig,
+    CacheConfig,
+    CallerLimits,
+    ConfigError,
+    ModelSettings,
+)
+from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.health import Health
@@ -69,10 +76,22 @@ def _limited(model: ModelSettings) -> bool:
     )
 
 
+def _callers(config: GatewayConfig) -> dict[str, CallerLimits]:
+    """The callers known by name, with their limits: the tokens' when auth is on, else
+    ``callers.names``."""
+    auth = config.server.auth
+    entries: list[CallerLimits] = (
+        list(auth.tokens) if auth is not None else list(config.callers.names)
+    )
+    return {entry.name: entry for entry in entries}  # type: ignore[attr-defined]
+
+
 def build_quota_store(config: GatewayConfig, metrics: Metrics) -> Store | None:
-    """Where the vendor quotas are counted: the quotas' Redis (else the cache's), shared
-    by every replica; else this process. None when no model has a quota."""
-    if not any(_limited(model) for model in config.models):
+    """Where the vendor quotas and the callers' limits are counted: the quotas' Redis
+    (else the cache's), shared by every replica; else this process. None when nothing
+    has a limit."""
+    callers_limited = any(limits.limited for limits in _callers(config).values())
+    if not callers_limited and not any(_limited(model) for model in config.models):
         return None
     url = config.quotas.redis_url or config.cache.redis_url
     if url is None:
@@ -86,10 +105,46 @@ def build_quota_store(config: GatewayConfig, metrics: Metrics) -> Store | None:
     )
 
 
+def _prices(config: GatewayConfig) -> dict[str, dict[str, float]]:
+    """Each priced model's deployments' prices per million tokens ("" for a model's one
+    endpoint)."""
+    prices: dict[str, dict[str, float]] = {}
+    for model in config.models:
+        deployments = getattr(model, "deployments", None)
+        entries = [(d.name, d) for d in deployments] if deployments else [("", model)]
+        priced = {
+            name: float(price)
+            for name, entry in entries
+            if (price := getattr(entry, "price_per_million_tokens", None)) is not None
+        }
+        if priced:
+            prices[model.name] = priced
+    return prices
+
+
+def build_callers(config: GatewayConfig, metrics: Metrics, store: Store | None) -> Callers:
+    known = _callers(config)
+    limited = any(limits.limited for limits in known.values())
+    return Callers(
+        metrics,
+        header=config.callers.header,
+        known=known,
+        store=store if limited else None,
+        prices=_prices(config),
+    )
+
+
 def build_router(
-    config: GatewayConfig, metrics: Metrics, health: Health, *, cache: bool = True
+    config: GatewayConfig,
+    metrics: Metrics,
+    health: Health,
+    *,
+    cache: bool = True,
+    quotas: Store | None = None,
 ) -> Router:
-    quotas = build_quota_store(config, metrics)
+    """The router; ``quotas``: where limits are counted (default: a store of its own)."""
+    if quotas is None:
+        quotas = build_quota_store(config, metrics)
     providers = build_providers(
         config.models, metrics=metrics, health=health, compose=assemble, quotas=quotas
     )
@@ -104,12 +159,14 @@ def build_router(
 def build_gateway(config: GatewayConfig) -> Gateway:
     metrics = Metrics()
     health = Health(unhealthy_after=config.server.unhealthy_after_failures)
+    quotas = build_quota_store(config, metrics)
     return Gateway(
-        build_router(config, metrics, health),
+        build_router(config, metrics, health, quotas=quotas),
         config.server,
         metrics=metrics,
         tokens=read_tokens(config.server.auth),
         models_health=health,
+        callers=build_callers(config, metrics, quotas),
     )
 
 

@@ -65,11 +65,31 @@ class TlsConfig(Strict):
     client_ca_file: str | None = Field(default=None, min_length=1)
 
 
-class TokenConfig(Strict):
-    """One bearer token callers may present (``authorization: Bearer <token>``)."""
+CallerName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+
+
+class CallerLimits(Strict):
+    """What one caller may use, each per second, minute, hour or day (``100/second``),
+    counted across every replica that shares the quotas' Redis."""
+
+    # Calls that embed or rerank: Embed, StreamEmbed, Rerank, each EmbedPipeline request.
+    rate_limit: RateText | None = None
+    # Their inputs (a rerank's documents and query), cache hits included.
+    input_limit: RateText | None = None
+    # Tokens embedded for them (a cache hit costs none).
+    token_limit: RateText | None = None
+
+    @property
+    def limited(self) -> bool:
+        return any((self.rate_limit, self.input_limit, self.token_limit))
+
+
+class TokenConfig(CallerLimits):
+    """One bearer token callers may present (``authorization: Bearer <token>``); its
+    name is the caller's, in logs and metrics, and its limits the caller's."""
 
     # Named in logs and metrics in place of the token, which never is.
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    name: CallerName
     token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     token_file: str | None = Field(default=None, min_length=1)
     # The models this token may use; none: every model.
@@ -131,6 +151,30 @@ class ServerConfig(Strict):
     http_host: str | None = None  # default: host
     # Origins a browser may call the HTTP doors from (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
+
+
+class CallerConfig(CallerLimits):
+    """A caller known by the name it gives (``callers.header``) when auth is off."""
+
+    name: CallerName
+
+
+class CallersConfig(Strict):
+    """Who each call is for. With ``server.auth``, its token's name; without, the name
+    it gives in ``header`` (gRPC metadata, or an HTTP header), else ``anonymous``."""
+
+    header: str = Field(default="x-embedgate-caller", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    # The callers known by name, each with its limits, if any: the names the metrics'
+    # caller label shows (any other given name is counted as "(other)").
+    names: list[CallerConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [caller.name for caller in self.names]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"caller names must be unique: {', '.join(repeated)}")
+        return self
 
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
@@ -238,6 +282,7 @@ class Config(Strict, Generic[M]):
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     quotas: QuotasConfig = QuotasConfig()
+    callers: CallersConfig = CallersConfig()
     models: list[M] = Field(min_length=1)
 
 
@@ -341,6 +386,11 @@ def parse_config(
                 f"models[{first_use[model.name]}]"
             )
         first_use[model.name] = position
+    if config.server.auth is not None and config.callers.names:
+        raise ConfigError(
+            f"{source}: callers.names: with server.auth, each caller is its token: give "
+            "the limits on server.auth.tokens[...] instead"
+        )
     if config.server.auth is not None:
         for position, token in enumerate(config.server.auth.tokens):
             unknown = sorted(set(token.models or ()) - set(first_use))

@@ -7,6 +7,7 @@ routing and provider layers never import protobuf or grpc.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -164,3 +165,26 @@ class ModelInfo:
     # What the vectors come from beyond the name (the vendor's address and model, or
     # the local model's directory): a cached vector is reused only for the same source.
     source: str = ""
+
+
+def estimate_tokens(inputs: Sequence[Input | str]) -> int:
+    """Tokens ``inputs`` will count, estimated from above before the vendor counts them:
+    one per three bytes of UTF-8 text (about a character of Chinese, most of a word of
+    English) and one per image or frame, plus one per input. The vendor's count
+    settles it."""
+    total = 0
+    for item in inputs:
+        total += 1
+        if isinstance(item, str):
+            text = item
+        elif isinstance(item, TextInput | TextImageInput):
+            text = item.text
+            total += isinstance(item, TextImageInput)
+        elif isinstance(item, VideoInput):
+            total += len(item.frames)
+            continue
+        else:
+            total += isinstance(item, ImageInput)
+            continue
+        total += -(-len(text.encode("utf-8", "surrogatepass")) // 3)
+    return total

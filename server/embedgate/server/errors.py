@@ -18,7 +18,9 @@
     │                                                 max_request_bytes
     ├── NoDeploymentError          UNAVAILABLE        every deployment of the model is out
     ├── QuotaExhaustedError        RESOURCE_EXHAUSTED no vendor quota has room within the
-    │                                                 call's deadline (QuotaFailure says whose)
+    │   │                                             call's deadline (QuotaFailure says whose)
+    │   └── CallerQuotaExceededError RESOURCE_EXHAUSTED the caller spent one of its own
+    │                                                 limits (QuotaFailure says which)
     └── VendorError                a vendor call failed for good (vendor, HTTP status, the
         │                          vendor's own code, message and request id in metadata)
         ├── VendorRejectedError    INVALID_ARGUMENT   the vendor said 400/413/422
@@ -94,6 +96,7 @@ class Reason(enum.StrEnum):
     OVERLOADED = "OVERLOADED"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     QUOTA_EXHAUSTED = "QUOTA_EXHAUSTED"
+    CALLER_QUOTA_EXCEEDED = "CALLER_QUOTA_EXCEEDED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     # The vendor.
@@ -335,6 +338,13 @@ class QuotaExhaustedError(EmbedgateError):
 
     def fields(self) -> dict[str, Any]:
         return {**super().fields(), "violations": self.violations}
+
+
+class CallerQuotaExceededError(QuotaExhaustedError):
+    """The caller has spent one of its own limits (``rate_limit``, ``input_limit``,
+    ``token_limit``): refused before any work, saying when there will be room."""
+
+    reason = Reason.CALLER_QUOTA_EXCEEDED
 
 
 class VendorError(EmbedgateError):

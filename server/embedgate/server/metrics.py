@@ -174,8 +174,64 @@ class Metrics:
             "of each limit, because their Redis cannot be reached.",
             registry=r,
         )
+        self.caller_rpcs = Counter(
+            "embedgate_caller_rpcs",
+            "Calls that embed or rerank (an EmbedPipeline request is one), by caller and "
+            "model: the caller is its token's name, a configured name it gave, "
+            "'anonymous', or '(other)' for a name not configured.",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_inputs = Counter(
+            "embedgate_caller_inputs",
+            "Inputs of those calls (a rerank's documents and query), cache hits included.",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_cached_inputs = Counter(
+            "embedgate_caller_cached_inputs",
+            "Inputs of those calls served from the cache.",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_tokens = Counter(
+            "embedgate_caller_tokens",
+            "Tokens embedded for the caller: the model's count where it told it for the "
+            "call's own inputs, else the gateway's estimate (from above). Cache hits: none.",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_vendor_requests = Counter(
+            "embedgate_caller_vendor_requests",
+            "Vendor requests that carried the caller's inputs (a request shared by several "
+            "callers' inputs counts for each of them).",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_cost = Counter(
+            "embedgate_caller_cost",
+            "What the caller's tokens cost at the deployments' price_per_million_tokens "
+            "(models with a price only).",
+            ("caller", "model"),
+            registry=r,
+        )
+        self.caller_quota_refusals = Counter(
+            "embedgate_caller_quota_refusals",
+            "Calls refused because their caller had spent a limit (rate_limit, "
+            "input_limit, token_limit).",
+            ("caller", "limit"),
+            registry=r,
+        )
+        self.deployment_tokens = Counter(
+            "embedgate_deployment_tokens",
+            "Tokens sent to each deployment (a model's one endpoint is its own deployment): "
+            "the vendor's count, else the gateway's estimate.",
+            ("model", "deployment"),
+            registry=r,
+        )
         self._models: frozenset[str] = frozenset()
         self._rpc_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._caller_children: dict[tuple[str, str], tuple[Counter, ...]] = {}
 
     def serve_models(self, names: Iterable[str]) -> None:
         """The configured models: the only values the ``model`` label takes."""
@@ -197,6 +253,43 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def caller_used(
+        self,
+        caller: str,
+        model: str,
+        *,
+        inputs: int,
+        cached: int,
+        tokens: int,
+        model_requests: int,
+        cost: float | None,
+        vendor: bool = True,
+    ) -> None:
+        """One call's use, counted for its caller (``caller``: its label value)."""
+        key = (caller, model)
+        children = self._caller_children.get(key)
+        if children is None:
+            children = self._caller_children[key] = tuple(
+                counter.labels(caller, model)
+                for counter in (
+                    self.caller_rpcs,
+                    self.caller_inputs,
+                    self.caller_cached_inputs,
+                    self.caller_tokens,
+                    self.caller_vendor_requests,
+                    self.caller_cost,
+                )
+            )
+        rpcs, counted_inputs, counted_cached, counted_tokens, requests, spent = children
+        rpcs.inc()
+        counted_inputs.inc(inputs)
+        counted_cached.inc(cached)
+        counted_tokens.inc(tokens)
+        if vendor:
+            requests.inc(model_requests)
+        if cost is not None:
+            spent.inc(cost)
 
     def vendor(self, vendor: str, model: str) -> VendorMeter:
         return VendorMeter(self, vendor, model)

@@ -34,10 +34,12 @@ class Access:
     """Collects the fields of one access-log line, and the request id the RPC sends
     back (in trailing metadata: no extra operation, on success and on failure)."""
 
-    __slots__ = ("fields", "metrics", "protocol", "request_id", "started")
+    __slots__ = ("caller", "fields", "metrics", "protocol", "request_id", "started")
 
     def __init__(self, method: str, metrics: Metrics) -> None:
         self.fields: dict[str, object] = {"method": method}
+        # Who the call is for (see ``callers.py``); the service names it.
+        self.caller = "anonymous"
         door = DOOR.get()
         self.protocol = door or "grpc"
         if door is not None:

@@ -54,6 +54,11 @@ class Caller:
 _CALLER: ContextVar[Caller | None] = ContextVar("embedgate_caller", default=None)
 
 
+def current_caller() -> Caller | None:
+    """The caller whose token the RPC presented (None: the server has no auth)."""
+    return _CALLER.get()
+
+
 def check_model(model: str) -> None:
     """Refuse ``model`` when the RPC's token may not use it."""
     caller = _CALLER.get()

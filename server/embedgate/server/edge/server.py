@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
+from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.connect_api import ConnectDoor
 from embedgate.server.edge.doors import Gate
 from embedgate.server.edge.guard import Guard, Tokens
@@ -62,11 +63,13 @@ class Gateway:
         metrics: Metrics | None = None,
         tokens: Tokens | None = None,
         models_health: Health | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._router = router
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._tokens = tokens
+        self._callers = callers or Callers(self._metrics)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -130,6 +133,7 @@ class Gateway:
             default_deadline_s=settings.default_deadline_s,
             pipeline_max_in_flight=settings.pipeline_max_in_flight,
             metrics=self._metrics,
+            callers=self._callers,
         )
         guard.register(pb_grpc.add_EmbeddingServiceServicer_to_server, embedding, server)
         guard.register(
@@ -160,7 +164,7 @@ class Gateway:
             await self._health_server.start()
         if settings.http_port is not None:
             self._http_server = HttpServer(
-                http_app(embedding, guard, self._metrics, settings),
+                http_app(embedding, guard, self._metrics, settings, self._callers.header),
                 settings.http_host or settings.host,
                 settings.http_port,
                 settings.tls,
@@ -237,7 +241,11 @@ class Gateway:
 
 
 def http_app(
-    service: EmbeddingService, guard: Guard, metrics: Metrics, settings: ServerConfig
+    service: EmbeddingService,
+    guard: Guard,
+    metrics: Metrics,
+    settings: ServerConfig,
+    caller_header: str = "x-embedgate-caller",
 ) -> Starlette:
     """The HTTP doors' routes (Starlette: routing and CORS, nothing of its own between a
     request and the service)."""
@@ -259,6 +267,7 @@ def http_app(
                     "grpc-timeout",
                     "x-grpc-web",
                     "x-user-agent",
+                    caller_header,
                 ],
                 expose_headers=[
                     "x-request-id",

@@ -12,8 +12,9 @@ import grpc
 import structlog
 
 from embedgate.server.deadlines import deadline_scope
-from embedgate.server.domain import EmbedOptions, Input
+from embedgate.server.domain import EmbedOptions, Input, TextInput
 from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
+from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.convert import (
     fill_embed_response,
     models_response,
@@ -37,6 +38,7 @@ from embedgate.server.errors import (
     unexpected,
 )
 from embedgate.server.metrics import Metrics
+from embedgate.server.routing.embedding import Encoded
 from embedgate.server.routing.model import Model
 from embedgate.server.routing.router import Router
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -80,6 +82,19 @@ def _count_calls(access: Access, model: Model, calls: int, deployments: Sequence
         access.fields["deployments"] = ",".join(deployments)
 
 
+def _own_tokens(items: Sequence[Encoded | None]) -> int | None:
+    """The tokens of a stream's inputs when the model counted each one's own (else None:
+    an estimate stands in)."""
+    total = 0
+    for item in items:
+        if item is None or item.cached:
+            continue
+        if item.tokens is None:
+            return None
+        total += item.tokens
+    return total
+
+
 def _ended_by(context: Context) -> grpc.StatusCode:
     """Why a handler was cancelled: its deadline passed, or the caller went away."""
     remaining = context.time_remaining()
@@ -96,9 +111,11 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         default_deadline_s: float = 60.0,
         pipeline_max_in_flight: int = 64,
         metrics: Metrics | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics or Metrics()
+        self._callers = callers or Callers(self._metrics)
         self._default_deadline_s = default_deadline_s
         self._pipeline_max_in_flight = pipeline_max_in_flight
 
@@ -118,6 +135,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         a call that set none: every vendor call made for it ends by then). On success
         the access line and trailing metadata go out; any failure ends the RPC with its
         status, mapped once, and the access line."""
+        caller = self._callers.name_of(context.invocation_metadata())
+        access.caller = access.fields["caller"] = caller
         try:
             with deadline_scope(self._budget(context)):
                 yield
@@ -178,7 +197,13 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         header_id: str = "",
     ) -> None:
         model, inputs, options = await self._prepare_embed(request, access, header_id)
-        result = await self._router.embed(model, inputs, options)
+        async with self._callers.billed(access, model, inputs) as bill:
+            result = await self._router.embed(model, inputs, options)
+            bill.embedded(
+                tokens=result.usage.prompt_tokens if result.usage is not None else None,
+                model_requests=result.calls,
+                items=result.items,
+            )
         fill_embed_response(response, result, options)
         access.fields["cached_inputs"] = sum(item.cached for item in result.items)
         _count_calls(access, model, result.calls, result.deployments)
@@ -194,19 +219,25 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             failed = 0
             batches: set[int] = set()
             served: set[str] = set()
-            async for item in self._router.embed_each(model, inputs, options):
-                if item.item is None:
-                    failed += 1
-                    error = item.error or InternalError("no vector was produced")
-                    status = to_rpc_status(error, index=item.index)
-                    message = stream_failure(item.index, status, model.name, options)
-                else:
-                    if not item.item.cached:
-                        batches.add(item.item.batch)
-                        if item.item.deployment:
-                            served.add(item.item.deployment)
-                    message = stream_message(item.index, item.item, model.name, options)
-                yield message
+            vectors: list[Encoded | None] = [None] * len(inputs)
+            async with self._callers.billed(access, model, inputs) as bill:
+                async for item in self._router.embed_each(model, inputs, options):
+                    if item.item is None:
+                        failed += 1
+                        error = item.error or InternalError("no vector was produced")
+                        status = to_rpc_status(error, index=item.index)
+                        message = stream_failure(item.index, status, model.name, options)
+                    else:
+                        vectors[item.index] = item.item
+                        if not item.item.cached:
+                            batches.add(item.item.batch)
+                            if item.item.deployment:
+                                served.add(item.item.deployment)
+                        message = stream_message(item.index, item.item, model.name, options)
+                    yield message
+                bill.embedded(
+                    tokens=_own_tokens(vectors), model_requests=len(batches), items=vectors
+                )
             access.fields["failed_inputs"] = failed
             _count_calls(access, model, len(batches), sorted(served))
 
@@ -232,9 +263,16 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
                 parsed.field,
                 model.name,
             )
-            result = await self._router.rerank(
-                model, inputs, top_n=parsed.top_n, options=parsed.options
-            )
+            query = [TextInput(parsed.query)] if parsed.query is not None else []
+            async with self._callers.billed(access, model, [*query, *inputs]) as bill:
+                result = await self._router.rerank(
+                    model, inputs, top_n=parsed.top_n, options=parsed.options
+                )
+                bill.embedded(
+                    tokens=result.usage.prompt_tokens if result.usage is not None else None,
+                    model_requests=result.calls,
+                    deployments=result.deployments,
+                )
             _count_calls(access, model, result.calls, result.deployments)
             response = rerank_response(result, request, parsed.options)
         return response
@@ -253,7 +291,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             served = failed = 0
             window = Window(
                 request_iterator,
-                lambda item: self._pipeline_one(item, context, in_flight),
+                lambda item: self._pipeline_one(item, context, in_flight, access.caller),
                 self._pipeline_max_in_flight,
             )
             async with aclosing(window.replies()) as replies:
@@ -270,10 +308,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         item: pb.EmbedPipelineRequest,
         context: Context,
         in_flight: set[str],
+        caller: str,
     ) -> pb.EmbedPipelineResponse:
         """One pipeline request, answered with its response or its own error status."""
         reply = pb.EmbedPipelineResponse(correlation_id=item.correlation_id)
         access = Access("EmbedPipeline.request", self._metrics)
+        access.caller = caller
         correlation = item.correlation_id
         try:
             if not correlation:

@@ -82,6 +82,9 @@ class VendorSettings(ModelSettings):
     # Tokens are estimated before sending and settled with the vendor's count.
     rate_limit: RateText | None = None
     token_limit: RateText | None = None
+    # What the vendor charges per million tokens: gives each caller's cost
+    # (embedgate_caller_cost), in whatever currency it is written in.
+    price_per_million_tokens: float | None = Field(default=None, ge=0, le=1_000_000)
     # As one of a model's deployments: its share of traffic among the usable ones of
     # its priority, and its tier (1 is used only when every 0 is out of service).
     weight: int = Field(default=1, ge=1, le=1000)

@@ -17,12 +17,9 @@ import structlog
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import (
     EmbedOptions,
-    ImageInput,
     Input,
     ModelInfo,
-    TextImageInput,
-    TextInput,
-    VideoInput,
+    estimate_tokens,
 )
 from embedgate.server.errors import (
     Problem,
@@ -89,29 +86,6 @@ class _KeyFull(Exception):  # noqa: N818 - a signal inside the key loop, never r
         self.refusal = refusal
 
 
-def estimate_tokens(inputs: Sequence[Input | str]) -> int:
-    """Tokens ``inputs`` will count, estimated from above before the vendor counts them:
-    one per three bytes of UTF-8 text (about a character of Chinese, most of a word of
-    English) and one per image or frame, plus one per input. The vendor's count
-    settles it."""
-    total = 0
-    for item in inputs:
-        total += 1
-        if isinstance(item, str):
-            text = item
-        elif isinstance(item, TextInput | TextImageInput):
-            text = item.text
-            total += isinstance(item, TextImageInput)
-        elif isinstance(item, VideoInput):
-            total += len(item.frames)
-            continue
-        else:
-            total += isinstance(item, ImageInput)
-            continue
-        total += -(-len(text.encode("utf-8", "surrogatepass")) // 3)
-    return total
-
-
 class VendorProvider:
     """Implements the provider seam for every vendor dialect: the model's settings are
     the dialect's; ``keys`` were read at start-up (none, one, or a pool used in turn)
@@ -149,6 +123,8 @@ class VendorProvider:
         self._limit = asyncio.Semaphore(settings.max_concurrency)
         self._quota = quota or VendorQuota()
         self._model_name = self._quota.model or settings.name
+        # Tokens sent to this deployment (a model's one endpoint is its own).
+        self._tokens_sent = metrics.deployment_tokens.labels(self._model_name, settings.name)
         # Requests held back now, waiting for room in a quota or for a key.
         self._waiting = 0
         # Requests waiting for room in the quota, in arrival order; the last refusal
@@ -228,6 +204,7 @@ class VendorProvider:
             self._reply_failed(problem, payload)
         self._health.succeeded()
         tokens = parsed.prompt_tokens
+        self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(inputs))
         if admission is not None:
             await admission.settle(tokens)
         return EmbedBatch(
@@ -591,8 +568,12 @@ class RerankingVendorProvider(VendorProvider):
         except (BadReply, ErrorInReply) as problem:
             self._reply_failed(problem, payload)
         self._health.succeeded()
+        tokens = ranking.total_tokens
+        self._tokens_sent.inc(
+            tokens if tokens is not None else estimate_tokens([query, *documents])
+        )
         if admission is not None:
-            await admission.settle(ranking.total_tokens)
+            await admission.settle(tokens)
         return ranking
 
 
