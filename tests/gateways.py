@@ -67,17 +67,20 @@ async def running(
     *,
     quotas: dict[str, Any] | None = None,
     callers: dict[str, Any] | None = None,
+    tracing: dict[str, Any] | None = None,
     cache: bool = False,
     **server: Any,
 ) -> AsyncIterator[Gateway]:
     """A started gateway on 127.0.0.1 (port 0 unless given), cache off unless asked for;
-    ``server`` are its server settings, ``quotas`` and ``callers`` those sections."""
+    ``server`` are its server settings, ``quotas``, ``callers`` and ``tracing`` those
+    sections."""
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1, **server},
             "cache": {"enabled": cache},
             "quotas": quotas or {},
             "callers": callers or {},
+            "tracing": tracing or {},
             "models": models,
         }
     )

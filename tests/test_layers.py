@@ -19,8 +19,8 @@ PREFIX = "embedgate.server."
 
 BOTTOM = {"config", "domain", "errors", "deadlines", "logs", "health"}
 # Services every layer above may use, each resting on the bottom alone: the
-# instruments, and the quota windows.
-SERVICES = {"metrics", "quotas"}
+# instruments, the quota windows, and the traces.
+SERVICES = {"metrics", "quotas", "tracing"}
 # Which parts of the server each layer may import (a part is a module of the bottom,
 # a service, or a package: edge, routing, providers).
 ALLOWED: dict[str, set[str]] = {

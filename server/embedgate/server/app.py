@@ -167,6 +167,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         tokens=read_tokens(config.server.auth),
         models_health=health,
         callers=build_callers(config, metrics, quotas),
+        tracing_settings=config.tracing,
     )
 
 

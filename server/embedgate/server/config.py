@@ -221,6 +221,20 @@ class QuotasConfig(Strict):
     redis_timeout_s: float = Field(default=0.1, gt=0, le=10)
 
 
+class TracingConfig(Strict):
+    """OpenTelemetry traces, exported over OTLP (see ``tracing.py``). Every key is
+    optional; the standard OTEL_ variables apply where one is not given."""
+
+    # None: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.
+    enabled: bool | None = None
+    # The collector: http(s)://host:port (default: the OTEL_ variables, else the SDK's).
+    endpoint: HttpUrl | None = None
+    protocol: Literal["grpc", "http/protobuf"] | None = None
+    service_name: str | None = Field(default=None, min_length=1, max_length=256)
+    # The share of traces kept, following the caller's choice when it made one.
+    sample_ratio: float | None = Field(default=None, ge=0, le=1)
+
+
 M = TypeVar("M", bound=ModelSettings)
 V = TypeVar("V", bound=ModelSettings)
 # The tag of a model entry that has ``deployments`` (it names no provider of its own).
@@ -283,6 +297,7 @@ class Config(Strict, Generic[M]):
     cache: CacheConfig = CacheConfig()
     quotas: QuotasConfig = QuotasConfig()
     callers: CallersConfig = CallersConfig()
+    tracing: TracingConfig = TracingConfig()
     models: list[M] = Field(min_length=1)
 
 

@@ -237,6 +237,10 @@ class Metrics:
         """The configured models: the only values the ``model`` label takes."""
         self._models = frozenset(names)
 
+    def model_label(self, model: str) -> str:
+        """``model`` as a label value: a configured name, else "(unknown)"."""
+        return model if model in self._models else (UNKNOWN_MODEL if model else "")
+
     def rpc_finished(
         self, method: str, model: str, code: str, seconds: float, protocol: str = "grpc"
     ) -> None:

@@ -9,9 +9,11 @@ from contextvars import ContextVar
 
 import grpc
 import structlog
+from opentelemetry.trace import Span, StatusCode
 
 from embedgate.server.logs import write_info
 from embedgate.server.metrics import Metrics
+from embedgate.server.tracing import TRACE_ID_HEADER, trace_id
 
 log = structlog.get_logger("embedgate.access")
 
@@ -26,6 +28,19 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
     return None
 
 
+SERVICE = "embedgate.v1.EmbeddingService"
+# The codes that mark a server span as failed (the gateway's fault, not the caller's).
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
 # The door a call came through, when not gRPC's own ("openai", ...): its access line says.
 DOOR: ContextVar[str | None] = ContextVar("embedgate_door", default=None)
 
@@ -34,12 +49,14 @@ class Access:
     """Collects the fields of one access-log line, and the request id the RPC sends
     back (in trailing metadata: no extra operation, on success and on failure)."""
 
-    __slots__ = ("caller", "fields", "metrics", "protocol", "request_id", "started")
+    __slots__ = ("caller", "fields", "metrics", "protocol", "request_id", "span", "started")
 
     def __init__(self, method: str, metrics: Metrics) -> None:
         self.fields: dict[str, object] = {"method": method}
         # Who the call is for (see ``callers.py``); the service names it.
         self.caller = "anonymous"
+        # The RPC's span, when tracing is on.
+        self.span: Span | None = None
         door = DOOR.get()
         self.protocol = door or "grpc"
         if door is not None:
@@ -53,6 +70,8 @@ class Access:
         method = str(self.fields["method"])
         model = str(self.fields.get("model") or "")
         self.metrics.rpc_finished(method, model, code.name, seconds, self.protocol)
+        if self.span is not None:
+            self._end_span(self.span, code, model)
         if not log.is_enabled_for(logging.INFO):  # skip the work when the line is dropped
             return
         write_info(
@@ -60,5 +79,29 @@ class Access:
             {"code": code.name, "duration_ms": round(seconds * 1000, 3), **self.fields},
         )
 
+    def span_attributes(self) -> dict[str, object]:
+        """The RPC span's attributes known at its start (RPC conventions)."""
+        return {
+            "rpc.system": "connect_rpc" if self.protocol == "connect" else "grpc",
+            "rpc.service": SERVICE,
+            "rpc.method": str(self.fields["method"]),
+            "embedgate.protocol": self.protocol,
+            "embedgate.caller": self.caller,
+        }
+
+    def _end_span(self, span: Span, code: grpc.StatusCode, model: str) -> None:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if model and model == self.metrics.model_label(model):
+            span.set_attribute("embedgate.model", model)
+        for key in ("inputs", "cached_inputs", "tokens"):
+            value = self.fields.get(key)
+            if isinstance(value, int):
+                span.set_attribute(f"embedgate.{key}", value)
+        if code in _SERVER_ERRORS:
+            span.set_status(StatusCode.ERROR, code.name)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, self.request_id),) if self.request_id else ()
+        """What the RPC sends back in trailing metadata: its request id and trace id."""
+        sent = ((REQUEST_ID_HEADER, self.request_id),) if self.request_id else ()
+        trace = trace_id(self.span)
+        return (*sent, (TRACE_ID_HEADER, trace)) if trace else sent

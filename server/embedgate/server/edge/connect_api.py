@@ -39,12 +39,13 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import Headers, RequestContext
 
-from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER
+from embedgate.server.edge.access import DOOR
 from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
     Gate,
     admitted,
+    echoed,
     refused_line,
 )
 from embedgate.server.edge.status import grpc_code, to_rpc_status
@@ -234,9 +235,9 @@ def _context(ctx: RequestContext[Any, Any]) -> DoorContext:
 
 
 def _carry(headers: Headers, metadata: dict[str, str]) -> None:
-    given = metadata.get(REQUEST_ID_HEADER)
-    if given:
-        headers[REQUEST_ID_HEADER] = given
+    """The call's request id and trace id into ``headers``."""
+    for key, value in echoed(metadata).items():
+        headers[key] = value
 
 
 async def _parsed(requests: AsyncIterator[Req], gate: Gate) -> AsyncIterator[Req]:

@@ -12,7 +12,7 @@ is what every door hands its calls to.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -27,6 +27,7 @@ from embedgate.server.edge.service import EmbeddingService
 from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_metadata
 from embedgate.server.errors import EmbedgateError, RequestTooLargeError
 from embedgate.server.metrics import Metrics
+from embedgate.server.tracing import TRACE_ID_HEADER
 
 T = TypeVar("T")
 
@@ -122,10 +123,18 @@ def metadata_of(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in raw]
 
 
+# What an RPC sends back in trailing metadata that an HTTP door sends as headers.
+ECHOED = (REQUEST_ID_HEADER, TRACE_ID_HEADER)
+
+
+def echoed(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The call's request id and trace id, as the response headers that carry them."""
+    return {key: metadata[key] for key in ECHOED if metadata.get(key)}
+
+
 def request_id_header(context: DoorContext) -> dict[str, str]:
-    """The call's request id, as the response header that carries it."""
-    given = context.trailing.get(REQUEST_ID_HEADER)
-    return {REQUEST_ID_HEADER: given} if given else {}
+    """The call's request id and trace id, as the response headers that carry them."""
+    return echoed(context.trailing)
 
 
 @dataclass(frozen=True, slots=True)

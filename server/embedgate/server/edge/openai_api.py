@@ -27,13 +27,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from embedgate.server.edge.access import DOOR, REQUEST_ID_HEADER
+from embedgate.server.edge.access import DOOR
 from embedgate.server.edge.convert import OUTPUT_TYPES
 from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
     Gate,
     admitted_call,
+    echoed,
     metadata_of,
     refusal,
     refused_line,
@@ -221,9 +222,7 @@ def error_response(aborted: DoorAbortedError) -> Response:
     else:
         status, kind = _HTTP.get(aborted.code, _SERVER_ERROR)
     fields = aborted.fields
-    headers = {}
-    if REQUEST_ID_HEADER in aborted.metadata:
-        headers[REQUEST_ID_HEADER] = aborted.metadata[REQUEST_ID_HEADER]
+    headers = echoed(aborted.metadata)
     retry_after = aborted.retry_after_s
     if retry_after is not None:
         headers["retry-after"] = str(max(1, round(retry_after + 0.499)))

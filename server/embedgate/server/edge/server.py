@@ -20,7 +20,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
-from embedgate.server.config import ConfigError, ServerConfig, TlsConfig
+from embedgate.server import tracing
+from embedgate.server.config import ConfigError, ServerConfig, TlsConfig, TracingConfig
 from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.connect_api import ConnectDoor
 from embedgate.server.edge.doors import Gate
@@ -64,8 +65,11 @@ class Gateway:
         tokens: Tokens | None = None,
         models_health: Health | None = None,
         callers: Callers | None = None,
+        tracing_settings: TracingConfig | None = None,
     ) -> None:
         self._router = router
+        self._tracing_settings = tracing_settings or TracingConfig()
+        self._traced = False
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._tokens = tokens
@@ -121,6 +125,10 @@ class Gateway:
 
     async def start(self) -> int:
         settings = self._settings
+        try:
+            self._traced = tracing.start(self._tracing_settings)
+        except ValueError as problem:
+            raise ConfigError(f"tracing: {problem}") from None
         for service in ("", SERVICE_NAME):
             await self._health.set(service, NOT_SERVING)
         server = grpc.aio.server(options=self._options())
@@ -205,6 +213,7 @@ class Gateway:
             metrics_port=self.metrics_port,
             http_port=self.http_port,
             auth=self._tokens is not None,
+            tracing=self._traced,
             models=models,
         )
         return self.port
@@ -225,6 +234,9 @@ class Gateway:
             await self._http_server.stop(0)
             self._http_server = None
         await self._router.close()
+        if self._traced:  # the spans still buffered go out
+            self._traced = False
+            await asyncio.to_thread(tracing.stop)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._metrics_server is not None:

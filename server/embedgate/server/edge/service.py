@@ -11,6 +11,7 @@ from contextlib import aclosing, asynccontextmanager
 import grpc
 import structlog
 
+from embedgate.server import tracing
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, TextInput
 from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
@@ -135,26 +136,31 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         a call that set none: every vendor call made for it ends by then). On success
         the access line and trailing metadata go out; any failure ends the RPC with its
         status, mapped once, and the access line."""
-        caller = self._callers.name_of(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        caller = self._callers.name_of(metadata)
         access.caller = access.fields["caller"] = caller
-        try:
-            with deadline_scope(self._budget(context)):
-                yield
-        except asyncio.CancelledError:
-            access.emit(_ended_by(context))
-            raise
-        except Exception as exc:
-            failure = failure_of(exc)
-            status = to_rpc_status(failure)
-            access.fields["reason"] = failure.reason
-            access.emit(grpc_code(failure))
-            await context.abort(
-                grpc_code(failure),
-                status.message,
-                (*trailing_metadata(status), *access.metadata()),
-            )
-        context.set_trailing_metadata(access.metadata())
-        access.emit(grpc.StatusCode.OK)
+        with tracing.server_span(
+            f"{SERVICE_NAME}/{access.fields['method']}", metadata, access.span_attributes()
+        ) as span:
+            access.span = span
+            try:
+                with deadline_scope(self._budget(context)):
+                    yield
+            except asyncio.CancelledError:
+                access.emit(_ended_by(context))
+                raise
+            except Exception as exc:
+                failure = failure_of(exc)
+                status = to_rpc_status(failure)
+                access.fields["reason"] = failure.reason
+                access.emit(grpc_code(failure))
+                await context.abort(
+                    grpc_code(failure),
+                    status.message,
+                    (*trailing_metadata(status), *access.metadata()),
+                )
+            context.set_trailing_metadata(access.metadata())
+            access.emit(grpc.StatusCode.OK)
 
     async def _prepare_embed(
         self, request: pb.EmbedRequest, access: Access, header_id: str = ""
@@ -169,13 +175,14 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
         model = self._resolve(parsed.model)
-        inputs = await validated(
-            self._router.validate(model, parsed.inputs, parsed.options),
-            parsed.violations,
-            parsed.inputs,
-            "inputs",
-            model.name,
-        )
+        with tracing.span("embedgate.validate", {"embedgate.inputs": len(parsed.inputs)}):
+            inputs = await validated(
+                self._router.validate(model, parsed.inputs, parsed.options),
+                parsed.violations,
+                parsed.inputs,
+                "inputs",
+                model.name,
+            )
         return model, inputs, parsed.options
 
     async def Embed(  # noqa: N802 - the RPC's name
@@ -256,13 +263,16 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             if not parsed.model:  # nothing to resolve: report what the edge found
                 raise InvalidRequestError(parsed.violations)
             model = self._resolve(parsed.model)
-            inputs = await validated(
-                self._router.validate_rerank(model, parsed.query, parsed.documents, parsed.options),
-                parsed.violations,
-                parsed.documents,
-                parsed.field,
-                model.name,
-            )
+            with tracing.span("embedgate.validate", {"embedgate.inputs": len(parsed.documents)}):
+                inputs = await validated(
+                    self._router.validate_rerank(
+                        model, parsed.query, parsed.documents, parsed.options
+                    ),
+                    parsed.violations,
+                    parsed.documents,
+                    parsed.field,
+                    model.name,
+                )
             query = [TextInput(parsed.query)] if parsed.query is not None else []
             async with self._callers.billed(access, model, [*query, *inputs]) as bill:
                 result = await self._router.rerank(

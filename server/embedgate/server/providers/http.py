@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal, Protocol, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
 import structlog
 from httpx_aiohttp import HttpxAiohttpClient
+from opentelemetry.trace import SpanKind, StatusCode
 
+from embedgate.server import tracing
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.errors import DeadlineExceededError, VendorBadReplyError
 from embedgate.server.metrics import VendorMeter
@@ -278,7 +281,7 @@ async def post(
         outcome: HttpReply | TransportFailure
         try:
             outcome = await _attempt(
-                sender, url, body, headers, policy, limit, vendor, meter, deadline
+                sender, url, body, headers, policy, limit, vendor, meter, deadline, attempt
             )
         except TransportFailure as failure:
             outcome = failure
@@ -313,9 +316,63 @@ async def _attempt(
     vendor: str,
     meter: VendorMeter | None,
     deadline: float | None,
+    number: int = 1,
 ) -> HttpReply:
     """One attempt, within the attempt's limit and the caller's ``deadline``, counted
-    among the model's requests in flight (``limit``) and metered."""
+    among the model's requests in flight (``limit``) and metered; traced as an HTTP
+    client span (the vendor gets its ``traceparent``)."""
+    if not tracing.active():
+        return await _attempt_untraced(
+            sender, url, body, headers, policy, limit, vendor, meter, deadline
+        )
+    parts = urlsplit(url)
+    attributes = {
+        "http.request.method": "POST",
+        # Without the query: a vendor may take its key there.
+        "url.full": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+        "embedgate.attempt": number,
+    }
+    with tracing.span("POST", attributes, kind=SpanKind.CLIENT) as span:
+        try:
+            reply = await _attempt_untraced(
+                sender,
+                url,
+                body,
+                tracing.inject(dict(headers)),
+                policy,
+                limit,
+                vendor,
+                meter,
+                deadline,
+            )
+        except TransportFailure:
+            span.set_attribute("error.type", "transport")
+            span.set_status(StatusCode.ERROR)
+            raise
+        except Exception as error:
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_status(StatusCode.ERROR)
+            raise
+        span.set_attribute("http.response.status_code", reply.status)
+        if reply.status >= 400:
+            span.set_attribute("error.type", str(reply.status))
+            span.set_status(StatusCode.ERROR)
+        return reply
+
+
+async def _attempt_untraced(
+    sender: Sender,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    policy: RetryPolicy,
+    limit: asyncio.Semaphore,
+    vendor: str,
+    meter: VendorMeter | None,
+    deadline: float | None,
+) -> HttpReply:
     async with limit:
         loop = asyncio.get_running_loop()
         bound = policy.attempt_timeout_s

@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 import structlog
+from opentelemetry.trace import SpanContext
 from pydantic import Field
 
+from embedgate.server import tracing
 from embedgate.server.config import ModelSettings
 from embedgate.server.domain import (
     Dimensions,
@@ -66,6 +68,8 @@ class LocalSettings(ModelSettings):
 class _Job:
     texts: list[str]
     future: asyncio.Future[tuple[Vectors, list[int]]]
+    # The caller's span, when tracing is on: the forward pass links to it.
+    span: SpanContext | None = None
 
 
 def packaged_model_path() -> Path:
@@ -282,7 +286,7 @@ class LocalProvider:
         future: asyncio.Future[tuple[Vectors, list[int]]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending.append(_Job(texts, future))
+        self._pending.append(_Job(texts, future, tracing.current()))
         self._wakeup.set()
         vectors, tokens = await future
         return EmbedBatch(vectors=vectors, tokens=tuple(tokens))
@@ -314,8 +318,18 @@ class LocalProvider:
             self.recent_batch_sizes.append(len(texts))
             self._batch_inputs.observe(len(texts))
             started = loop.time()
+            spans = tracing.distinct(job.span for job in jobs) if tracing.active() else []
             try:
-                vectors, tokens = await loop.run_in_executor(self._executor, self._encode, texts)
+                # One span per forward pass, in the first caller's trace, linked to all.
+                with tracing.span(
+                    "embedgate.local.forward",
+                    {"embedgate.inputs": len(texts), "embedgate.callers": len(jobs)},
+                    parent=spans[0] if spans else None,
+                    links=spans,
+                ):
+                    vectors, tokens = await loop.run_in_executor(
+                        self._executor, self._encode, texts
+                    )
             except asyncio.CancelledError:
                 for job in jobs:
                     if not job.future.done():

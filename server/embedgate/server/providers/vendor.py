@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
+from opentelemetry.trace import SpanKind
 
+from embedgate.server import tracing
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import (
     EmbedOptions,
@@ -195,15 +197,17 @@ class VendorProvider:
         )
         body = self._dialect.embed_body(inputs, wire)
         admission = self._admission(inputs)
-        payload = await self._call(
-            self._dialect.embed_path, body, options.request_id, len(inputs), admission
-        )
-        try:
-            parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
-        except (BadReply, ErrorInReply) as problem:
-            self._reply_failed(problem, payload)
+        with self._traced("embeddings", len(inputs)) as span:
+            payload = await self._call(
+                self._dialect.embed_path, body, options.request_id, len(inputs), admission
+            )
+            try:
+                parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
+            except (BadReply, ErrorInReply) as problem:
+                self._reply_failed(problem, payload)
+            tokens = parsed.prompt_tokens
+            _note_tokens(span, tokens)
         self._health.succeeded()
-        tokens = parsed.prompt_tokens
         self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(inputs))
         if admission is not None:
             await admission.settle(tokens)
@@ -211,6 +215,22 @@ class VendorProvider:
             vectors=parsed.vectors,
             tokens=(tokens,) if tokens is not None and len(inputs) == 1 else None,
             total_tokens=tokens,
+        )
+
+    def _traced(self, operation: str, inputs: int) -> Any:
+        """The span of one vendor request (GenAI conventions), around its attempts."""
+        settings = self._settings
+        return tracing.span(
+            f"{operation} {settings.vendor_model}",
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": self._dialect.vendor,
+                "gen_ai.request.model": settings.vendor_model,
+                "embedgate.model": self._model_name,
+                "embedgate.deployment": settings.name,
+                "embedgate.inputs": inputs,
+            },
+            kind=SpanKind.CLIENT,
         )
 
     # -- quotas -------------------------------------------------------------------
@@ -560,21 +580,28 @@ class RerankingVendorProvider(VendorProvider):
     ) -> Ranking:
         body = self._reranker.rerank_body(query, documents, top_n)
         admission = self._admission([query, *documents])
-        payload = await self._call(
-            self._reranker.rerank_path, body, options.request_id, len(documents), admission
-        )
-        try:
-            ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
-        except (BadReply, ErrorInReply) as problem:
-            self._reply_failed(problem, payload)
+        with self._traced("rerank", len(documents) + 1) as span:
+            payload = await self._call(
+                self._reranker.rerank_path, body, options.request_id, len(documents), admission
+            )
+            try:
+                ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
+            except (BadReply, ErrorInReply) as problem:
+                self._reply_failed(problem, payload)
+            tokens = ranking.total_tokens
+            _note_tokens(span, tokens)
         self._health.succeeded()
-        tokens = ranking.total_tokens
         self._tokens_sent.inc(
             tokens if tokens is not None else estimate_tokens([query, *documents])
         )
         if admission is not None:
             await admission.settle(tokens)
         return ranking
+
+
+def _note_tokens(span: Any, tokens: int | None) -> None:
+    if span is not None and tokens is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", tokens)
 
 
 # What each HTTP status says went wrong, and how a message puts it after "answered

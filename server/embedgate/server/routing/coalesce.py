@@ -22,6 +22,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import SpanContext
+
+from embedgate.server import tracing
 from embedgate.server.deadlines import current_deadline, deadline_at
 from embedgate.server.domain import EmbedOptions, Input
 from embedgate.server.errors import DeadlineExceededError, InternalError, unexpected
@@ -44,6 +47,8 @@ class ItemVector:
     batch_tokens: int | None
     # The deployment that served its batch, for a model with several.
     deployment: str = ""
+    # The batch's span, when tracing is on.
+    span: SpanContext | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -56,6 +61,8 @@ class _Waiter:
     count: int  # how many inputs that call has
     request_id: str
     deadline: float | None
+    # The caller's span, when tracing is on: the batch links to it.
+    span: SpanContext | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -138,6 +145,7 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         self._calls += 1
         deadline = current_deadline()
+        caller_span = tracing.current()
         total = len(inputs) if count is None else count
         batch_key = _batch_key(options)
         fresh: list[_Item] = []
@@ -150,6 +158,7 @@ class Coalescer:
                 total,
                 options.request_id,
                 deadline,
+                caller_span,
             )
             futures.append(waiter.future)
             key = keys[position] if keys is not None else None
@@ -409,9 +418,23 @@ class Coalescer:
         deadline: float | None,
         sent: _Batch,
     ) -> None:
+        callers: list[SpanContext] = []
+        if tracing.active():
+            callers = tracing.distinct(w.span for item in items for w in item.waiters)
         try:
             try:
-                with deadline_at(deadline):
+                # One span for the batch, in the first caller's trace and linked to every
+                # caller's (the way batching systems record fan-in).
+                with (
+                    tracing.span(
+                        "embedgate.batch",
+                        {"embedgate.inputs": len(items), "embedgate.callers": len(callers)},
+                        parent=callers[0] if callers else None,
+                        links=callers,
+                    ) as span,
+                    deadline_at(deadline),
+                ):
+                    batch_span = span.get_span_context() if span is not None else None
                     batch, vectors = await self._send(
                         key, [item.input for item in items], self._request_id(items)
                     )
@@ -443,7 +466,9 @@ class Coalescer:
                 # The vendor counted the input once: callers that joined it cost nothing.
                 own = tokens if order == 0 else (0 if tokens is not None else None)
                 waiter.future.set_result(
-                    ItemVector(vectors[position], own, batch_id, total, batch.deployment)
+                    ItemVector(
+                        vectors[position], own, batch_id, total, batch.deployment, batch_span
+                    )
                 )
 
 

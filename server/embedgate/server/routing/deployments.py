@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from embedgate.server import tracing
 from embedgate.server.config import ConfigError, DeployedModelSettings
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import (
@@ -257,7 +258,15 @@ class DeploymentSet:
                 raise last or none
             member.in_flight += 1
             try:
-                batch = await self._by_member[member].provider.embed(inputs, options)
+                with tracing.span(
+                    "embedgate.deployment",
+                    {
+                        "embedgate.deployment": member.name,
+                        "embedgate.breaker_state": member.breaker.state.name.lower(),
+                        "embedgate.attempt": attempts + 1,
+                    },
+                ):
+                    batch = await self._by_member[member].provider.embed(inputs, options)
             except QuotaExhaustedError as error:
                 # No room in its quota: waiting, like a vendor's 429, not broken.
                 member.breaker.released()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedgate.server import tracing
 from embedgate.server.deadlines import current_deadline
 from embedgate.server.domain import EmbedOptions, Input, OutputType, Usage
 from embedgate.server.errors import DeadlineExceededError, EmbedgateError, InternalError, unexpected
@@ -97,8 +98,12 @@ class Embedder:
             return _Lookup([None] * len(inputs), list(range(len(inputs))), futures, None)
         content = vector_keys(model.info, options, inputs)
         keys = [entry_key(key, options.output_type) for key in content]
-        found = await cache.get_many(keys)
-        sent = [position for position, payload in enumerate(found) if payload is None]
+        with tracing.span("embedgate.cache.lookup") as span:
+            found = await cache.get_many(keys)
+            sent = [position for position, payload in enumerate(found) if payload is None]
+            if span is not None:
+                span.set_attribute("embedgate.cache.hits", len(found) - len(sent))
+                span.set_attribute("embedgate.cache.misses", len(sent))
         if not sent:
             return _Lookup(found, sent, [], keys)
         futures = queue.submit(
@@ -148,8 +153,11 @@ class Embedder:
         fresh: Sequence[ItemVector] = ()
         if lookup.futures:  # else every vector came from the cache: nothing to wait for
             try:
-                async with _until_deadline(model):
-                    fresh = await asyncio.gather(*lookup.futures)
+                with tracing.span("embedgate.batch.wait") as waiting:
+                    async with _until_deadline(model):
+                        fresh = await asyncio.gather(*lookup.futures)
+                    # The caller's trace shows the batches its inputs went in.
+                    tracing.link(waiting, (item.span for item in fresh))
             finally:
                 for future in lookup.futures:
                     future.cancel()
