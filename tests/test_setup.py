@@ -1,7 +1,8 @@
 """scripts/setup, the set-up behind both README commands, on a machine that lacks a
 package and may not install it: it stops at once, before changing anything, with the
 exact command to run. (On a machine where it may install, CI's fresh machines are the
-test: `make test` there starts without Go, redis-server, h2load or Chromium.)"""
+test: `make test` there starts without Go, redis-server, h2load, Chromium or
+Prometheus.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ PRESENT = (
     "npm",
     "redis-server",
     "chromium",
+    "prometheus",
     "go",
     "protoc-gen-go",
     "protoc-gen-go-grpc",
