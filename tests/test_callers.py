@@ -4,8 +4,11 @@ Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -13,6 +16,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import structlog
+import yaml
 from fakes import FakeVendor, make_fake
 from gateways import key_file, openai_model, running, samples, value
 from google.rpc import error_details_pb2
@@ -20,9 +24,16 @@ from grpc_status import rpc_status
 from prometheus_client import generate_latest
 from redis_server import RedisServer
 
-from embedgate.server.config import ConfigError
+from embedgate.client import cli
+from embedgate.server.config import CallerConfig, ConfigError
+from embedgate.server.domain import TextInput
+from embedgate.server.edge.access import Access
+from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.server import Gateway
+from embedgate.server.errors import CallerQuotaExceededError
+from embedgate.server.metrics import Metrics
 from embedgate.server.providers.registry import parse_config
+from embedgate.server.quotas import LocalStore
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -276,3 +287,68 @@ def test_a_bad_callers_section_names_its_key(config: dict[str, Any], message: st
     raw = {**config, "models": [{"name": "m", "provider": "local"}]}
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(raw)
+
+
+async def test_embedgate_usage_prints_each_callers_counters_and_windows(
+    fake: FakeVendor,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`embedgate usage` reads a gateway's /metrics (the counters per caller and model)
+    and, given the configuration, what each caller's limit windows hold now in the
+    quotas' Redis."""
+    callers = {"names": [{"name": "ingest", "rate_limit": "5/hour"}, {"name": "search"}]}
+    model = openai_model(fake, key_file(tmp_path))
+    quotas = {"redis_url": redis_server.url}
+    config = tmp_path / "embedgate.yaml"
+    config.write_text(yaml.safe_dump({"callers": callers, "quotas": quotas, "models": [model]}))
+    async with running([model], callers=callers, quotas=quotas, metrics_port=0) as gateway:
+        await embed(gateway, texts("a", "b"), x_embedgate_caller="ingest")
+        await embed(gateway, texts("c"), x_embedgate_caller="ingest")
+        await embed(gateway, texts("d"), x_embedgate_caller="search")
+        metrics = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+        capsys.readouterr()
+        code = await asyncio.to_thread(
+            cli.main, ["usage", "--metrics", metrics, "--config", str(config), "--json"]
+        )
+        report = json.loads(capsys.readouterr().out)
+        table_code = await asyncio.to_thread(cli.main, ["usage", "--metrics", metrics])
+        table = capsys.readouterr().out
+    assert (code, table_code) == (0, 0)
+    rows = {row["caller"]: row for row in report["counters"]}
+    assert (rows["ingest"]["calls"], rows["ingest"]["inputs"]) == (2, 3)
+    assert (rows["search"]["calls"], rows["search"]["inputs"]) == (1, 1)
+    assert report["limits"] == [
+        {"caller": "ingest", "limit": "rate_limit", "rate": "5/hour", "used": 2, "allowed": 5}
+    ]
+    assert "caller" in table.splitlines()[1]
+    assert any(line.split()[:2] == ["ingest", "m"] for line in table.splitlines())
+
+
+async def test_a_per_second_limit_never_admits_more_in_any_second() -> None:
+    """A caller's 5/second, called twice every 50 ms for 3 s (a clock the test moves):
+    no one-second window, wherever it starts, holds more than 5 admitted calls (no
+    double burst across a window's edge), and the limit is used, not just refused."""
+    now = [0.0]
+    metrics = Metrics()
+    callers = Callers(
+        metrics,
+        known={"a": CallerConfig(name="a", rate_limit="5/second")},
+        store=LocalStore(clock=lambda: now[0]),
+    )
+    model: Any = SimpleNamespace(name="m", info=SimpleNamespace(in_process=False))
+    admitted: list[float] = []
+    for _ in range(60):
+        for _ in range(2):
+            access = Access("Embed", metrics)
+            access.caller = "a"
+            try:
+                async with callers.billed(access, model, [TextInput("x")]) as bill:
+                    bill.embedded(tokens=1, model_requests=1)
+            except CallerQuotaExceededError:
+                continue
+            admitted.append(now[0])
+        now[0] += 0.05
+    assert max(sum(1 for u in admitted if t <= u < t + 1) for t in admitted) <= 5
+    assert len(admitted) >= 10

@@ -207,7 +207,7 @@ def test_every_option_has_help_text() -> None:
         for action in command._actions
         if action.option_strings and not action.help
     ]
-    assert len(commands) == 7  # embedgate, serve, check, embed, rerank, models, health
+    assert len(commands) == 8  # embedgate, serve, check, usage, embed, rerank, models, health
     assert missing == []
 
 

@@ -16,7 +16,7 @@ from embedgate.server.config import (
     ConfigError,
     ModelSettings,
 )
-from embedgate.server.edge.callers import Callers
+from embedgate.server.edge.callers import CallerLimit, Callers, limits_of
 from embedgate.server.edge.guard import Caller, Tokens
 from embedgate.server.edge.server import Gateway
 from embedgate.server.health import Health
@@ -86,6 +86,20 @@ def _callers(config: GatewayConfig) -> dict[str, CallerLimits]:
     return {entry.name: entry for entry in entries}  # type: ignore[attr-defined]
 
 
+def quotas_redis_url(config: GatewayConfig) -> str | None:
+    """The Redis the quotas and the callers' limits are counted in (None: memory)."""
+    return config.quotas.redis_url or config.cache.redis_url
+
+
+def caller_limits(config: GatewayConfig) -> list[tuple[str, CallerLimit]]:
+    """Every caller's limits, as the quota store keeps them."""
+    return [
+        (name, limit)
+        for name, settings in _callers(config).items()
+        for limit in limits_of(name, settings)
+    ]
+
+
 def build_quota_store(config: GatewayConfig, metrics: Metrics) -> Store | None:
     """Where the vendor quotas and the callers' limits are counted: the quotas' Redis
     (else the cache's), shared by every replica; else this process. None when nothing
@@ -93,7 +107,7 @@ def build_quota_store(config: GatewayConfig, metrics: Metrics) -> Store | None:
     callers_limited = any(limits.limited for limits in _callers(config).values())
     if not callers_limited and not any(_limited(model) for model in config.models):
         return None
-    url = config.quotas.redis_url or config.cache.redis_url
+    url = quotas_redis_url(config)
     if url is None:
         return LocalStore()
     gauge = metrics.quota_local

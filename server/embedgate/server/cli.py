@@ -139,3 +139,139 @@ def run_check(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"  {line}")
     return 0
+
+
+USAGE_METRICS = "http://127.0.0.1:9464/metrics"
+# The per-caller series `embedgate usage` shows, by the column it shows them in.
+_USAGE_COLUMNS = (
+    ("calls", "embedgate_caller_rpcs"),
+    ("inputs", "embedgate_caller_inputs"),
+    ("cached", "embedgate_caller_cached_inputs"),
+    ("tokens", "embedgate_caller_tokens"),
+    ("vendor_requests", "embedgate_caller_vendor_requests"),
+    ("cost", "embedgate_caller_cost"),
+)
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics",
+        metavar="URL",
+        default=None,
+        help=f"a gateway's /metrics: its counters per caller since it started (default: "
+        f"{USAGE_METRICS}, unless only --config is given)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the gateway's configuration: each caller's limits, and what their windows "
+        "hold now in the quotas' Redis (every replica together)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _caller_counters(url: str) -> list[dict[str, object]]:
+    """Per caller and model, the counters of the gateway whose metrics are at ``url``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - the operator's URL
+        text = reply.read().decode()
+    rows: dict[tuple[str, str], dict[str, object]] = {}
+    names = {f"{series}_total": column for column, series in _USAGE_COLUMNS}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            column = names.get(sample.name)
+            if column is None:
+                continue
+            key = (sample.labels["caller"], sample.labels["model"])
+            row = rows.setdefault(key, {"caller": key[0], "model": key[1]})
+            row[column] = sample.value
+    return [rows[key] for key in sorted(rows)]
+
+
+def _limit_windows(config_path: str) -> list[dict[str, object]]:
+    """Each caller limit of the configuration, with what its window holds now in the
+    quotas' Redis (as the gateway's own take counts it)."""
+    import redis
+
+    from embedgate.server.app import caller_limits, quotas_redis_url
+    from embedgate.server.providers.registry import load_config
+    from embedgate.server.quotas import live_total
+
+    config = load_config(config_path)
+    limits = caller_limits(config)
+    url = quotas_redis_url(config)
+    if not limits:
+        return []
+    if url is None:
+        raise ConfigError(
+            f"{config_path}: no Redis (quotas.redis_url or cache.redis_url): each replica "
+            "counts its callers' limits in its own memory, which only its metrics show"
+        )
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    seconds, micros = client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    rows: list[dict[str, object]] = []
+    for name, limit in limits:
+        held = client.hgetall(limit.key)
+        buckets = {int(bucket): int(amount) for bucket, amount in held.items()}
+        period_ms = int(limit.rate.period_s * 1000)
+        rows.append(
+            {
+                "caller": name,
+                "limit": limit.setting,
+                "rate": limit.rate.text,
+                "used": live_total(buckets, period_ms, now_ms),
+                "allowed": limit.rate.count,
+            }
+        )
+    return rows
+
+
+def _table(rows: list[dict[str, object]], columns: list[str]) -> list[str]:
+    def text(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "" if value is None else str(value)
+
+    cells = [[text(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for line in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return lines
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    """Print each caller's use: the counters of a gateway's metrics, and (with the
+    configuration) what its limits' windows hold now in Redis."""
+    import json
+
+    metrics = args.metrics or (None if args.config else USAGE_METRICS)
+    report: dict[str, list[dict[str, object]]] = {}
+    try:
+        if metrics is not None:
+            report["counters"] = _caller_counters(metrics)
+        if args.config is not None:
+            report["limits"] = _limit_windows(args.config)
+    except ConfigError as exc:
+        print(f"embedgate: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an unreachable endpoint or Redis: said, not a traceback
+        print(f"embedgate: cannot read usage: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if "counters" in report:
+        print(f"since the gateway started ({metrics}):")
+        columns = ["caller", "model", *(column for column, _ in _USAGE_COLUMNS)]
+        for line in _table(report["counters"], columns):
+            print(f"  {line}")
+    if "limits" in report:
+        print("limits, in the current window (every replica):")
+        for line in _table(report["limits"], ["caller", "limit", "rate", "used", "allowed"]):
+            print(f"  {line}")
+    return 0

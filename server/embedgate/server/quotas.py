@@ -104,6 +104,14 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def live_total(buckets: dict[int, int], period_ms: int, now_ms: int) -> int:
+    """What a window of ``period_ms`` holds at ``now_ms`` (its buckets by index), as a
+    take counts it: every bucket that may still lie in the window, the oldest whole."""
+    width = max(1, period_ms // BUCKETS)
+    oldest = (now_ms - period_ms) // width
+    return sum(amount for bucket, amount in buckets.items() if bucket >= oldest)
+
+
 def _wait_ms(buckets: dict[int, int], ask: Ask, now_ms: int) -> int:
     """How long until ``ask`` fits in a window whose live buckets are ``buckets``
     (0: it fits now)."""

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -251,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_check_arguments(check)
 
+    usage = commands.add_parser(
+        "usage",
+        help="print each caller's use: a gateway's counters per caller (its /metrics), "
+        "and what its callers' limits hold now in the quotas' Redis (with --config)",
+    )
+    try:
+        from embedgate.server.cli import add_usage_arguments
+    except ImportError:
+        usage.set_defaults(server_missing=True)
+    else:
+        add_usage_arguments(usage)
+
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument(
@@ -323,22 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands the server package runs (absent from a client-only install).
+SERVER_COMMANDS = {"serve": "run_serve", "check": "run_check", "usage": "run_usage"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command in SERVER_COMMANDS:
         if getattr(args, "server_missing", False):
             print(SERVER_MISSING, file=sys.stderr)
             return 2
-        from embedgate.server.cli import run_serve
+        from embedgate.server import cli as server
 
-        return run_serve(args)
-    if args.command == "check":
-        if getattr(args, "server_missing", False):
-            print(SERVER_MISSING, file=sys.stderr)
-            return 2
-        from embedgate.server.cli import run_check
-
-        return run_check(args)
+        run: Callable[[argparse.Namespace], int] = getattr(server, SERVER_COMMANDS[args.command])
+        return run(args)
     handlers = {"embed": _embed, "rerank": _rerank, "models": _models, "health": _health}
     with Client(
         args.target, timeout=args.timeout, token=args.token, credentials=_credentials(args)

@@ -39,7 +39,7 @@ NAME_LIMIT = 64
 
 
 @dataclass(frozen=True, slots=True)
-class _Limit:
+class CallerLimit:
     """One of a caller's limits, as the store knows it and as the caller is told."""
 
     setting: str  # rate_limit, input_limit, token_limit
@@ -54,7 +54,8 @@ class _Limit:
         )
 
 
-def _limits(name: str, settings: CallerLimits) -> tuple[_Limit, ...]:
+def limits_of(name: str, settings: CallerLimits) -> tuple[CallerLimit, ...]:
+    """A caller's limits, as the quota store keys them."""
     # A Redis hash tag: one caller's limits share a cluster slot.
     prefix = f"embedgate:caller:{{{name}}}"
     found = []
@@ -65,7 +66,7 @@ def _limits(name: str, settings: CallerLimits) -> tuple[_Limit, ...]:
     ):
         text = getattr(settings, setting)
         if text is not None:
-            found.append(_Limit(setting, f"{prefix}:{unit}", Rate.parse(text), unit))
+            found.append(CallerLimit(setting, f"{prefix}:{unit}", Rate.parse(text), unit))
     return tuple(found)
 
 
@@ -93,7 +94,7 @@ class Bill:
         self.inputs = inputs
         # The tokens taken from the caller's token limit, and the takes to settle.
         self.estimate = 0
-        self.taken: tuple[tuple[_Limit, ...], Taken] | None = None
+        self.taken: tuple[tuple[CallerLimit, ...], Taken] | None = None
         # What the call came to (set by ``embedded``; untouched: it failed).
         self.items: Sequence[Encoded | None] = ()
         self.deployments: Sequence[str] = ()
@@ -147,7 +148,7 @@ class Callers:
         self._limits = {
             name: limits
             for name, settings in (known or {}).items()
-            if (limits := _limits(name, settings))
+            if (limits := limits_of(name, settings))
         }
         if self._limits and store is None:
             raise ValueError("callers have limits: give the store that counts them")
@@ -192,7 +193,7 @@ class Callers:
             await self._settle(bill)
             self._count(bill, access)
 
-    async def _take(self, bill: Bill, limits: tuple[_Limit, ...]) -> None:
+    async def _take(self, bill: Bill, limits: tuple[CallerLimit, ...]) -> None:
         assert self._store is not None  # checked when limits were given
         estimate = estimate_tokens(bill.inputs)
         costs = {"calls": 1, "inputs": len(bill.inputs), "tokens": estimate}
@@ -203,7 +204,7 @@ class Callers:
         bill.estimate = estimate
         bill.taken = (limits, taken)
 
-    def _refuse(self, name: str, limits: tuple[_Limit, ...], taken: Taken) -> None:
+    def _refuse(self, name: str, limits: tuple[CallerLimit, ...], taken: Taken) -> None:
         spent = [limit for limit, wait in zip(limits, taken.waits, strict=True) if wait]
         wait = max(taken.waits) + 0.001
         for limit in spent:
