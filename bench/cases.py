@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import http.client
 import statistics
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +61,10 @@ class Case:
     log_level: str | None = None
     # Only these concurrencies (of the plan's); None: every one.
     concurrencies: tuple[int, ...] | None = None
+    # Traces on, every call sampled, exported to a collector on loopback.
+    tracing: bool = False
+    # Run the server code of the revision given with --before (see BEFORE).
+    before: bool = False
 
 
 CASES: tuple[Case, ...] = (
@@ -80,10 +86,28 @@ CASES: tuple[Case, ...] = (
     ),
     # d through the OpenAI door: the same call as an HTTP/1.1 POST /v1/embeddings.
     Case("o", "embedgate, as d through the OpenAI route", "embedgate-openai", cache=False),
+    # d with tracing on: the cost of a trace of every call.
+    Case(
+        "dt",
+        "embedgate, as d with tracing on (every call sampled)",
+        "embedgate",
+        cache=False,
+        tracing=True,
+    ),
+    # d on the code of --before (the commit before tracing): tracing off costs what?
+    Case("d0", "embedgate before tracing (--before), as d", "embedgate", cache=False, before=True),
     # The default configuration as it is: every RPC after the first is a hit.
     Case("e", "embedgate, default config, all cache hits", "embedgate"),
     Case("l", "LiteLLM proxy, 1 worker (HTTP/1.1)", "litellm", concurrencies=(16,)),
 )
+
+
+# The server code of an earlier revision (``--before``): a tree with its ``server`` and
+# ``clients/python``, put first on the case's PYTHONPATH. None: no such case runs.
+BEFORE: Path | None = None
+# Spans and exports may not be dropped for want of room: the tracing case measures
+# the cost of exporting every span.
+TRACING_ENV = {"OTEL_BSP_MAX_QUEUE_SIZE": "262144", "OTEL_BSP_SCHEDULE_DELAY": "1000"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +173,8 @@ class Deployment:
     vendor: Child | None = None
     vendor_port: int | None = None
     notes: list[str] = field(default_factory=list)
+    # Says, once every level is measured, what the case's helpers saw (a note).
+    finish: Callable[[], str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +251,24 @@ def _deploy(
     children.append(vendor)
     if case.kind in ("embedgate", "embedgate-openai"):
         http_port = free_port() if case.kind == "embedgate-openai" else None
+        env: dict[str, str] = {}
+        finish = None
+        tracing_endpoint = None
+        if case.tracing:
+            sink = Child(
+                f"case-{case.key}-collector",
+                pinned(python_module("bench.otlp_sink"), cores.load),
+                work_dir,
+            )
+            children.append(sink)
+            sink_port = sink.read_port()
+            tracing_endpoint = f"http://127.0.0.1:{sink_port}"
+            env.update(TRACING_ENV)
+            finish = functools.partial(_collected, sink_port)
+        if case.before:
+            if BEFORE is None:
+                raise BenchError("needs --before REV")
+            env["PYTHONPATH"] = f"{BEFORE / 'server'}:{BEFORE / 'clients' / 'python'}"
         settings = GatewaySettings(
             vendor_port=vendor_port,
             dims=plan.dims,
@@ -233,8 +277,9 @@ def _deploy(
             cache=case.cache,
             log_level=case.log_level,
             http_port=http_port,
+            tracing_endpoint=tracing_endpoint,
         )
-        server, port = start_gateway(f"case-{case.key}", settings, cores.server, work_dir)
+        server, port = start_gateway(f"case-{case.key}", settings, cores.server, work_dir, env=env)
         children.append(server)
         if http_port is not None:
             return _openai_deployment(server, http_port, plan, work_dir, vendor, vendor_port)
@@ -246,7 +291,21 @@ def _deploy(
     deployment = _grpc_deployment(server, port, plan, work_dir, vendor, vendor_port)
     if case.cache:
         deployment.notes.append(_warm_cache(port, plan.dims))
+    if case.kind in ("embedgate", "embedgate-openai"):
+        deployment.finish = finish
+        if case.before and BEFORE is not None:
+            deployment.notes.append(f"the server code of {BEFORE.name}")
     return deployment
+
+
+def _collected(port: int) -> str:
+    """What the tracing case's collector received, as a note."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as reply:
+        counted = orjson.loads(reply.read())
+    return (
+        f"{counted['spans']:,} spans reached the collector, in {counted['requests']:,} "
+        "OTLP/HTTP exports"
+    )
 
 
 def openai_body() -> bytes:
@@ -492,6 +551,12 @@ def run_cases(cases: Sequence[Case], plan: Plan, cores: Cores, work_dir: Path) -
                 one.error = str(problem)
         for concurrency in plan.concurrencies:
             _run_level(running, concurrency, plan, cores, work_dir)
+        for one in running:
+            if one.deployment is not None and one.deployment.finish is not None:
+                try:
+                    one.deployment.notes.append(one.deployment.finish())
+                except OSError as problem:
+                    one.deployment.notes.append(f"its helper did not answer: {problem}")
     return [one.result() for one in running]
 
 

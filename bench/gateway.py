@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class GatewaySettings:
     log_level: str | None = None
     # Also serve the HTTP doors on this port (the OpenAI route's case).
     http_port: int | None = None
+    # Traces on, every call sampled, exported over OTLP/HTTP here.
+    tracing_endpoint: str | None = None
 
 
 def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
@@ -71,6 +74,13 @@ def gateway_config(settings: GatewaySettings, port: int) -> dict[str, Any]:
     # turn it off; the cache case keeps it.
     if not settings.cache:
         config["cache"] = {"enabled": False}
+    if settings.tracing_endpoint is not None:
+        config["tracing"] = {
+            "enabled": True,
+            "endpoint": settings.tracing_endpoint,
+            "protocol": "http/protobuf",
+            "sample_ratio": 1.0,
+        }
     return config
 
 
@@ -101,14 +111,19 @@ def embedgate_command(
 
 
 def start_gateway(
-    name: str, settings: GatewaySettings, core: int | None, work_dir: Path
+    name: str,
+    settings: GatewaySettings,
+    core: int | None,
+    work_dir: Path,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[Child, int]:
-    """Start embedgate and wait until it answers an Embed call correctly."""
+    """Start embedgate (``env`` added to its environment) and wait until it answers an
+    Embed call correctly."""
     port = free_port()
     config = work_dir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(gateway_config(settings, port), sort_keys=False))
     command = embedgate_command(config, port, settings.log_level)
-    child = Child(name, pinned(command, core), work_dir)
+    child = Child(name, pinned(command, core), work_dir, env=env)
     try:
         wait_for_embed(child, port, settings.dims, timeout_s=60)
     except BaseException:

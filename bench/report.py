@@ -42,6 +42,10 @@ PATHS = {
     "o": "h2load (h2c: one connection, N streams, as for gRPC) → `embedgate serve "
     "--http-port`'s `POST /v1/embeddings` (the OpenAI SDK's body, base64) → fake vendor; "
     "as d otherwise",
+    "dt": "as d, with `tracing` on (`sample_ratio: 1.0`): every call's spans exported over "
+    "OTLP/HTTP to a collector on loopback (on the vendor's core), with room for every span "
+    "in the exporter's queue",
+    "d0": "as d, on the server code of the commit before tracing (`--before`)",
     "e": "`embedgate serve` → fake vendor, the default configuration (cache on), warmed "
     "with one call: every RPC is a hit",
     "l": "h2load → LiteLLM proxy (`litellm --config`, 1 worker, HTTP/1.1 keep-alive) → "

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import cases as bench_cases
 from bench import environment
 from bench.cases import CASES, Case, CaseResult, Plan, run_cases, skipped
 from bench.decode import DecodeResult, measure_decode
@@ -71,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the embedded model next to sentence-transformers",
     )
     parser.add_argument(
+        "--before",
+        metavar="REV",
+        default=None,
+        help="also run case d0: case d on the server code of this git revision (the "
+        "commit before tracing, to show what tracing off costs)",
+    )
+    parser.add_argument(
         "--report-from",
         type=Path,
         default=None,
@@ -117,11 +126,17 @@ def measure_cases(
     cases: list[Case], plan: Plan, cores: Cores, work_dir: Path, quick: bool
 ) -> list[CaseResult]:
     say("cases " + ", ".join(case.key for case in cases) + ", taking turns")
-    measured = [case for case in cases if not (quick and case.kind == "litellm")]
+    measured = [
+        case
+        for case in cases
+        if not (quick and case.kind == "litellm")
+        and not (case.before and bench_cases.BEFORE is None)
+    ]
     by_key = {result.key: result for result in run_cases(measured, plan, cores, work_dir)}
     results = []
     for case in cases:
-        result = by_key.get(case.key) or skipped(case, QUICK_SKIPS)
+        why = QUICK_SKIPS if not case.before else "needs --before REV (the commit before tracing)"
+        result = by_key.get(case.key) or skipped(case, why)
         say(f"case {case.key}: {case.label}")
         describe_level(result)
         if result.skipped:
@@ -225,6 +240,31 @@ def rejudged(results: Results) -> Results:
     return dataclasses.replace(results, targets=tuple(targets))
 
 
+def tree_at(revision: str) -> Path:
+    """The server and Python client code of ``revision``, unpacked under build/."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", f"{revision}^{{commit}}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except subprocess.CalledProcessError:
+        raise BenchError(f"--before: {revision!r} is not a commit of this repository") from None
+    tree = REPO / "build" / "bench-before" / commit
+    if not (tree / "server").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", commit, "server", "clients/python"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out or (REPO / ("build/bench" if args.quick else "docs"))
@@ -237,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written.append(write_json(results, out))
     else:
         try:
+            if args.before is not None:
+                bench_cases.BEFORE = tree_at(args.before)
             results = run_all(args)
         except BenchError as problem:
             say(f"bench: {problem}")

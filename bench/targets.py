@@ -246,6 +246,25 @@ def evaluate(
             unit=TIMES,
         ),
         target(
+            "tracing_off_cost",
+            f"tracing off: CPU per RPC of d ≤ 1.05{TIMES} the same case on the code before "
+            "tracing (d0): no measurable cost",
+            1.05,
+            ("d", "d0"),
+            lambda lv: lv["d"].cpu_us_per_rpc / lv["d0"].cpu_us_per_rpc,
+            at_most=True,
+            unit=TIMES,
+        ),
+        target(
+            "tracing_on_cost",
+            f"tracing on, every call sampled and exported (dt): CPU per RPC ≤ 2{TIMES} d's",
+            2.0,
+            ("dt", "d"),
+            lambda lv: lv["dt"].cpu_us_per_rpc / lv["d"].cpu_us_per_rpc,
+            at_most=True,
+            unit=TIMES,
+        ),
+        target(
             "access_log_cost",
             "the access log at the default level: CPU per RPC of d (info) minus dw "
             "(warning) ≤ 20 µs",

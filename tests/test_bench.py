@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "o", "e")
+CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "o", "dt", "e")
 SKIPPED_WHEN_QUICK = ("l",)
+# Runs only given the revision to compare with (--before).
+SKIPPED_WITHOUT_BEFORE = ("d0",)
 GOALS = {
     "added_latency_default",
     "added_latency_coalescing_off",
@@ -29,6 +31,8 @@ GOALS = {
     "default_vs_litellm",
     "access_log_cost",
     "openai_route_cost",
+    "tracing_off_cost",
+    "tracing_on_cost",
     "local_one_per_call",
     "local_batched",
     "streams_rss",
@@ -66,15 +70,17 @@ def test_every_case_is_measured_without_failures(
     quick_run: tuple[Path, dict[str, Any]],
 ) -> None:
     """Every case has a result at the quick mode's concurrency, with requests per
-    second above zero, no failed request and no error; the LiteLLM case is skipped,
-    with a note that says so."""
+    second above zero, no failed request and no error; the LiteLLM case is skipped, and
+    so is the case on an earlier revision's code (none was given), each with a note
+    that says so."""
     _, results = quick_run
     levels = _levels(results)
-    assert sorted(levels) == sorted(CASES + SKIPPED_WHEN_QUICK)
+    assert sorted(levels) == sorted(CASES + SKIPPED_WHEN_QUICK + SKIPPED_WITHOUT_BEFORE)
     for case in results["cases"]:
         assert case["error"] is None, (case["key"], case["error"])
-        if case["key"] in SKIPPED_WHEN_QUICK:
-            assert "--quick" in case["skipped"]
+        if case["key"] in SKIPPED_WHEN_QUICK + SKIPPED_WITHOUT_BEFORE:
+            flag = "--quick" if case["key"] in SKIPPED_WHEN_QUICK else "--before"
+            assert flag in case["skipped"]
             assert not case["levels"]
             continue
         assert case["skipped"] is None, case["key"]
