@@ -18,8 +18,7 @@ limit and when there will be room.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from embedgate.server.config import CallerLimits
@@ -127,6 +126,25 @@ class Bill:
         self.tokens = tokens
 
 
+class _Billing:
+    """``Callers.billed``'s context: a class rather than a generator, as it wraps every
+    call that embeds."""
+
+    __slots__ = ("_access", "_bill", "_callers")
+
+    def __init__(self, callers: Callers, access: Access, bill: Bill) -> None:
+        self._callers = callers
+        self._access = access
+        self._bill = bill
+
+    async def __aenter__(self) -> Bill:
+        await self._callers._open(self._bill)
+        return self._bill
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._callers._close(self._bill, self._access)
+
+
 class Callers:
     """The callers a server knows: how a call's caller is told, its label in the
     metrics, its limits (in ``store``) and the prices of each model's deployments
@@ -176,22 +194,23 @@ class Callers:
     def label(self, name: str) -> str:
         return name if name in self._known or name == ANONYMOUS else OTHER
 
-    @asynccontextmanager
-    async def billed(
-        self, access: Access, model: Model, inputs: Sequence[Input]
-    ) -> AsyncIterator[Bill]:
-        """Admit a call of ``access.caller`` to ``model`` with ``inputs`` against the
-        caller's limits (or raise ``CallerQuotaExceededError``), and count what it used
-        when it ends, whether it succeeds or fails."""
-        bill = Bill(access.caller, model.name, not model.info.in_process, inputs)
+    def billed(self, access: Access, model: Model, inputs: Sequence[Input]) -> _Billing:
+        """As ``async with``: admit a call of ``access.caller`` to ``model`` with
+        ``inputs`` against the caller's limits (or raise ``CallerQuotaExceededError``),
+        and count what it used when it ends, whether it succeeds or fails."""
+        return _Billing(
+            self, access, Bill(access.caller, model.name, not model.info.in_process, inputs)
+        )
+
+    async def _open(self, bill: Bill) -> None:
         limits = self._limits.get(bill.name)
         if limits:
             await self._take(bill, limits)
-        try:
-            yield bill
-        finally:
+
+    async def _close(self, bill: Bill, access: Access) -> None:
+        if bill.taken is not None:
             await self._settle(bill)
-            self._count(bill, access)
+        self._count(bill, access)
 
     async def _take(self, bill: Bill, limits: tuple[CallerLimit, ...]) -> None:
         assert self._store is not None  # checked when limits were given
