@@ -17,7 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from fakes import FakeVendor, Fault, make_fake
-from gateways import KEY, key_file, openai_model, running
+from gateways import KEY, deployment, key_file, openai_model, running
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otlp import Received, attributes, grpc_receiver, http_receiver
 from vendor_world import eventually
@@ -138,6 +138,8 @@ async def test_one_trace_from_the_caller_to_the_vendor(fake: FakeVendor, tmp_pat
     assert attributes(attempt)["http.response.status_code"] == 200
     assert attributes(attempt)["url.full"] == fake.base_url.rstrip("/") + "/embeddings"
     assert attributes(attempt)["embedgate.attempt"] == 1
+    assert attributes(attempt)["gen_ai.request.model"] == "text-embedding-3-small"
+    assert attributes(attempt)["embedgate.deployment"] == "m"
     # The vendor heard of the same trace, from the attempt's span.
     (sent,) = fake.received
     assert sent.headers["traceparent"] == f"00-{trace_id}-{attempt.span_id.hex()}-01"
@@ -271,3 +273,29 @@ async def test_the_local_models_forward_pass_is_a_span(tmp_path: Path) -> None:
     forward = spans["embedgate.local.forward"]
     assert attributes(forward)["embedgate.inputs"] == 1
     assert forward.parent_span_id == spans[EMBED].span_id
+
+
+async def test_a_deployments_turn_names_it_and_its_breaker(
+    fake: FakeVendor, tmp_path: Path
+) -> None:
+    """For a model with deployments, the deployment that served is a span with its
+    breaker's state and the attempt number, which its HTTP attempts repeat."""
+    keys = key_file(tmp_path)
+    model = {
+        "name": "m",
+        "coalesce_wait_ms": 0,
+        "deployments": [deployment(fake, keys, "only")],
+    }
+    async with http_receiver() as (endpoint, received):
+        settings = {"enabled": True, "endpoint": endpoint}
+        async with running([model], tracing=settings) as gateway:
+            await embed(gateway, ["apples"])
+    (turn,) = received.named("embedgate.deployment")
+    assert attributes(turn) == {
+        "embedgate.deployment": "only",
+        "embedgate.breaker_state": "closed",
+        "embedgate.attempt": 1,
+    }
+    (attempt,) = received.named("POST")
+    assert attributes(attempt)["embedgate.breaker_state"] == "closed"
+    assert attributes(attempt)["embedgate.deployment"] == "only"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
@@ -130,6 +131,29 @@ def stop() -> None:
     if state is not None:
         state.provider.force_flush(FLUSH_TIMEOUT_MS)
         state.provider.shutdown()
+
+
+# Attributes a span passes down to the spans made under it (a vendor request's GenAI
+# attributes, to each of its HTTP attempts).
+_INHERITED: ContextVar[dict[str, Any] | None] = ContextVar("embedgate_span_inherits", default=None)
+
+
+@contextmanager
+def passing_down(attributes: dict[str, Any]) -> Iterator[None]:
+    """Within the block, ``inherited()`` gives ``attributes``, over what an outer block
+    passes down (nothing when off)."""
+    if _state is None:
+        yield
+        return
+    token = _INHERITED.set({**inherited(), **attributes})
+    try:
+        yield
+    finally:
+        _INHERITED.reset(token)
+
+
+def inherited() -> dict[str, Any]:
+    return _INHERITED.get() or {}
 
 
 def _remote_parent(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context | None:

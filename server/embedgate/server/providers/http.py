@@ -333,6 +333,7 @@ async def _attempt(
         "server.address": parts.hostname or "",
         "server.port": parts.port or (443 if parts.scheme == "https" else 80),
         "embedgate.attempt": number,
+        **tracing.inherited(),
     }
     with tracing.span("POST", attributes, kind=SpanKind.CLIENT) as span:
         try:

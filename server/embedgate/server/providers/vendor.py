@@ -197,7 +197,7 @@ class VendorProvider:
         )
         body = self._dialect.embed_body(inputs, wire)
         admission = self._admission(inputs)
-        with self._traced("embeddings", len(inputs)) as span:
+        with self._traced("embeddings", len(inputs)) as span, self._passed("embeddings"):
             payload = await self._call(
                 self._dialect.embed_path, body, options.request_id, len(inputs), admission
             )
@@ -231,6 +231,16 @@ class VendorProvider:
                 "embedgate.inputs": inputs,
             },
             kind=SpanKind.CLIENT,
+        )
+
+    def _passed(self, operation: str) -> Any:
+        """What each HTTP attempt's span repeats of its vendor request's."""
+        return tracing.passing_down(
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": self._settings.vendor_model,
+                "embedgate.deployment": self._settings.name,
+            }
         )
 
     # -- quotas -------------------------------------------------------------------
@@ -580,7 +590,7 @@ class RerankingVendorProvider(VendorProvider):
     ) -> Ranking:
         body = self._reranker.rerank_body(query, documents, top_n)
         admission = self._admission([query, *documents])
-        with self._traced("rerank", len(documents) + 1) as span:
+        with self._traced("rerank", len(documents) + 1) as span, self._passed("rerank"):
             payload = await self._call(
                 self._reranker.rerank_path, body, options.request_id, len(documents), admission
             )

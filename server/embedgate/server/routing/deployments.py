@@ -258,13 +258,17 @@ class DeploymentSet:
                 raise last or none
             member.in_flight += 1
             try:
-                with tracing.span(
-                    "embedgate.deployment",
-                    {
-                        "embedgate.deployment": member.name,
-                        "embedgate.breaker_state": member.breaker.state.name.lower(),
-                        "embedgate.attempt": attempts + 1,
-                    },
+                state = member.breaker.state.name.lower() if tracing.active() else ""
+                with (
+                    tracing.span(
+                        "embedgate.deployment",
+                        {
+                            "embedgate.deployment": member.name,
+                            "embedgate.breaker_state": state,
+                            "embedgate.attempt": attempts + 1,
+                        },
+                    ),
+                    tracing.passing_down({"embedgate.breaker_state": state}),
                 ):
                     batch = await self._by_member[member].provider.embed(inputs, options)
             except QuotaExhaustedError as error:
