@@ -53,7 +53,7 @@ if without_torch.requested():
     without_torch.block(_stubs)
 
 # The gateway in front of the vendor fakes (fixture `world`).
-pytest_plugins = ["vendor_world"]
+pytest_plugins = ["vendor_world", "redis_server"]
 
 LOCAL = DEFAULT_MODEL_NAME
 # Test models: text only, shaped like the local model (384 dimensions, 512 inputs, 8,192

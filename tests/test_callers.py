@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -45,15 +45,6 @@ TOKEN_B = "caller-token-b-canary-3f70"  # noqa: S105
 async def fake() -> AsyncIterator[FakeVendor]:
     async with make_fake("openai", api_key="vendor-key-for-tests") as vendor:
         yield vendor
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def texts(*values: str, model: str = "m") -> pb.EmbedRequest:

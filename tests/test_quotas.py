@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -393,15 +393,6 @@ async def test_batches_keep_filling_while_requests_wait_for_room(
 
 
 # -- shared through Redis ----------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_replicas_take_from_one_window_in_redis(redis_server: RedisServer) -> None:
