@@ -80,6 +80,8 @@ def _header(results: Results) -> list[str]:
         "make bench                # installs bench/requirements.txt into .venv, then "
         "python -m bench",
         "make bench ARGS=--quick   # a few seconds, one concurrency (the smoke test's mode)",
+        "make bench ARGS='--before REV'  # also case d0: d on the server code of REV "
+        "(here the commit before tracing)",
         "make soak                 # python -m bench.soak: the soak below (rewrites that "
         "section only)",
         "```",
