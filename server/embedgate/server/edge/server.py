@@ -279,10 +279,13 @@ def http_app(
                     "grpc-timeout",
                     "x-grpc-web",
                     "x-user-agent",
+                    "traceparent",
+                    "tracestate",
                     caller_header,
                 ],
                 expose_headers=[
                     "x-request-id",
+                    "x-trace-id",
                     "retry-after",
                     "grpc-status",
                     "grpc-message",
