@@ -76,6 +76,9 @@ CASES: tuple[Case, ...] = (
     # the cache off, which is their one departure from the default configuration.
     Case("c", "embedgate, coalescing off, cache off", "embedgate", coalesce_wait_ms=0, cache=False),
     Case("d", "embedgate, default config, cache off", "embedgate", cache=False),
+    # d on the code of --before (the commit before tracing): tracing off costs what? Next
+    # to d in every turn, so the two are measured back to back.
+    Case("d0", "embedgate before tracing (--before), as d", "embedgate", cache=False, before=True),
     # d again, writing only warnings: the difference is the access log's cost.
     Case(
         "dw",
@@ -94,8 +97,6 @@ CASES: tuple[Case, ...] = (
         cache=False,
         tracing=True,
     ),
-    # d on the code of --before (the commit before tracing): tracing off costs what?
-    Case("d0", "embedgate before tracing (--before), as d", "embedgate", cache=False, before=True),
     # The default configuration as it is: every RPC after the first is a hit.
     Case("e", "embedgate, default config, all cache hits", "embedgate"),
     Case("l", "LiteLLM proxy, 1 worker (HTTP/1.1)", "litellm", concurrencies=(16,)),
