@@ -12,9 +12,11 @@ import structlog
 from embedgate.server.config import (
     AuthConfig,
     CacheConfig,
+    CallerConfig,
     CallerLimits,
     ConfigError,
     ModelSettings,
+    TokenConfig,
 )
 from embedgate.server.edge.callers import CallerLimit, Callers, limits_of
 from embedgate.server.edge.guard import Caller, Tokens
@@ -80,10 +82,10 @@ def _callers(config: GatewayConfig) -> dict[str, CallerLimits]:
     """The callers known by name, with their limits: the tokens' when auth is on, else
     ``callers.names``."""
     auth = config.server.auth
-    entries: list[CallerLimits] = (
-        list(auth.tokens) if auth is not None else list(config.callers.names)
+    entries: list[TokenConfig] | list[CallerConfig] = (
+        auth.tokens if auth is not None else config.callers.names
     )
-    return {entry.name: entry for entry in entries}  # type: ignore[attr-defined]
+    return {entry.name: entry for entry in entries}
 
 
 def quotas_redis_url(config: GatewayConfig) -> str | None:
@@ -137,13 +139,11 @@ def _prices(config: GatewayConfig) -> dict[str, dict[str, float]]:
 
 
 def build_callers(config: GatewayConfig, metrics: Metrics, store: Store | None) -> Callers:
-    known = _callers(config)
-    limited = any(limits.limited for limits in known.values())
     return Callers(
         metrics,
         header=config.callers.header,
-        known=known,
-        store=store if limited else None,
+        known=_callers(config),
+        store=store,
         prices=_prices(config),
     )
 

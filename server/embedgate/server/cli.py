@@ -217,13 +217,12 @@ def _limit_windows(config_path: str) -> list[dict[str, object]]:
     for name, limit in limits:
         held = client.hgetall(limit.key)
         buckets = {int(bucket): int(amount) for bucket, amount in held.items()}
-        period_ms = int(limit.rate.period_s * 1000)
         rows.append(
             {
                 "caller": name,
                 "limit": limit.setting,
                 "rate": limit.rate.text,
-                "used": live_total(buckets, period_ms, now_ms),
+                "used": live_total(buckets, limit.rate.period_ms, now_ms),
                 "allowed": limit.rate.count,
             }
         )

@@ -54,6 +54,15 @@ class Rate:
     period_s: float
     text: str
 
+    @property
+    def period_ms(self) -> int:
+        return int(self.period_s * 1000)
+
+    def ask(self, key: str, cost: int) -> Ask:
+        """``cost`` units of this rate in the window named ``key``; a cost above the whole
+        limit asks for all of it (it goes through an empty window)."""
+        return Ask(key, self.count, self.period_ms, max(0, min(cost, self.count)))
+
     @classmethod
     def parse(cls, text: str) -> Rate:
         match = re.match(RATE_PATTERN, text)
@@ -342,8 +351,7 @@ class QuotaLimit:
         return f"{self.rate.text} {'tokens' if self.tokens else 'vendor requests'}"
 
     def ask(self, tokens: int) -> Ask:
-        cost = min(tokens, self.rate.count) if self.tokens else 1
-        return Ask(self.key, self.rate.count, int(self.rate.period_s * 1000), max(cost, 0))
+        return self.rate.ask(self.key, tokens if self.tokens else 1)
 
 
 def _limits(prefix: str, limits: Limits, key: int | None = None) -> tuple[QuotaLimit, ...]:

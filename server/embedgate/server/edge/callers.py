@@ -47,10 +47,7 @@ class CallerLimit:
     unit: str  # calls, inputs, tokens
 
     def ask(self, cost: int) -> Ask:
-        # A call larger than the whole limit still goes through an empty window.
-        return Ask(
-            self.key, self.rate.count, int(self.rate.period_s * 1000), min(cost, self.rate.count)
-        )
+        return self.rate.ask(self.key, cost)
 
 
 def limits_of(name: str, settings: CallerLimits) -> tuple[CallerLimit, ...]:
@@ -174,10 +171,6 @@ class Callers:
         self._prices = prices or {}
 
     @property
-    def limited(self) -> bool:
-        return bool(self._limits)
-
-    @property
     def header(self) -> str:
         """Where a caller gives its name when the server has no auth."""
         return self._header
@@ -209,7 +202,7 @@ class Callers:
 
     async def _close(self, bill: Bill, access: Access) -> None:
         if bill.taken is not None:
-            await self._settle(bill)
+            await self._settle(bill, *bill.taken)
         self._count(bill, access)
 
     async def _take(self, bill: Bill, limits: tuple[CallerLimit, ...]) -> None:
@@ -239,10 +232,9 @@ class Callers:
             metadata={"caller": name, "limit": ",".join(limit.setting for limit in spent)},
         )
 
-    async def _settle(self, bill: Bill) -> None:
-        if bill.taken is None or self._store is None:
-            return
-        limits, taken = bill.taken
+    async def _settle(self, bill: Bill, limits: tuple[CallerLimit, ...], taken: Taken) -> None:
+        """Correct the token window by what the call really embedded."""
+        assert self._store is not None  # it took from the store
         for limit, bucket in zip(limits, taken.buckets, strict=True):
             if limit.unit != "tokens":
                 continue
