@@ -41,6 +41,7 @@ from connectrpc.request import Headers, RequestContext
 
 from embedgate.server.edge.access import DOOR
 from embedgate.server.edge.doors import (
+    BodyMeter,
     DoorAbortedError,
     DoorContext,
     Gate,
@@ -48,10 +49,14 @@ from embedgate.server.edge.doors import (
     echoed,
     refused_line,
 )
+from embedgate.server.edge.guard import Malformed
 from embedgate.server.edge.status import grpc_code, to_rpc_status
-from embedgate.server.errors import EmbedgateError, MalformedRequestError
+from embedgate.server.errors import EmbedgateError, MalformedRequestError, echo
 from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1.embedding_service_connect import EmbeddingServiceASGIApplication
+
+# The most of a parser's complaint a MALFORMED_REQUEST message quotes.
+PROBLEM_LIMIT = 300
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -126,12 +131,8 @@ class _StrictCodec:
         try:
             return self.inner.decode(data, message)
         except Exception as exc:  # DecodeError, ParseError...: the bytes are bad
-            problem = str(exc)
-            error = MalformedRequestError(
-                "the request does not parse as the message this method takes "
-                f"({problem[:300]}{'...' if len(problem) > 300 else ''})"
-            )
-            raise _refused(error) from None
+            # A JSON parser's message lists the message's every field: quoted, bounded.
+            raise _refused(Malformed(echo(str(exc), PROBLEM_LIMIT)).error()) from None
 
 
 class _BoundedGzip:
@@ -206,19 +207,14 @@ def _bounded(receive: Any, scope: dict[str, Any], gate: Gate, call: _Call) -> An
     """``receive``, refusing a body larger than the server reads: at once when its
     declared length is, else as soon as what came is. The refusal is raised where
     connect-python reads the body, which answers it as the error it is."""
-    declared = _header(scope, b"content-length")
-    if declared.isdigit() and int(declared) > gate.max_request_bytes:
+    meter = BodyMeter(gate, _header(scope, b"content-length"))
+    if meter.over:
         call.refused = gate.too_large()
-    size = 0
 
     async def bounded() -> Any:
-        nonlocal size
         if call.refused is None:
             message = await receive()
-            if message["type"] != "http.request":
-                return message
-            size += len(message.get("body", b""))
-            if size <= gate.max_request_bytes:
+            if message["type"] != "http.request" or meter.took(message.get("body", b"")):
                 return message
             call.refused = gate.too_large()
         raise _as_connect_error(call.refused)

@@ -156,6 +156,25 @@ class Gate:
         )
 
 
+class BodyMeter:
+    """A request body's bytes against the gate's limit as they come: ``over`` at once
+    when its declared length (``Content-Length``) is above it, else as soon as what
+    came is."""
+
+    __slots__ = ("_limit", "_size", "over")
+
+    def __init__(self, gate: Gate, declared: str | bytes) -> None:
+        self._limit = gate.max_request_bytes
+        self._size = 0
+        self.over = declared.isdigit() and int(declared) > self._limit
+
+    def took(self, chunk: bytes) -> bool:
+        """Count ``chunk``; whether the body is still within the limit."""
+        self._size += len(chunk)
+        self.over = self.over or self._size > self._limit
+        return not self.over
+
+
 def refused_line(method: str, metrics: Metrics, error: EmbedgateError) -> None:
     """The access line of a call refused before the service saw it."""
     access = Access(method, metrics)

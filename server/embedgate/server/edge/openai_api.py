@@ -30,6 +30,7 @@ from starlette.routing import Route
 from embedgate.server.edge.access import DOOR
 from embedgate.server.edge.convert import OUTPUT_TYPES
 from embedgate.server.edge.doors import (
+    BodyMeter,
     DoorAbortedError,
     DoorContext,
     Gate,
@@ -241,15 +242,12 @@ W = TypeVar("W")
 async def _body(request: Request, gate: Gate) -> bytes:
     """The request's body, refused once it is larger than the server reads (before any
     of it is read, when its length is declared)."""
-    limit = gate.max_request_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    meter = BodyMeter(gate, request.headers.get("content-length", ""))
+    if meter.over:
         raise gate.too_large()
     chunks = []
-    size = 0
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if not meter.took(chunk):
             raise gate.too_large()
         chunks.append(chunk)
     return b"".join(chunks)
