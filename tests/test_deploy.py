@@ -28,7 +28,7 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 from embedgate.client.cli import build_parser
 from embedgate.server.cli import CONFIG_ENV
 from embedgate.server.config import CacheConfig, ConfigError, ServerConfig
-from embedgate.server.edge.service import SERVICE_NAME
+from embedgate.server.edge.access import SERVICE_NAME
 from embedgate.server.providers.registry import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent

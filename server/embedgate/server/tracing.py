@@ -20,7 +20,7 @@ or a key; exceptions are not recorded (their messages may quote a caller's value
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
@@ -165,24 +165,25 @@ def _remote_parent(metadata: Iterable[tuple[str, str | bytes]] | None) -> Contex
     return _PROPAGATOR.extract(carrier) if carrier else None
 
 
-@contextmanager
 def server_span(
-    name: str, metadata: Iterable[tuple[str, str | bytes]] | None, attributes: dict[str, Any]
-) -> Iterator[Span | None]:
-    """The span of one RPC, its parent the caller's ``traceparent`` if it sent one."""
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    describe: Callable[[], tuple[str, dict[str, Any]]],
+) -> Any:
+    """The span of one RPC, as a context manager giving the span: its parent the
+    caller's ``traceparent`` if it sent one, its name and attributes from ``describe``
+    (called only when tracing is on; off, the context gives None and costs nothing)."""
     state = _state
     if state is None:
-        yield None
-        return
-    with state.tracer.start_as_current_span(
+        return _NOTHING
+    name, attributes = describe()
+    return state.tracer.start_as_current_span(
         name,
         context=_remote_parent(metadata),
         kind=SpanKind.SERVER,
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
-    ) as span:
-        yield span
+    )
 
 
 def span(

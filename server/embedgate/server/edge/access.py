@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
+from typing import Any
 
 import grpc
 import structlog
@@ -14,6 +15,7 @@ from opentelemetry.trace import Span, StatusCode
 from embedgate.server.logs import write_info
 from embedgate.server.metrics import Metrics
 from embedgate.server.tracing import TRACE_ID_HEADER, trace_id
+from embedgate.v1 import embedding_service_pb2 as pb
 
 log = structlog.get_logger("embedgate.access")
 
@@ -28,7 +30,7 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
     return None
 
 
-SERVICE = "embedgate.v1.EmbeddingService"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 # The codes that mark a server span as failed (the gateway's fault, not the caller's).
 _SERVER_ERRORS = frozenset(
     {
@@ -79,12 +81,13 @@ class Access:
             {"code": code.name, "duration_ms": round(seconds * 1000, 3), **self.fields},
         )
 
-    def span_attributes(self) -> dict[str, object]:
-        """The RPC span's attributes known at its start (RPC conventions)."""
-        return {
+    def describe_span(self) -> tuple[str, dict[str, Any]]:
+        """The RPC span's name and the attributes known at its start (RPC conventions)."""
+        method = str(self.fields["method"])
+        return f"{SERVICE_NAME}/{method}", {
             "rpc.system": "connect_rpc" if self.protocol == "connect" else "grpc",
-            "rpc.service": SERVICE,
-            "rpc.method": str(self.fields["method"]),
+            "rpc.service": SERVICE_NAME,
+            "rpc.method": method,
             "embedgate.protocol": self.protocol,
             "embedgate.caller": self.caller,
         }

@@ -22,6 +22,7 @@ from starlette.routing import Mount
 
 from embedgate.server import tracing
 from embedgate.server.config import ConfigError, ServerConfig, TlsConfig, TracingConfig
+from embedgate.server.edge.access import SERVICE_NAME
 from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.connect_api import ConnectDoor
 from embedgate.server.edge.doors import Gate
@@ -29,7 +30,7 @@ from embedgate.server.edge.guard import Guard, Tokens
 from embedgate.server.edge.http_server import HttpServer
 from embedgate.server.edge.openai_api import OpenAIDoor
 from embedgate.server.edge.rerank_api import RerankDoor
-from embedgate.server.edge.service import SERVICE_NAME, EmbeddingService
+from embedgate.server.edge.service import EmbeddingService
 from embedgate.server.health import Health
 from embedgate.server.metrics import Metrics
 from embedgate.server.routing.router import Router

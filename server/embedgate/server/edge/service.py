@@ -14,7 +14,11 @@ import structlog
 from embedgate.server import tracing
 from embedgate.server.deadlines import deadline_scope
 from embedgate.server.domain import EmbedOptions, Input, TextInput
-from embedgate.server.edge.access import REQUEST_ID_HEADER, Access, metadata_value
+from embedgate.server.edge.access import (
+    REQUEST_ID_HEADER,
+    Access,
+    metadata_value,
+)
 from embedgate.server.edge.callers import Callers
 from embedgate.server.edge.convert import (
     fill_embed_response,
@@ -46,8 +50,6 @@ from embedgate.v1 import embedding_service_pb2 as pb
 from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("embedgate.access")
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -139,9 +141,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         metadata = context.invocation_metadata()
         caller = self._callers.name_of(metadata)
         access.caller = access.fields["caller"] = caller
-        with tracing.server_span(
-            f"{SERVICE_NAME}/{access.fields['method']}", metadata, access.span_attributes()
-        ) as span:
+        with tracing.server_span(metadata, access.describe_span) as span:
             access.span = span
             try:
                 with deadline_scope(self._budget(context)):
