@@ -8,7 +8,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -197,7 +198,7 @@ class VendorProvider:
         )
         body = self._dialect.embed_body(inputs, wire)
         admission = self._admission(inputs)
-        with self._traced("embeddings", len(inputs)) as span, self._passed("embeddings"):
+        with self._traced("embeddings", len(inputs)) as span:
             payload = await self._call(
                 self._dialect.embed_path, body, options.request_id, len(inputs), admission
             )
@@ -207,41 +208,47 @@ class VendorProvider:
                 self._reply_failed(problem, payload)
             tokens = parsed.prompt_tokens
             _note_tokens(span, tokens)
-        self._health.succeeded()
-        self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(inputs))
-        if admission is not None:
-            await admission.settle(tokens)
+        await self._succeeded(tokens, inputs, admission)
         return EmbedBatch(
             vectors=parsed.vectors,
             tokens=(tokens,) if tokens is not None and len(inputs) == 1 else None,
             total_tokens=tokens,
         )
 
-    def _traced(self, operation: str, inputs: int) -> Any:
-        """The span of one vendor request (GenAI conventions), around its attempts."""
+    @contextmanager
+    def _traced(self, operation: str, inputs: int) -> Iterator[Any]:
+        """The span of one vendor request (GenAI conventions), around its attempts,
+        whose own spans repeat what names the request."""
         settings = self._settings
-        return tracing.span(
-            f"{operation} {settings.vendor_model}",
-            {
-                "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": self._dialect.vendor,
-                "gen_ai.request.model": settings.vendor_model,
-                "embedgate.model": self._model_name,
-                "embedgate.deployment": settings.name,
-                "embedgate.inputs": inputs,
-            },
-            kind=SpanKind.CLIENT,
-        )
+        named = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": settings.vendor_model,
+            "embedgate.deployment": settings.name,
+        }
+        with (
+            tracing.span(
+                f"{operation} {settings.vendor_model}",
+                {
+                    **named,
+                    "gen_ai.provider.name": self._dialect.vendor,
+                    "embedgate.model": self._model_name,
+                    "embedgate.inputs": inputs,
+                },
+                kind=SpanKind.CLIENT,
+            ) as span,
+            tracing.passing_down(named),
+        ):
+            yield span
 
-    def _passed(self, operation: str) -> Any:
-        """What each HTTP attempt's span repeats of its vendor request's."""
-        return tracing.passing_down(
-            {
-                "gen_ai.operation.name": operation,
-                "gen_ai.request.model": self._settings.vendor_model,
-                "embedgate.deployment": self._settings.name,
-            }
-        )
+    async def _succeeded(
+        self, tokens: int | None, inputs: Sequence[Input | str], admission: Admission | None
+    ) -> None:
+        """A request answered: the model is healthy, its tokens counted as sent (the
+        vendor's count, else the estimate) and its quota's estimate settled."""
+        self._health.succeeded()
+        self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(inputs))
+        if admission is not None:
+            await admission.settle(tokens)
 
     # -- quotas -------------------------------------------------------------------
 
@@ -590,7 +597,7 @@ class RerankingVendorProvider(VendorProvider):
     ) -> Ranking:
         body = self._reranker.rerank_body(query, documents, top_n)
         admission = self._admission([query, *documents])
-        with self._traced("rerank", len(documents) + 1) as span, self._passed("rerank"):
+        with self._traced("rerank", len(documents) + 1) as span:
             payload = await self._call(
                 self._reranker.rerank_path, body, options.request_id, len(documents), admission
             )
@@ -600,12 +607,7 @@ class RerankingVendorProvider(VendorProvider):
                 self._reply_failed(problem, payload)
             tokens = ranking.total_tokens
             _note_tokens(span, tokens)
-        self._health.succeeded()
-        self._tokens_sent.inc(
-            tokens if tokens is not None else estimate_tokens([query, *documents])
-        )
-        if admission is not None:
-            await admission.settle(tokens)
+        await self._succeeded(tokens, [query, *documents], admission)
         return ranking
 
 
