@@ -76,16 +76,27 @@ CASES: tuple[Case, ...] = (
     # request per RPC (n1, n2, c) measures slower, by about 7 % on d seen side by side.
     # So the cases the tight goals compare (e, d, d0, dw) follow light ones, and c comes
     # last of embedgate's.
+    # Two server processes of the same code differ in CPU per RPC by up to about 5 %
+    # for as long as they live (each process's memory layout): a comparison between two
+    # codes that must resolve less than that takes two processes of each (d and d2, d0
+    # and d02), taking turns alternately.
     # d through the OpenAI door: the same call as an HTTP/1.1 POST /v1/embeddings.
     Case("o", "embedgate, as d through the OpenAI route", "embedgate-openai", cache=False),
     # The default configuration as it is: every RPC after the first is a hit.
     Case("e", "embedgate, default config, all cache hits", "embedgate"),
     # h2load sends one text over and over: the cases that measure the vendor path turn
     # the cache off, which is their one departure from the default configuration.
-    Case("d", "embedgate, default config, cache off", "embedgate", cache=False),
-    # d on the code of --before (the commit before tracing): tracing off costs what? Next
-    # to d in every turn, so the two are measured back to back.
+    # d on the code of --before (the commit before tracing): tracing off costs what?
     Case("d0", "embedgate before tracing (--before), as d", "embedgate", cache=False, before=True),
+    Case("d", "embedgate, default config, cache off", "embedgate", cache=False),
+    Case(
+        "d02",
+        "embedgate before tracing, as d0, a second process",
+        "embedgate",
+        cache=False,
+        before=True,
+    ),
+    Case("d2", "embedgate, as d, a second process", "embedgate", cache=False),
     # d again, writing only warnings: the difference is the access log's cost.
     Case(
         "dw",

@@ -20,7 +20,7 @@ from bench.results import Results
 from bench.soak_report import BEGIN, END, SoakResult, read_if_there
 from bench.soak_report import render as render_soak
 from bench.streams import StreamsResult, rpc_cap
-from bench.targets import TIMES, TargetResult
+from bench.targets import TIMES, TargetResult, process_spread
 
 REPORT_NAME = "benchmarks.md"
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -46,6 +46,8 @@ PATHS = {
     "OTLP/HTTP to a collector on loopback (on the vendor's core), with room for every span "
     "in the exporter's queue",
     "d0": "as d, on the server code of the commit before tracing (`--before`)",
+    "d2": "as d, in a second server process",
+    "d02": "as d0, in a second server process",
     "e": "`embedgate serve` → fake vendor, the default configuration (cache on), warmed "
     "with one call: every RPC is a hit",
     "l": "h2load → LiteLLM proxy (`litellm --config`, 1 worker, HTTP/1.1 keep-alive) → "
@@ -80,7 +82,7 @@ def _header(results: Results) -> list[str]:
         "make bench                # installs bench/requirements.txt into .venv, then "
         "python -m bench",
         "make bench ARGS=--quick   # a few seconds, one concurrency (the smoke test's mode)",
-        "make bench ARGS='--before REV'  # also case d0: d on the server code of REV "
+        "make bench ARGS='--before REV'  # also cases d0, d02: d on the server code of REV "
         "(here the commit before tracing)",
         "make soak                 # python -m bench.soak: the soak below (rewrites that "
         "section only)",
@@ -257,6 +259,7 @@ def _targets(results: Results) -> list[str]:
     for target in results.targets:
         lines.append(f"| {target.rule} | {_target_figures(target) or DASH} | {_verdict(target)} |")
     lines.append("")
+    lines += _spread(results)
     missed = [target for target in results.targets if target.met is False]
     if missed:
         why = why_notes()
@@ -266,6 +269,28 @@ def _targets(results: Results) -> list[str]:
             lines.append(f"- **{target.rule}**: {target.shortfall}. Why: {reason}")
         lines.append("")
     return lines
+
+
+def _spread(results: Results) -> list[str]:
+    """How far apart two processes of one code measured: what a comparison between two
+    codes can resolve on this run."""
+    cases = {case.key: case for case in results.cases}
+    spread = process_spread(cases, results.plan.concurrencies)
+    if not spread:
+        return []
+    figures = "; ".join(
+        f"{second} over {first} {ratio:.2f}{TIMES} at {concurrency}"
+        for first, second, concurrency, ratio in spread
+    )
+    return [
+        "**Two processes of one code.** Cases d2 and d02 run d's code and d0's again, each "
+        "in a second server process, taking turns with the first: the same code measured "
+        f"CPU per RPC {figures}. A process keeps its memory layout for life, and with it "
+        "a few percent of speed either way; a difference between two codes smaller than "
+        "this is not measured here, which is why the tracing-off goal takes both processes "
+        "of each code.",
+        "",
+    ]
 
 
 def _local(local: LocalResult | None, note: str | None) -> list[str]:

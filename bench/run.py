@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--before",
         metavar="REV",
         default=None,
-        help="also run case d0: case d on the server code of this git revision (the "
+        help="also run cases d0 and d02: case d on the server code of this git revision (the "
         "commit before tracing, to show what tracing off costs)",
     )
     parser.add_argument(

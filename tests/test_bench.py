@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("a", "b", "n1", "n2", "c", "d", "dw", "o", "dt", "e")
+CASES = ("a", "b", "n1", "n2", "c", "d", "d2", "dw", "o", "dt", "e")
 SKIPPED_WHEN_QUICK = ("l",)
 # Runs only given the revision to compare with (--before).
-SKIPPED_WITHOUT_BEFORE = ("d0",)
+SKIPPED_WITHOUT_BEFORE = ("d0", "d02")
 GOALS = {
     "added_latency_default",
     "added_latency_coalescing_off",
@@ -148,6 +148,20 @@ def test_the_report_states_the_log_level_and_judges_every_goal(
     assert "Case l was not measured: skipped in --quick mode" in report
     assert "## The embedded default model" in report
     assert "Not measured: skipped in --quick mode" in report
+
+
+def test_the_report_says_how_far_apart_two_processes_of_one_code_measured(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """d2 runs d's code in a second process; the report gives the ratio of their CPU per
+    RPC, from this run's figures, as the resolution of a comparison between codes."""
+    out, results = quick_run
+    report = (out / "benchmarks.md").read_text()
+    (d,), (d2,) = _levels(results)["d"], _levels(results)["d2"]
+    ratio = d2["cpu_us_per_rpc"] / d["cpu_us_per_rpc"]
+    assert "**Two processes of one code.**" in report
+    assert f"d2 over d {ratio:.2f}\N{MULTIPLICATION SIGN} at {d['concurrency']}" in report
+    assert "d02 over d0" not in report  # d0 did not run: no figure for it
 
 
 def test_a_missed_goal_says_by_how_much_and_why(
