@@ -90,11 +90,7 @@ CASES: tuple[Case, ...] = (
     Case("d0", "embedgate before tracing (--before), as d", "embedgate", cache=False, before=True),
     Case("d", "embedgate, default config, cache off", "embedgate", cache=False),
     Case(
-        "d02",
-        "embedgate before tracing, as d0, a second process",
-        "embedgate",
-        cache=False,
-        before=True,
+        "d02", "embedgate before tracing, a second process", "embedgate", cache=False, before=True
     ),
     Case("d2", "embedgate, as d, a second process", "embedgate", cache=False),
     # d again, writing only warnings: the difference is the access log's cost.
