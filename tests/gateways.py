@@ -103,6 +103,24 @@ class HttpServed:
     stub: pb_grpc.EmbeddingServiceAsyncStub
 
 
+@asynccontextmanager
+async def serving_http(
+    models: list[dict[str, Any]], fake: FakeVendor, path: str = "", **server: Any
+) -> AsyncIterator[HttpServed]:
+    """``running`` with its HTTP port open: the served gateway, its base URL (the port's,
+    then ``path``) and a gRPC stub on the same gateway."""
+    async with (
+        running(models, http_port=0, **server) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        yield HttpServed(
+            gateway,
+            fake,
+            f"http://127.0.0.1:{gateway.http_port}{path}",
+            pb_grpc.EmbeddingServiceStub(channel),
+        )
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on (for a server started as a process)."""
     with socket.socket() as sock:

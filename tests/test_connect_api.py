@@ -25,7 +25,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from fakes import Fault, make_fake
-from gateways import HttpServed, key_file, openai_model, running, samples
+from gateways import HttpServed, key_file, openai_model, samples, serving_http
 from google.protobuf import json_format
 from grpc_status import rpc_status
 from prometheus_client import generate_latest
@@ -34,7 +34,6 @@ from vendor_world import eventually
 from embedgate.server.app import build_gateway
 from embedgate.server.providers.registry import parse_config
 from embedgate.v1 import embedding_service_pb2 as pb
-from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 from embedgate.v1.embedding_service_connect import EmbeddingServiceClient
 
 SERVICE = "/embedgate.v1.EmbeddingService"
@@ -44,16 +43,8 @@ SERVICE = "/embedgate.v1.EmbeddingService"
 async def served(tmp_path: Path) -> AsyncIterator[HttpServed]:
     async with make_fake("openai", api_key="vendor-key-for-tests") as fake:
         model = openai_model(fake, key_file(tmp_path), timeout_s=30, max_retries=0)
-        async with (
-            running([model], http_port=0, default_deadline_s=30) as gateway,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-        ):
-            yield HttpServed(
-                gateway,
-                fake,
-                f"http://127.0.0.1:{gateway.http_port}",
-                pb_grpc.EmbeddingServiceStub(channel),
-            )
+        async with serving_http([model], fake, default_deadline_s=30) as served:
+            yield served
 
 
 def texts(*values: str) -> pb.EmbedRequest:

@@ -9,7 +9,6 @@ import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 import openai
@@ -17,11 +16,10 @@ import pytest
 import pytest_asyncio
 import structlog
 from fakes import Fault, make_fake
-from gateways import HttpServed, key_file, openai_model, running, samples, value
+from gateways import HttpServed, key_file, openai_model, samples, serving_http, value
 from prometheus_client import generate_latest
 
 from embedgate.v1 import embedding_service_pb2 as pb
-from embedgate.v1 import embedding_service_pb2_grpc as pb_grpc
 
 TOKEN = "openai-door-token-canary-41c2"  # noqa: S105
 LIMITED = "openai-door-limited-canary-77aa"
@@ -43,16 +41,8 @@ async def served(tmp_path: Path) -> AsyncIterator[HttpServed]:
             openai_model(fake, keys),
             openai_model(fake, keys, name="other", dimensions=8),
         ]
-        async with (
-            running(models, http_port=0, auth=auth) as gateway,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-        ):
-            yield HttpServed(
-                gateway,
-                fake,
-                f"http://127.0.0.1:{gateway.http_port}/v1",
-                pb_grpc.EmbeddingServiceStub(channel),
-            )
+        async with serving_http(models, fake, "/v1", auth=auth) as served:
+            yield served
 
 
 def client(served: HttpServed, token: str = TOKEN) -> openai.AsyncOpenAI:
