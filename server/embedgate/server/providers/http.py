@@ -348,12 +348,9 @@ async def _attempt(
                 meter,
                 deadline,
             )
-        except TransportFailure:
-            span.set_attribute("error.type", "transport")
-            span.set_status(StatusCode.ERROR)
-            raise
         except Exception as error:
-            span.set_attribute("error.type", type(error).__name__)
+            failure = isinstance(error, TransportFailure)
+            span.set_attribute("error.type", "transport" if failure else type(error).__name__)
             span.set_status(StatusCode.ERROR)
             raise
         span.set_attribute("http.response.status_code", reply.status)

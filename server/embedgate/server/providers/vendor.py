@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 from opentelemetry.trace import SpanKind
@@ -44,6 +44,7 @@ from embedgate.server.providers.base import EmbedBatch, Ranking
 from embedgate.server.providers.dialect import (
     BadReply,
     Dialect,
+    Embeddings,
     ErrorInReply,
     Reranking,
     VendorFault,
@@ -61,6 +62,9 @@ from embedgate.server.providers.http import (
 )
 from embedgate.server.providers.keys import KeyPool
 from embedgate.server.quotas import Admission, Quota, Refusal
+
+# What a vendor request's reply is parsed into (vectors, or a ranking).
+_Parsed = TypeVar("_Parsed")
 
 log = structlog.get_logger("embedgate.vendor")
 
@@ -197,18 +201,14 @@ class VendorProvider:
             normalize=normalize,
         )
         body = self._dialect.embed_body(inputs, wire)
-        admission = self._admission(inputs)
-        with self._traced("embeddings", len(inputs)) as span:
-            payload = await self._call(
-                self._dialect.embed_path, body, options.request_id, len(inputs), admission
-            )
-            try:
-                parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
-            except (BadReply, ErrorInReply) as problem:
-                self._reply_failed(problem, payload)
-            tokens = parsed.prompt_tokens
-            _note_tokens(span, tokens)
-        await self._succeeded(tokens, inputs, admission)
+
+        def parse(payload: Any) -> tuple[Embeddings, int | None]:
+            parsed = self._dialect.parse_embeddings(payload, len(inputs), expect)
+            return parsed, parsed.prompt_tokens
+
+        parsed, tokens = await self._exchange(
+            "embeddings", self._dialect.embed_path, body, options.request_id, inputs, parse
+        )
         return EmbedBatch(
             vectors=parsed.vectors,
             tokens=(tokens,) if tokens is not None and len(inputs) == 1 else None,
@@ -240,15 +240,37 @@ class VendorProvider:
         ):
             yield span
 
-    async def _succeeded(
-        self, tokens: int | None, inputs: Sequence[Input | str], admission: Admission | None
-    ) -> None:
-        """A request answered: the model is healthy, its tokens counted as sent (the
-        vendor's count, else the estimate) and its quota's estimate settled."""
+    async def _exchange(
+        self,
+        operation: str,
+        path: str,
+        body: Mapping[str, Any],
+        request_id: str,
+        sent: Sequence[Input | str],
+        parse: Callable[[Any], tuple[_Parsed, int | None]],
+        items: int | None = None,
+    ) -> tuple[_Parsed, int | None]:
+        """One vendor request from admission to answer, in its span: ``sent`` are what it
+        carries (``items`` of them counted as its inputs, all by default), ``parse``
+        reads the reply and its tokens. A reply that does not parse fails the model; an
+        answer leaves it healthy, its tokens counted as sent (the vendor's count, else
+        the estimate) and its quota's estimate settled."""
+        admission = self._admission(sent)
+        with self._traced(operation, len(sent)) as span:
+            payload = await self._call(
+                path, body, request_id, len(sent) if items is None else items, admission
+            )
+            try:
+                parsed, tokens = parse(payload)
+            except (BadReply, ErrorInReply) as problem:
+                self._reply_failed(problem, payload)
+            if span is not None and tokens is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", tokens)
         self._health.succeeded()
-        self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(inputs))
+        self._tokens_sent.inc(tokens if tokens is not None else estimate_tokens(sent))
         if admission is not None:
             await admission.settle(tokens)
+        return parsed, tokens
 
     # -- quotas -------------------------------------------------------------------
 
@@ -596,24 +618,21 @@ class RerankingVendorProvider(VendorProvider):
         self, query: str, documents: Sequence[str], top_n: int | None, options: EmbedOptions
     ) -> Ranking:
         body = self._reranker.rerank_body(query, documents, top_n)
-        admission = self._admission([query, *documents])
-        with self._traced("rerank", len(documents) + 1) as span:
-            payload = await self._call(
-                self._reranker.rerank_path, body, options.request_id, len(documents), admission
-            )
-            try:
-                ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
-            except (BadReply, ErrorInReply) as problem:
-                self._reply_failed(problem, payload)
-            tokens = ranking.total_tokens
-            _note_tokens(span, tokens)
-        await self._succeeded(tokens, [query, *documents], admission)
+
+        def parse(payload: Any) -> tuple[Ranking, int | None]:
+            ranking = self._reranker.parse_ranking(payload, len(documents), top_n)
+            return ranking, ranking.total_tokens
+
+        ranking, _ = await self._exchange(
+            "rerank",
+            self._reranker.rerank_path,
+            body,
+            options.request_id,
+            [query, *documents],
+            parse,
+            items=len(documents),
+        )
         return ranking
-
-
-def _note_tokens(span: Any, tokens: int | None) -> None:
-    if span is not None and tokens is not None:
-        span.set_attribute("gen_ai.usage.input_tokens", tokens)
 
 
 # What each HTTP status says went wrong, and how a message puts it after "answered
