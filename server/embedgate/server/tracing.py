@@ -20,7 +20,7 @@ or a key; exceptions are not recorded (their messages may quote a caller's value
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
@@ -211,7 +211,10 @@ def span(
 
 
 def distinct(contexts: Iterable[SpanContext | None]) -> list[SpanContext]:
-    """The valid span contexts among ``contexts``, each once, in order."""
+    """The valid span contexts among ``contexts``, each once, in order (none when
+    tracing is off: nothing is read)."""
+    if _state is None:
+        return []
     seen: dict[tuple[int, int], SpanContext] = {}
     for context in contexts:
         if context is not None and context.is_valid:
@@ -236,12 +239,14 @@ def link(to: Span | None, contexts: Iterable[SpanContext | None]) -> None:
         to.add_link(context)
 
 
-def inject(headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` with the current span's ``traceparent`` (and ``tracestate``)."""
-    if _state is not None:
-        headers = dict(headers)
-        _PROPAGATOR.inject(headers)
-    return headers
+def inject(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` with the current span's ``traceparent`` (and ``tracestate``): a copy
+    when tracing is on, ``headers`` themselves when off."""
+    if _state is None:
+        return headers
+    sent = dict(headers)
+    _PROPAGATOR.inject(sent)
+    return sent
 
 
 def trace_id(span: Span | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 
+from embedgate.server import tracing
 from embedgate.server.domain import Input, TextImageInput
 from embedgate.server.errors import (
     InvalidRequestError,
@@ -86,11 +87,13 @@ async def validated(
     model: str,
 ) -> list[Input]:
     """The inputs routing's ``check`` returns, when neither it nor the edge (``found``)
-    found anything wrong; else one ``InvalidRequestError`` with every violation."""
-    try:
-        valid = await check
-    except RejectedError as rejected:
-        raise invalid_request(found, rejected, inputs, field, model) from None
-    if found:
-        raise invalid_request(found, None, inputs, field, model)
-    return valid
+    found anything wrong; else one ``InvalidRequestError`` with every violation. Traced
+    as the RPC's validation."""
+    with tracing.span("embedgate.validate", {"embedgate.inputs": len(inputs)}):
+        try:
+            valid = await check
+        except RejectedError as rejected:
+            raise invalid_request(found, rejected, inputs, field, model) from None
+        if found:
+            raise invalid_request(found, None, inputs, field, model)
+        return valid

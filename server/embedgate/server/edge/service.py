@@ -175,14 +175,13 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         if not parsed.model:  # nothing to resolve: report what the edge found
             raise InvalidRequestError(parsed.violations)
         model = self._resolve(parsed.model)
-        with tracing.span("embedgate.validate", {"embedgate.inputs": len(parsed.inputs)}):
-            inputs = await validated(
-                self._router.validate(model, parsed.inputs, parsed.options),
-                parsed.violations,
-                parsed.inputs,
-                "inputs",
-                model.name,
-            )
+        inputs = await validated(
+            self._router.validate(model, parsed.inputs, parsed.options),
+            parsed.violations,
+            parsed.inputs,
+            "inputs",
+            model.name,
+        )
         return model, inputs, parsed.options
 
     async def Embed(  # noqa: N802 - the RPC's name
@@ -263,16 +262,13 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             if not parsed.model:  # nothing to resolve: report what the edge found
                 raise InvalidRequestError(parsed.violations)
             model = self._resolve(parsed.model)
-            with tracing.span("embedgate.validate", {"embedgate.inputs": len(parsed.documents)}):
-                inputs = await validated(
-                    self._router.validate_rerank(
-                        model, parsed.query, parsed.documents, parsed.options
-                    ),
-                    parsed.violations,
-                    parsed.documents,
-                    parsed.field,
-                    model.name,
-                )
+            inputs = await validated(
+                self._router.validate_rerank(model, parsed.query, parsed.documents, parsed.options),
+                parsed.violations,
+                parsed.documents,
+                parsed.field,
+                model.name,
+            )
             query = [TextInput(parsed.query)] if parsed.query is not None else []
             async with self._callers.billed(access, model, [*query, *inputs]) as bill:
                 result = await self._router.rerank(

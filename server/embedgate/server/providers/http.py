@@ -341,7 +341,7 @@ async def _attempt(
                 sender,
                 url,
                 body,
-                tracing.inject(dict(headers)),
+                tracing.inject(headers),
                 policy,
                 limit,
                 vendor,

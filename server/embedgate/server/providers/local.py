@@ -318,7 +318,7 @@ class LocalProvider:
             self.recent_batch_sizes.append(len(texts))
             self._batch_inputs.observe(len(texts))
             started = loop.time()
-            spans = tracing.distinct(job.span for job in jobs) if tracing.active() else []
+            spans = tracing.distinct(job.span for job in jobs)
             try:
                 # One span per forward pass, in the first caller's trace, linked to all.
                 with tracing.span(

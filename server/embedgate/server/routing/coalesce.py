@@ -418,9 +418,7 @@ class Coalescer:
         deadline: float | None,
         sent: _Batch,
     ) -> None:
-        callers: list[SpanContext] = []
-        if tracing.active():
-            callers = tracing.distinct(w.span for item in items for w in item.waiters)
+        callers = tracing.distinct(w.span for item in items for w in item.waiters)
         try:
             try:
                 # One span for the batch, in the first caller's trace and linked to every
