@@ -222,7 +222,7 @@ def _limit_windows(config_path: str) -> list[dict[str, object]]:
                 "caller": name,
                 "limit": limit.setting,
                 "rate": limit.rate.text,
-                "used": live_total(buckets, limit.rate.period_ms, now_ms),
+                "used": live_total(buckets, limit.ask(0), now_ms),
                 "allowed": limit.rate.count,
             }
         )

@@ -84,6 +84,10 @@ class Ask:
     def width_ms(self) -> int:
         return max(1, self.period_ms // BUCKETS)
 
+    def oldest_bucket(self, now_ms: int) -> int:
+        """The oldest bucket that may still lie in the window at ``now_ms``."""
+        return (now_ms - self.period_ms) // self.width_ms
+
 
 @dataclass(frozen=True, slots=True)
 class Taken:
@@ -113,11 +117,10 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def live_total(buckets: dict[int, int], period_ms: int, now_ms: int) -> int:
-    """What a window of ``period_ms`` holds at ``now_ms`` (its buckets by index), as a
-    take counts it: every bucket that may still lie in the window, the oldest whole."""
-    width = max(1, period_ms // BUCKETS)
-    oldest = (now_ms - period_ms) // width
+def live_total(buckets: dict[int, int], ask: Ask, now_ms: int) -> int:
+    """What the window of ``ask`` holds at ``now_ms`` (its buckets by index), as a take
+    counts it: every bucket that may still lie in the window, the oldest whole."""
+    oldest = ask.oldest_bucket(now_ms)
     return sum(amount for bucket, amount in buckets.items() if bucket >= oldest)
 
 
@@ -144,7 +147,7 @@ class LocalStore:
 
     def _live(self, ask: Ask, now_ms: int) -> dict[int, int]:
         window = self._windows.setdefault(ask.key, {})
-        oldest = (now_ms - ask.period_ms) // ask.width_ms
+        oldest = ask.oldest_bucket(now_ms)
         for bucket in [bucket for bucket in window if bucket < oldest]:
             del window[bucket]
         return window
