@@ -159,11 +159,15 @@ class CallerConfig(CallerLimits):
     name: CallerName
 
 
+# Where a caller gives its name when the server has no auth, unless configured.
+CALLER_HEADER = "x-embedgate-caller"
+
+
 class CallersConfig(Strict):
     """Who each call is for. With ``server.auth``, its token's name; without, the name
     it gives in ``header`` (gRPC metadata, or an HTTP header), else ``anonymous``."""
 
-    header: str = Field(default="x-embedgate-caller", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    header: str = Field(default=CALLER_HEADER, pattern=r"^[a-z0-9][a-z0-9-]*$")
     # The callers known by name, each with its limits, if any: the names the metrics'
     # caller label shows (any other given name is counted as "(other)").
     names: list[CallerConfig] = Field(default_factory=list)

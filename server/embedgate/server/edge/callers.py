@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from embedgate.server.config import CallerLimits
+from embedgate.server.config import CALLER_HEADER, CallerLimits
 from embedgate.server.domain import Input, estimate_tokens
 from embedgate.server.edge.access import Access, metadata_value
 from embedgate.server.edge.guard import current_caller
@@ -152,7 +152,7 @@ class Callers:
         self,
         metrics: Metrics,
         *,
-        header: str = "x-embedgate-caller",
+        header: str = CALLER_HEADER,
         known: Mapping[str, CallerLimits] | None = None,
         store: Store | None = None,
         prices: Mapping[str, Mapping[str, float]] | None = None,

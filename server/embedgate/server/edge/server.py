@@ -258,7 +258,7 @@ def http_app(
     guard: Guard,
     metrics: Metrics,
     settings: ServerConfig,
-    caller_header: str = "x-embedgate-caller",
+    caller_header: str,
 ) -> Starlette:
     """The HTTP doors' routes (Starlette: routing and CORS, nothing of its own between a
     request and the service)."""
