@@ -12,10 +12,10 @@ is what every door hands its calls to.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -28,8 +28,6 @@ from embedgate.server.edge.status import grpc_code, to_rpc_status, trailing_meta
 from embedgate.server.errors import EmbedgateError, RequestTooLargeError
 from embedgate.server.metrics import Metrics
 from embedgate.server.tracing import TRACE_ID_HEADER
-
-T = TypeVar("T")
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -132,11 +130,6 @@ def echoed(metadata: Mapping[str, str]) -> dict[str, str]:
     return {key: metadata[key] for key in ECHOED if metadata.get(key)}
 
 
-def request_id_header(context: DoorContext) -> dict[str, str]:
-    """The call's request id and trace id, as the response headers that carry them."""
-    return echoed(context.trailing)
-
-
 @dataclass(frozen=True, slots=True)
 class Gate:
     """What every door hands its calls to: the service, the guard that admits them as
@@ -198,11 +191,3 @@ def admitted(
             refused_line(method, gate.metrics, refused)
             raise refusal(refused) from None
         yield
-
-
-async def admitted_call(
-    gate: Gate, method: str, context: DoorContext, serve: Callable[[DoorContext], Awaitable[T]]
-) -> T:
-    """Admit the call (see ``admitted``), then serve it."""
-    with admitted(gate, method, context):
-        return await serve(context)

@@ -34,12 +34,11 @@ from embedgate.server.edge.doors import (
     DoorAbortedError,
     DoorContext,
     Gate,
-    admitted_call,
+    admitted,
     echoed,
     metadata_of,
     refusal,
     refused_line,
-    request_id_header,
 )
 from embedgate.server.errors import InvalidRequestError, Reason, RequestTooLargeError, Violation
 from embedgate.v1 import embedding_service_pb2 as pb
@@ -283,19 +282,16 @@ async def answer(
             except (InvalidRequestError, RequestTooLargeError) as bad:
                 refused_line(method, gate.metrics, bad)
                 raise refusal(bad) from None
-
-        async def serve(context: DoorContext) -> Any:
-            return await call(wanted, context)
-
         context = DoorContext(metadata_of(request.headers.raw))
-        response = await admitted_call(gate, method, context, serve)
+        with admitted(gate, method, context):
+            response = await call(wanted, context)
     except DoorAbortedError as aborted:
         return error_response(aborted)
     except ClientDisconnect:  # gone before its body was read: no one to answer
         return Response(status_code=499)
     finally:
         DOOR.reset(token)
-    return json_response(200, render(wanted, response), request_id_header(context))
+    return json_response(200, render(wanted, response), echoed(context.trailing))
 
 
 class OpenAIDoor:
