@@ -74,9 +74,9 @@ CASES: tuple[Case, ...] = (
     Case("n2", "naive gateway: aiohttp + base64", "naive-aiohttp"),
     # The order within a turn matters: a case run right after one that sends a vendor
     # request per RPC (n1, n2, c) measures slower, by about 7 % on d seen side by side.
-    # So the cases the tight goals compare (e, d, d0, dw) follow light ones, and c comes
-    # last of embedgate's.
-    # Two server processes of the same code differ in CPU per RPC by up to about 5 %
+    # So the cases the tight goals compare (e, the d's, dw) follow light ones or each
+    # other, and c comes last of embedgate's.
+    # Two server processes of the same code differ in CPU per RPC by up to about 6 %
     # for as long as they live (each process's memory layout): a comparison between two
     # codes that must resolve less than that takes two processes of each (d and d2, d0
     # and d02), taking turns alternately.
