@@ -41,14 +41,18 @@ def _secret_key(key: str) -> bool:
     return verdict
 
 
+def _scrub_text(value: str) -> str:
+    if _SECRET_VALUES.search(value) is None:
+        return value
+    return _SECRET_VALUES.sub(lambda m: m.group(1) + REDACTED, value)
+
+
 def _scrub(value: Any) -> Any:
     kind = type(value)
     if kind is int or kind is float or kind is bool or value is None:
         return value
     if isinstance(value, str):
-        if _SECRET_VALUES.search(value) is None:
-            return value
-        return _SECRET_VALUES.sub(lambda m: m.group(1) + REDACTED, value)
+        return _scrub_text(value)
     if isinstance(value, dict):
         return {
             k: REDACTED if isinstance(k, str) and _secret_key(k) else _scrub(v)
@@ -60,10 +64,16 @@ def _scrub(value: Any) -> Any:
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # The kinds every access line is made of are judged here, without a call each:
+    # the line has a dozen fields, and a call per field cost more than the search.
     for key, value in event.items():
+        kind = type(value)
         if _secret_key(key):
             event[key] = REDACTED
-        else:
+        elif kind is str:
+            if _SECRET_VALUES.search(value) is not None:
+                event[key] = _scrub_text(value)
+        elif kind is not int and kind is not float and value is not None:
             scrubbed = _scrub(value)
             if scrubbed is not value:
                 event[key] = scrubbed
