@@ -9,6 +9,7 @@ The ``/metrics`` listener is the edge's (``edge/server.py``); model health is
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -18,7 +19,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 # Seconds: from a cache hit (~0.3 ms) to a slow multimodal vendor call.
 LATENCY_BUCKETS = (
@@ -44,6 +47,71 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # The model label of RPCs that named no configured model.
 UNKNOWN_MODEL = "(unknown)"
+
+
+# The per-caller counters: name, help. Their label names are ("caller", "model").
+CALLER_COUNTERS = (
+    (
+        "embedgate_caller_rpcs",
+        "Calls that embed or rerank (an EmbedPipeline request is one), by caller and "
+        "model: the caller is its token's name, a configured name it gave, "
+        "'anonymous', or '(other)' for a name not configured.",
+    ),
+    (
+        "embedgate_caller_inputs",
+        "Inputs of those calls (a rerank's documents and query), cache hits included.",
+    ),
+    ("embedgate_caller_cached_inputs", "Inputs of those calls served from the cache."),
+    (
+        "embedgate_caller_tokens",
+        "Tokens embedded for the caller: the model's count where it told it for the "
+        "call's own inputs, else the gateway's estimate (from above). Cache hits: none.",
+    ),
+    (
+        "embedgate_caller_vendor_requests",
+        "Vendor requests that carried the caller's inputs (a request shared by several "
+        "callers' inputs counts for each of them).",
+    ),
+    (
+        "embedgate_caller_cost",
+        "What the caller's tokens cost at the deployments' price_per_million_tokens "
+        "(models with a price only).",
+    ),
+)
+
+
+class CallerTallies(Collector):
+    """The per-caller counters, as plain sums read when scraped: every call adds to
+    six of them, and a prometheus_client Counter takes a lock and checks the amount on
+    each addition, which cost more than the rest of a call's bill. Added to on the
+    event loop only; a scrape reads a copy."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # (caller, model) → [calls, inputs, cached, tokens, vendor requests, cost], and
+        # when the series began (a Counter's _created).
+        self._tallies: dict[tuple[str, str], list[float]] = {}
+        self._created: dict[tuple[str, str], float] = {}
+        registry.register(self)
+
+    def tally(self, caller: str, model: str) -> list[float]:
+        key = (caller, model)
+        tally = self._tallies.get(key)
+        if tally is None:
+            self._created[key] = time.time()
+            tally = self._tallies[key] = [0, 0, 0, 0, 0, 0.0]
+        return tally
+
+    def describe(self) -> Iterable[Metric]:
+        for name, documentation in CALLER_COUNTERS:
+            yield CounterMetricFamily(name, documentation, labels=("caller", "model"))
+
+    def collect(self) -> Iterable[Metric]:
+        tallies = [(key, list(values)) for key, values in list(self._tallies.items())]
+        for column, (name, documentation) in enumerate(CALLER_COUNTERS):
+            family = CounterMetricFamily(name, documentation, labels=("caller", "model"))
+            for key, values in tallies:
+                family.add_metric(key, values[column], created=self._created[key])
+            yield family
 
 
 class Metrics:
@@ -174,47 +242,7 @@ class Metrics:
             "of each limit, because their Redis cannot be reached.",
             registry=r,
         )
-        self.caller_rpcs = Counter(
-            "embedgate_caller_rpcs",
-            "Calls that embed or rerank (an EmbedPipeline request is one), by caller and "
-            "model: the caller is its token's name, a configured name it gave, "
-            "'anonymous', or '(other)' for a name not configured.",
-            ("caller", "model"),
-            registry=r,
-        )
-        self.caller_inputs = Counter(
-            "embedgate_caller_inputs",
-            "Inputs of those calls (a rerank's documents and query), cache hits included.",
-            ("caller", "model"),
-            registry=r,
-        )
-        self.caller_cached_inputs = Counter(
-            "embedgate_caller_cached_inputs",
-            "Inputs of those calls served from the cache.",
-            ("caller", "model"),
-            registry=r,
-        )
-        self.caller_tokens = Counter(
-            "embedgate_caller_tokens",
-            "Tokens embedded for the caller: the model's count where it told it for the "
-            "call's own inputs, else the gateway's estimate (from above). Cache hits: none.",
-            ("caller", "model"),
-            registry=r,
-        )
-        self.caller_vendor_requests = Counter(
-            "embedgate_caller_vendor_requests",
-            "Vendor requests that carried the caller's inputs (a request shared by several "
-            "callers' inputs counts for each of them).",
-            ("caller", "model"),
-            registry=r,
-        )
-        self.caller_cost = Counter(
-            "embedgate_caller_cost",
-            "What the caller's tokens cost at the deployments' price_per_million_tokens "
-            "(models with a price only).",
-            ("caller", "model"),
-            registry=r,
-        )
+        self.callers = CallerTallies(registry=r)
         self.caller_quota_refusals = Counter(
             "embedgate_caller_quota_refusals",
             "Calls refused because their caller had spent a limit (rate_limit, "
@@ -231,7 +259,6 @@ class Metrics:
         )
         self._models: frozenset[str] = frozenset()
         self._rpc_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
-        self._caller_children: dict[tuple[str, str], tuple[Counter, ...]] = {}
 
     def serve_models(self, names: Iterable[str]) -> None:
         """The configured models: the only values the ``model`` label takes."""
@@ -271,29 +298,15 @@ class Metrics:
         vendor: bool = True,
     ) -> None:
         """One call's use, counted for its caller (``caller``: its label value)."""
-        key = (caller, model)
-        children = self._caller_children.get(key)
-        if children is None:
-            children = self._caller_children[key] = tuple(
-                counter.labels(caller, model)
-                for counter in (
-                    self.caller_rpcs,
-                    self.caller_inputs,
-                    self.caller_cached_inputs,
-                    self.caller_tokens,
-                    self.caller_vendor_requests,
-                    self.caller_cost,
-                )
-            )
-        rpcs, counted_inputs, counted_cached, counted_tokens, requests, spent = children
-        rpcs.inc()
-        counted_inputs.inc(inputs)
-        counted_cached.inc(cached)
-        counted_tokens.inc(tokens)
+        tally = self.callers.tally(caller, model)
+        tally[0] += 1
+        tally[1] += inputs
+        tally[2] += cached
+        tally[3] += tokens
         if vendor:
-            requests.inc(model_requests)
+            tally[4] += model_requests
         if cost is not None:
-            spent.inc(cost)
+            tally[5] += cost
 
     def vendor(self, vendor: str, model: str) -> VendorMeter:
         return VendorMeter(self, vendor, model)
